@@ -1,0 +1,88 @@
+//! The TOML file as written by operators: serde types only, no validation, no I/O.
+//! Keys here are a contract with operators' tooling: extend, never rename.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub runtime: Option<FileRuntime>,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub virtual_service: Vec<FileVirtualService>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileRuntime {
+    /// One shard per listed CPU, pinned.
+    pub cores: Option<Spanned<Vec<usize>>>,
+    /// Number of shards when `cores` is not given (first N online CPUs).
+    pub shards: Option<Spanned<usize>>,
+    /// Allow more shards than CPUs (several shards on one CPU): tests and small boxes.
+    #[serde(default)]
+    pub oversubscribe: bool,
+    /// Bounded time in-flight requests get to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Option<Spanned<String>>,
+    /// Per-shard io_uring settings.
+    pub ring_depth: Option<Spanned<usize>>,
+    pub io_memory: Option<Spanned<String>>,
+    pub spin_before_park: Option<Spanned<String>>,
+    /// Listener backlog per shard and virtual service.
+    pub backlog: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduling {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnection,
+    WeightedLeastConnection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVirtualService {
+    pub name: Option<String>,
+    pub listen: Spanned<String>,
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    /// Client connection idle timeout between requests.
+    pub idle_timeout: Option<Spanned<String>>,
+    /// Upstream TCP connect timeout.
+    pub connect_timeout: Option<Spanned<String>>,
+    /// Time a real server has to start answering (and between body reads) before 504.
+    pub response_timeout: Option<Spanned<String>>,
+    /// Time a client has to send a whole request head once it started one.
+    pub request_timeout: Option<Spanned<String>>,
+    /// Idle upstream connections kept per real server per shard.
+    pub pool_size: Option<usize>,
+    /// How long an idle pooled upstream connection may be reused.
+    pub pool_idle_timeout: Option<Spanned<String>>,
+    /// Largest request head accepted (431 beyond).
+    pub max_header_size: Option<Spanned<String>>,
+    /// Longest request line accepted (414 beyond).
+    pub max_request_line: Option<Spanned<String>>,
+    /// Most header fields in a request (431 beyond).
+    pub max_headers: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub real_server: Vec<FileRealServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRealServer {
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub connection_limit: u32,
+}

@@ -1,0 +1,503 @@
+//! Configuration: the TOML file types (`file`), one validation step into the runtime
+//! `Config` shared read-only by every shard. The only place that reads files or resolves
+//! names; nothing here runs once shards have started.
+
+mod file;
+mod units;
+
+pub use file::Scheduling;
+use file::*;
+pub use units::{parse_duration, parse_size};
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A configuration error that names the file, the line and the field.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}: ", self.file.display(), self.line)?;
+        } else {
+            write!(f, "{}: ", self.file.display())?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Index of a real server across the whole appliance (all virtual services), so shards can
+/// exchange per-server counts as one flat array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId(pub usize);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runtime: Runtime,
+    pub admin: Option<Admin>,
+    pub services: Vec<VirtualService>,
+    /// Total real servers over all services; `ServerId`s are `0..nr_servers`.
+    pub nr_servers: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// CPU of each shard, in shard order.
+    pub cores: Vec<usize>,
+    pub drain_timeout: Duration,
+    pub ring_depth: usize,
+    pub io_memory: usize,
+    pub spin_before_park: Option<Duration>,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct VirtualService {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub scheduling: Scheduling,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_size: usize,
+    pub pool_idle_timeout: Duration,
+    pub limits: HeadLimits,
+    pub real_servers: Vec<RealServer>,
+}
+
+/// Limits on a request head, enforced by the parser.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_header_size: usize,
+    pub max_request_line: usize,
+    pub max_headers: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits {
+            max_header_size: 16 * 1024,
+            max_request_line: 8 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RealServer {
+    pub id: ServerId,
+    pub address: SocketAddr,
+    /// The address as written, for Host headers and status output.
+    pub name: String,
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub connection_limit: u32,
+}
+
+/// Hard ceiling on headers per request: the parser keeps them on the stack.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `path` only names the source in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let v = Validator { path, text };
+        let file: FileConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(file)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, span: Option<Range<usize>>, field: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: span.map(|s| self.line_of(s.start)).unwrap_or(0),
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    /// Turn a serde/toml error into one naming the field: the key on the error's line,
+    /// under the table header in force there.
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let span = e.span();
+        let mut field = String::new();
+        if let Some(s) = &span {
+            let line_no = self.line_of(s.start);
+            let mut table = String::new();
+            let mut key = String::new();
+            for (i, line) in self.text.lines().enumerate() {
+                let t = line.trim();
+                if t.starts_with('[') {
+                    table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                }
+                if i + 1 == line_no {
+                    if let Some((k, _)) = t.split_once('=') {
+                        key = k.trim().to_string();
+                    }
+                    break;
+                }
+            }
+            field = match (table.is_empty(), key.is_empty()) {
+                (true, _) => key,
+                (false, true) => table,
+                (false, false) => format!("{table}.{key}"),
+            };
+        }
+        self.err(span, &field, e.message().to_string())
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(self.err(Some(s.span()), field, "must be greater than 0".into())),
+                Err(m) => Err(self.err(Some(s.span()), field, m)),
+            },
+        }
+    }
+
+    fn size(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_size(s.get_ref()).map_err(|m| self.err(Some(s.span()), field, m)),
+        }
+    }
+
+    fn socket_addr(&self, v: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+        let s = v.get_ref();
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        // host:port names are resolved here, once, before any shard starts.
+        match s.to_socket_addrs() {
+            Ok(mut it) => it.next().ok_or_else(|| {
+                self.err(Some(v.span()), field, format!("{s:?} resolves to no address"))
+            }),
+            Err(e) => Err(self.err(
+                Some(v.span()),
+                field,
+                format!("invalid address {s:?} (expected host:port): {e}"),
+            )),
+        }
+    }
+
+    fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let runtime = self.runtime(file.runtime.unwrap_or_default())?;
+        let admin = match &file.admin {
+            Some(a) => Some(Admin {
+                listen: self.socket_addr(&a.listen, "admin.listen")?,
+            }),
+            None => None,
+        };
+        let mut listeners: HashSet<SocketAddr> = HashSet::new();
+        if let Some(a) = &admin {
+            listeners.insert(a.listen);
+        }
+        if file.virtual_service.is_empty() {
+            return Err(self.err(
+                None,
+                "virtual_service",
+                "no [[virtual_service]] defined: nothing to serve".into(),
+            ));
+        }
+        let mut services = Vec::new();
+        let mut names = HashSet::new();
+        let mut next_server = 0;
+        for (i, vs) in file.virtual_service.iter().enumerate() {
+            let p = format!("virtual_service[{i}]");
+            let listen = self.socket_addr(&vs.listen, &format!("{p}.listen"))?;
+            if !listeners.insert(listen) || overlaps(&listeners, listen) {
+                return Err(self.err(
+                    Some(vs.listen.span()),
+                    &format!("{p}.listen"),
+                    format!("duplicate listener {listen}: another service or admin already listens there"),
+                ));
+            }
+            let name = vs.name.clone().unwrap_or_else(|| format!("vs{i}"));
+            if !names.insert(name.clone()) {
+                return Err(self.err(
+                    Some(vs.listen.span()),
+                    &format!("{p}.name"),
+                    format!("duplicate virtual service name {name:?}"),
+                ));
+            }
+            let max_headers = match &vs.max_headers {
+                None => HeadLimits::default().max_headers,
+                Some(n) if *n.get_ref() >= 1 && *n.get_ref() <= MAX_HEADERS_CEILING => *n.get_ref(),
+                Some(n) => {
+                    return Err(self.err(
+                        Some(n.span()),
+                        &format!("{p}.max_headers"),
+                        format!("must be between 1 and {MAX_HEADERS_CEILING}"),
+                    ))
+                }
+            };
+            let limits = HeadLimits {
+                max_header_size: self.size(
+                    &vs.max_header_size,
+                    &format!("{p}.max_header_size"),
+                    HeadLimits::default().max_header_size,
+                )?,
+                max_request_line: self.size(
+                    &vs.max_request_line,
+                    &format!("{p}.max_request_line"),
+                    HeadLimits::default().max_request_line,
+                )?,
+                max_headers,
+            };
+            if limits.max_header_size < 1024 || limits.max_header_size > 1024 * 1024 {
+                return Err(self.err(
+                    vs.max_header_size.as_ref().map(|s| s.span()),
+                    &format!("{p}.max_header_size"),
+                    "must be between 1KiB and 1MiB".into(),
+                ));
+            }
+            if limits.max_request_line < 64 || limits.max_request_line > limits.max_header_size {
+                return Err(self.err(
+                    vs.max_request_line.as_ref().map(|s| s.span()),
+                    &format!("{p}.max_request_line"),
+                    "must be at least 64 bytes and no more than max_header_size".into(),
+                ));
+            }
+            let mut real_servers = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, rs) in vs.real_server.iter().enumerate() {
+                let rp = format!("{p}.real_server[{j}]");
+                let address = self.socket_addr(&rs.address, &format!("{rp}.address"))?;
+                if !seen.insert(address) {
+                    return Err(self.err(
+                        Some(rs.address.span()),
+                        &format!("{rp}.address"),
+                        format!("real server {address} listed twice in this service"),
+                    ));
+                }
+                let weight = match &rs.weight {
+                    None => 1000,
+                    Some(w) if *w.get_ref() >= 1 && *w.get_ref() <= 65535 => *w.get_ref(),
+                    Some(w) => {
+                        return Err(self.err(
+                            Some(w.span()),
+                            &format!("{rp}.weight"),
+                            "must be between 1 and 65535".into(),
+                        ))
+                    }
+                };
+                real_servers.push(RealServer {
+                    id: ServerId(next_server),
+                    address,
+                    name: rs.address.get_ref().clone(),
+                    weight,
+                    connection_limit: rs.connection_limit,
+                });
+                next_server += 1;
+            }
+            services.push(VirtualService {
+                name,
+                listen,
+                scheduling: vs.scheduling,
+                idle_timeout: self.duration(
+                    &vs.idle_timeout,
+                    &format!("{p}.idle_timeout"),
+                    Duration::from_secs(1800),
+                )?,
+                connect_timeout: self.duration(
+                    &vs.connect_timeout,
+                    &format!("{p}.connect_timeout"),
+                    Duration::from_secs(5),
+                )?,
+                response_timeout: self.duration(
+                    &vs.response_timeout,
+                    &format!("{p}.response_timeout"),
+                    Duration::from_secs(60),
+                )?,
+                request_timeout: self.duration(
+                    &vs.request_timeout,
+                    &format!("{p}.request_timeout"),
+                    Duration::from_secs(30),
+                )?,
+                pool_size: vs.pool_size.unwrap_or(64),
+                pool_idle_timeout: self.duration(
+                    &vs.pool_idle_timeout,
+                    &format!("{p}.pool_idle_timeout"),
+                    Duration::from_secs(30),
+                )?,
+                limits,
+                real_servers,
+            });
+        }
+        Ok(Config {
+            runtime,
+            admin,
+            services,
+            nr_servers: next_server,
+        })
+    }
+
+    fn runtime(&self, rt: FileRuntime) -> Result<Runtime, ConfigError> {
+        let online = online_cpus();
+        let cores: Vec<usize> = match (&rt.cores, &rt.shards) {
+            (Some(c), Some(s)) if c.get_ref().len() != *s.get_ref() => {
+                return Err(self.err(
+                    Some(s.span()),
+                    "runtime.shards",
+                    format!(
+                        "{} shards but {} cores listed: give one or the other",
+                        s.get_ref(),
+                        c.get_ref().len()
+                    ),
+                ))
+            }
+            (Some(c), _) => {
+                if c.get_ref().is_empty() {
+                    return Err(self.err(Some(c.span()), "runtime.cores", "is empty".into()));
+                }
+                for &cpu in c.get_ref() {
+                    if !online.contains(&cpu) {
+                        return Err(self.err(
+                            Some(c.span()),
+                            "runtime.cores",
+                            format!("CPU {cpu} does not exist or is offline (online: {online:?})"),
+                        ));
+                    }
+                }
+                let distinct: HashSet<_> = c.get_ref().iter().collect();
+                if distinct.len() != c.get_ref().len() && !rt.oversubscribe {
+                    return Err(self.err(
+                        Some(c.span()),
+                        "runtime.cores",
+                        "a CPU is listed twice: set runtime.oversubscribe = true to run several shards on one CPU".into(),
+                    ));
+                }
+                c.get_ref().clone()
+            }
+            (None, Some(s)) => {
+                let n = *s.get_ref();
+                if n == 0 {
+                    return Err(self.err(Some(s.span()), "runtime.shards", "must be at least 1".into()));
+                }
+                if n > online.len() && !rt.oversubscribe {
+                    return Err(self.err(
+                        Some(s.span()),
+                        "runtime.shards",
+                        format!(
+                            "{n} shards but only {} CPUs online: set runtime.oversubscribe = true to allow it",
+                            online.len()
+                        ),
+                    ));
+                }
+                (0..n).map(|i| online[i % online.len()]).collect()
+            }
+            (None, None) => online.clone(),
+        };
+        let io_memory = self.size(&rt.io_memory, "runtime.io_memory", 1 << 20)?;
+        let ring_depth = match &rt.ring_depth {
+            None => 256,
+            Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => *d.get_ref(),
+            Some(d) => {
+                return Err(self.err(
+                    Some(d.span()),
+                    "runtime.ring_depth",
+                    "must be a power of two between 8 and 4096".into(),
+                ))
+            }
+        };
+        let spin_before_park = match &rt.spin_before_park {
+            None => None,
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(m) => return Err(self.err(Some(s.span()), "runtime.spin_before_park", m)),
+            },
+        };
+        Ok(Runtime {
+            cores,
+            drain_timeout: self.duration(&rt.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30))?,
+            ring_depth,
+            io_memory,
+            spin_before_park,
+            backlog: rt.backlog.map(|b| *b.get_ref()).unwrap_or(1024),
+        })
+    }
+}
+
+/// A wildcard listener (0.0.0.0:p or [::]:p) collides with any other listener on port p.
+fn overlaps(listeners: &HashSet<SocketAddr>, new: SocketAddr) -> bool {
+    listeners.iter().any(|l| {
+        *l != new
+            && l.port() == new.port()
+            && l.is_ipv4() == new.is_ipv4()
+            && (l.ip().is_unspecified() || new.ip().is_unspecified())
+    })
+}
+
+/// CPUs this process may run on.
+pub fn online_cpus() -> Vec<usize> {
+    // sched_getaffinity honours cgroups/taskset, unlike a count of /proc/cpuinfo.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        return (0..n).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}

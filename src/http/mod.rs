@@ -1,0 +1,98 @@
+//! HTTP/1.1 on the wire: strict head parsing (`parse`), head rewriting (`write`), chunked
+//! framing (`chunked`), canned error responses (`canned`) and the per-connection read buffer.
+//! Pure code: no sockets, no clocks.
+
+pub mod canned;
+pub mod chunked;
+pub mod parse;
+pub mod write;
+
+pub use parse::{BodyKind, Method, RequestInfo, ResponseInfo};
+
+/// A fixed-size read buffer reused for the life of a connection: bytes live in
+/// `data[start..end]`; reads land in `spare()`.
+pub struct Buf {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    pub fn new(capacity: usize) -> Buf {
+        Buf {
+            data: vec![0u8; capacity].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Drop `n` bytes from the front.
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space to read into; moves unread bytes to the front when the tail is full.
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Record `n` bytes read into `spare()`.
+    pub fn advance(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.data.len());
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.start == 0 && self.end == self.data.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Buf;
+
+    #[test]
+    fn buf_compacts_when_tail_is_full() {
+        let mut b = Buf::new(8);
+        b.spare()[..8].copy_from_slice(b"abcdefgh");
+        b.advance(8);
+        assert!(b.is_full());
+        b.consume(5);
+        assert_eq!(b.filled(), b"fgh");
+        assert_eq!(b.spare().len(), 5);
+        assert_eq!(b.filled(), b"fgh");
+        b.consume(3);
+        assert!(b.is_empty());
+        assert_eq!(b.spare().len(), 8);
+    }
+}

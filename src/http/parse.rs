@@ -1,0 +1,524 @@
+//! Strict parsing of request and response heads (RFC 9110/9112) on top of httparse. Every
+//! message that passes has exactly one framing; anything ambiguous is refused, never guessed.
+
+use crate::config::HeadLimits;
+use httparse::{Header, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Options,
+    Trace,
+    Patch,
+    Connect,
+    Other,
+}
+
+impl Method {
+    fn from_str(m: &str) -> Method {
+        match m {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "OPTIONS" => Method::Options,
+            "TRACE" => Method::Trace,
+            "PATCH" => Method::Patch,
+            "CONNECT" => Method::Connect,
+            _ => Method::Other,
+        }
+    }
+
+    /// RFC 9110 §9.2.2: safe to send twice.
+    pub fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Put | Method::Delete | Method::Options | Method::Trace
+        )
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    /// Responses only: the body runs until the real server closes.
+    CloseDelimited,
+}
+
+/// What the proxy keeps of a request once its head buffer is released.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo {
+    pub method: Method,
+    /// HTTP/1.`minor`.
+    pub minor: u8,
+    pub head_len: usize,
+    pub body: BodyKind,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub upgrade: bool,
+}
+
+/// A refused request: the status to answer and why (for the security log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestError {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+fn bad(reason: &'static str) -> RequestError {
+    RequestError { status: 400, reason }
+}
+
+/// Header names listed in `Connection`, to be dropped when forwarding.
+pub const MAX_CONNECTION_TOKENS: usize = 16;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectionTokens<'b> {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub upgrade: bool,
+    names: [&'b [u8]; MAX_CONNECTION_TOKENS],
+    nr_names: usize,
+}
+
+impl<'b> ConnectionTokens<'b> {
+    fn add(&mut self, value: &'b [u8]) -> Result<(), ()> {
+        for tok in value.split(|&b| b == b',') {
+            let tok = trim(tok);
+            if tok.is_empty() {
+                continue;
+            }
+            if tok.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if tok.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if tok.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else {
+                if self.nr_names == MAX_CONNECTION_TOKENS {
+                    return Err(());
+                }
+                self.names[self.nr_names] = tok;
+                self.nr_names += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Is `name` listed as a connection option (hence hop-by-hop)?
+    pub fn lists(&self, name: &str) -> bool {
+        self.names[..self.nr_names]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// The request target, reduced to what is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'b> {
+    /// `/path?query` (absolute-form targets are reduced to this, their authority becoming Host).
+    Origin(&'b str),
+    /// `*` for `OPTIONS *`.
+    Asterisk,
+}
+
+pub struct ParsedRequest<'h, 'b> {
+    pub info: RequestInfo,
+    pub method: &'b str,
+    pub target: Target<'b>,
+    /// Host to forward: the absolute-form authority if any, else the Host header.
+    pub host: Option<&'b [u8]>,
+    pub headers: &'h [Header<'b>],
+    pub connection: ConnectionTokens<'b>,
+}
+
+/// Is `name` one of the hop-by-hop headers we never forward (RFC 9110 §7.6.1 plus the
+/// legacy ones)?
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "transfer-encoding",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Every LF is preceded by CR and every CR followed by LF; no NUL anywhere.
+fn line_endings_ok(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if prev != b'\r' => return false,
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
+            0 => return false,
+            _ => {}
+        }
+        prev = b;
+    }
+    true
+}
+
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &d in v {
+        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+    }
+    Some(n)
+}
+
+/// The Transfer-Encoding fields of a message, folded token by token.
+#[derive(Debug, Clone, Copy, Default)]
+struct Codings {
+    present: bool,
+    nr_tokens: usize,
+    nr_chunked: usize,
+    last_is_chunked: bool,
+    unknown: bool,
+}
+
+impl Codings {
+    fn add(&mut self, value: &[u8]) {
+        self.present = true;
+        for tok in value.split(|&b| b == b',') {
+            let tok = trim(tok);
+            if tok.is_empty() {
+                continue;
+            }
+            self.nr_tokens += 1;
+            let chunked = tok.eq_ignore_ascii_case(b"chunked");
+            if chunked {
+                self.nr_chunked += 1;
+            } else if !["gzip", "x-gzip", "deflate", "compress", "x-compress"]
+                .iter()
+                .any(|c| tok.eq_ignore_ascii_case(c.as_bytes()))
+            {
+                self.unknown = true;
+            }
+            self.last_is_chunked = chunked;
+        }
+    }
+
+    /// Exactly one `chunked`, and it is the final coding.
+    fn is_chunked(&self) -> bool {
+        self.nr_tokens > 0 && self.nr_chunked == 1 && self.last_is_chunked
+    }
+}
+
+/// Version error: 505 for a well-formed but unsupported HTTP version, else 400.
+fn version_error(input: &[u8]) -> RequestError {
+    let line_end = input.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(input.len());
+    let line = &input[..line_end];
+    let v = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    if v.len() == 8 && v.starts_with(b"HTTP/") && v[5].is_ascii_digit() && v[6] == b'.' && v[7].is_ascii_digit() {
+        RequestError { status: 505, reason: "unsupported HTTP version" }
+    } else {
+        bad("malformed HTTP version")
+    }
+}
+
+/// Split an absolute-form target into (authority, origin-form path).
+fn absolute_form(t: &str) -> Option<(&str, &str)> {
+    let rest = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+        .or_else(|| {
+            // scheme is case-insensitive
+            let lower = t.get(..8)?;
+            if lower.eq_ignore_ascii_case("https://") {
+                t.get(8..)
+            } else if lower.get(..7)?.eq_ignore_ascii_case("http://") {
+                t.get(7..)
+            } else {
+                None
+            }
+        })?;
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    let valid = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'));
+    if !valid {
+        return None;
+    }
+    Some((authority, if path.is_empty() { "/" } else { path }))
+}
+
+/// Parse a request head from `input`. `Ok(None)`: incomplete, read more. On `Ok(Some)`, the
+/// head is `input[..info.head_len]`.
+pub fn parse_request<'h, 'b>(
+    input: &'b [u8],
+    headers: &'h mut [Header<'b>],
+    limits: &HeadLimits,
+) -> Result<Option<ParsedRequest<'h, 'b>>, RequestError> {
+    // The request line limit applies before anything else: 414 beats 431.
+    let line_end = input.iter().position(|&b| b == b'\n');
+    match line_end {
+        None if input.len() > limits.max_request_line => {
+            return Err(RequestError { status: 414, reason: "request line too long" })
+        }
+        Some(n) if n > limits.max_request_line => {
+            return Err(RequestError { status: 414, reason: "request line too long" })
+        }
+        _ => {}
+    }
+    let mut req = httparse::Request::new(headers);
+    let head_len = match req.parse(input) {
+        Ok(Status::Complete(n)) => n,
+        Ok(Status::Partial) => {
+            if input.len() >= limits.max_header_size {
+                return Err(RequestError { status: 431, reason: "request head too large" });
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(RequestError { status: 431, reason: "too many header fields" })
+        }
+        Err(httparse::Error::Version) => return Err(version_error(input)),
+        Err(httparse::Error::HeaderName) => return Err(bad("invalid header field name")),
+        Err(httparse::Error::HeaderValue) => return Err(bad("invalid header field value")),
+        Err(httparse::Error::Token) => return Err(bad("invalid method")),
+        Err(_) => return Err(bad("malformed request head")),
+    };
+    if head_len > limits.max_header_size {
+        return Err(RequestError { status: 431, reason: "request head too large" });
+    }
+    if !line_endings_ok(&input[..head_len]) {
+        return Err(bad("bare CR or LF, or NUL, in request head"));
+    }
+    let method_str = req.method.unwrap_or("");
+    let method = Method::from_str(method_str);
+    let minor = req.version.unwrap_or(1);
+    let path = req.path.unwrap_or("");
+    if method == Method::Connect {
+        return Err(RequestError { status: 405, reason: "CONNECT is not served" });
+    }
+    let mut host_from_target = None;
+    let target = if path.starts_with('/') {
+        Target::Origin(path)
+    } else if path == "*" && method == Method::Options {
+        Target::Asterisk
+    } else if let Some((authority, p)) = absolute_form(path) {
+        host_from_target = Some(authority.as_bytes());
+        Target::Origin(p)
+    } else {
+        return Err(bad("invalid request target"));
+    };
+
+    let hdrs: &'h [Header<'b>] = req.headers;
+    let mut content_length: Option<u64> = None;
+    let mut nr_content_length = 0;
+    let mut codings = Codings::default();
+    let mut host: Option<&'b [u8]> = None;
+    let mut nr_host = 0;
+    let mut connection = ConnectionTokens::default();
+    let mut expect_continue = false;
+    let mut has_upgrade = false;
+    for h in hdrs {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            nr_content_length += 1;
+            if nr_content_length > 1 {
+                return Err(bad("repeated Content-Length"));
+            }
+            content_length = Some(parse_content_length(h.value).ok_or(bad("invalid Content-Length"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            codings.add(h.value);
+        } else if name.eq_ignore_ascii_case("host") {
+            nr_host += 1;
+            host = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection.add(h.value).map_err(|_| bad("too many Connection options"))?;
+        } else if name.eq_ignore_ascii_case("expect") {
+            if trim(h.value).eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(RequestError { status: 417, reason: "unsupported expectation" });
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            has_upgrade = true;
+        }
+    }
+    if nr_host > 1 {
+        return Err(bad("repeated Host"));
+    }
+    if minor == 1 && nr_host == 0 {
+        return Err(bad("missing Host"));
+    }
+    if let Some(h) = host {
+        if h.iter().any(|&b| b == b' ' || b == b'\t' || b == b'/' || b == b'@') {
+            return Err(bad("invalid Host"));
+        }
+    }
+    let body = if codings.present {
+        if content_length.is_some() {
+            return Err(bad("both Content-Length and Transfer-Encoding"));
+        }
+        if minor == 0 {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if codings.unknown {
+            return Err(RequestError { status: 501, reason: "unknown transfer coding" });
+        }
+        if !codings.is_chunked() {
+            return Err(bad("final transfer coding is not chunked"));
+        }
+        BodyKind::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyKind::None,
+            Some(n) => BodyKind::Length(n),
+        }
+    };
+    let keep_alive = if minor == 1 {
+        !connection.close
+    } else {
+        connection.keep_alive && !connection.close
+    };
+    let upgrade = minor == 1 && connection.upgrade && has_upgrade;
+    Ok(Some(ParsedRequest {
+        info: RequestInfo {
+            method,
+            minor,
+            head_len,
+            body,
+            keep_alive,
+            // 100-continue means nothing without a body, or to an HTTP/1.0 client
+            expect_continue: expect_continue && minor == 1 && body != BodyKind::None,
+            upgrade,
+        },
+        method: method_str,
+        target,
+        host: host_from_target.or(host),
+        headers: hdrs,
+        connection,
+    }))
+}
+
+/// What the proxy keeps of a response once its head buffer is released.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseInfo {
+    pub status: u16,
+    pub minor: u8,
+    pub head_len: usize,
+    pub body: BodyKind,
+    /// The real server will keep this connection open after the response.
+    pub reusable: bool,
+}
+
+pub struct ParsedResponse<'h, 'b> {
+    pub info: ResponseInfo,
+    pub reason: &'b str,
+    pub headers: &'h [Header<'b>],
+    pub connection: ConnectionTokens<'b>,
+}
+
+/// Parse a response head. `Ok(None)`: incomplete. Errors name why the response is refused
+/// (the client then gets 502).
+pub fn parse_response<'h, 'b>(
+    input: &'b [u8],
+    headers: &'h mut [Header<'b>],
+    request_method: Method,
+    max_size: usize,
+) -> Result<Option<ParsedResponse<'h, 'b>>, &'static str> {
+    let mut resp = httparse::Response::new(headers);
+    let head_len = match resp.parse(input) {
+        Ok(Status::Complete(n)) => n,
+        Ok(Status::Partial) => {
+            if input.len() >= max_size {
+                return Err("response head too large");
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err("too many response header fields"),
+        Err(_) => return Err("malformed response head"),
+    };
+    if !line_endings_ok(&input[..head_len]) {
+        return Err("bare CR or LF, or NUL, in response head");
+    }
+    let status = resp.code.unwrap_or(0);
+    if !(100..=599).contains(&status) {
+        return Err("invalid status code");
+    }
+    let minor = resp.version.unwrap_or(1);
+    let reason = resp.reason.unwrap_or("");
+    let hdrs: &'h [Header<'b>] = resp.headers;
+    let mut content_length = None;
+    let mut nr_content_length = 0;
+    let mut codings = Codings::default();
+    let mut connection = ConnectionTokens::default();
+    for h in hdrs {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            nr_content_length += 1;
+            if nr_content_length > 1 {
+                return Err("repeated Content-Length in response");
+            }
+            content_length = Some(parse_content_length(h.value).ok_or("invalid Content-Length in response")?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            codings.add(h.value);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            connection.add(h.value).map_err(|_| "too many Connection options in response")?;
+        }
+    }
+    if codings.present && content_length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding in response");
+    }
+    if codings.present && (minor == 0 || codings.unknown || !codings.is_chunked()) {
+        return Err("response transfer coding is not a final chunked");
+    }
+    let no_body = status < 200 || status == 204 || status == 304 || request_method == Method::Head;
+    let body = if no_body {
+        BodyKind::None
+    } else if codings.present {
+        BodyKind::Chunked
+    } else {
+        match content_length {
+            Some(0) => BodyKind::None,
+            Some(n) => BodyKind::Length(n),
+            None => BodyKind::CloseDelimited,
+        }
+    };
+    let reusable = body != BodyKind::CloseDelimited
+        && if minor == 1 {
+            !connection.close
+        } else {
+            connection.keep_alive && !connection.close
+        };
+    Ok(Some(ParsedResponse {
+        info: ResponseInfo {
+            status,
+            minor,
+            head_len,
+            body,
+            reusable,
+        },
+        reason,
+        headers: hdrs,
+        connection,
+    }))
+}

@@ -1,0 +1,124 @@
+//! Writing forwarded heads: the request as the real server sees it and the response as the
+//! client sees it. Hop-by-hop fields go; X-Forwarded-For/-Proto and Via are added.
+
+use super::parse::{is_hop_by_hop, ParsedRequest, ParsedResponse, Target};
+use std::io::Write;
+use std::net::IpAddr;
+
+/// Facts about the client connection that go into forwarded headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded {
+    pub client_ip: IpAddr,
+    /// "http" or "https".
+    pub proto: &'static str,
+}
+
+fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Append the upstream request head to `out`. `default_host` is sent when an HTTP/1.0
+/// client sent no Host. `expect_handled`: we answered 100-continue ourselves, so Expect goes.
+pub fn write_request_head(
+    req: &ParsedRequest<'_, '_>,
+    fwd: &Forwarded,
+    default_host: &str,
+    expect_handled: bool,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    match req.target {
+        Target::Origin(p) => out.extend_from_slice(p.as_bytes()),
+        Target::Asterisk => out.push(b'*'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put(out, "Host", req.host.unwrap_or(default_host.as_bytes()));
+    let mut nr_xff = 0;
+    for h in req.headers {
+        let n = h.name;
+        if n.eq_ignore_ascii_case("x-forwarded-for") {
+            nr_xff += 1;
+            continue;
+        }
+        if n.eq_ignore_ascii_case("host")
+            || n.eq_ignore_ascii_case("x-forwarded-proto")
+            || (expect_handled && n.eq_ignore_ascii_case("expect"))
+            || req.connection.lists(n)
+        {
+            continue;
+        }
+        // Transfer-Encoding stays: the chunked body is forwarded as it came.
+        if is_hop_by_hop(n) && !n.eq_ignore_ascii_case("transfer-encoding") {
+            if req.info.upgrade && n.eq_ignore_ascii_case("upgrade") {
+                put(out, "Upgrade", h.value);
+            }
+            continue;
+        }
+        put(out, n, h.value);
+    }
+    if req.info.upgrade {
+        out.extend_from_slice(b"Connection: Upgrade\r\n");
+    }
+    // Earlier hops first, in order, then the address this connection came from.
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if nr_xff > 0 {
+        for h in req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for")) {
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    let _ = write!(out, "{}\r\n", fwd.client_ip);
+    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    out.extend_from_slice(fwd.proto.as_bytes());
+    let _ = write!(out, "\r\nVia: 1.{} edgeshard\r\n\r\n", req.info.minor);
+}
+
+/// How the response head is to be framed for the client.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFraming {
+    /// The client connection stays open after this response.
+    pub keep_alive: bool,
+    /// The client is HTTP/1.0.
+    pub client_minor: u8,
+    /// A chunked body is decoded for an HTTP/1.0 client (Transfer-Encoding goes).
+    pub dechunk: bool,
+    /// Interim (1xx) response: no Connection field of our own.
+    pub interim: bool,
+}
+
+/// Append the client-facing response head to `out`.
+pub fn write_response_head(resp: &ParsedResponse<'_, '_>, f: ClientFraming, out: &mut Vec<u8>) {
+    let _ = write!(out, "HTTP/1.1 {} ", resp.info.status);
+    out.extend_from_slice(resp.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let switching = resp.info.status == 101;
+    for h in resp.headers {
+        let n = h.name;
+        if resp.connection.lists(n) {
+            continue;
+        }
+        if is_hop_by_hop(n) {
+            let keep = (switching && n.eq_ignore_ascii_case("upgrade"))
+                || (!f.dechunk && n.eq_ignore_ascii_case("transfer-encoding"))
+                || (!f.dechunk && n.eq_ignore_ascii_case("trailer"));
+            if !keep {
+                continue;
+            }
+        }
+        put(out, n, h.value);
+    }
+    if switching {
+        out.extend_from_slice(b"Connection: Upgrade\r\n");
+    } else if !f.interim {
+        if !f.keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if f.client_minor == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    let _ = write!(out, "Via: 1.{} edgeshard\r\n\r\n", resp.info.minor);
+}
