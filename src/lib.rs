@@ -1,10 +1,20 @@
 //! edgeshard: a shard-per-core reverse proxy and layer-7 load balancer.
 //!
-//! The path of a request: `shard` starts pinned executors and their listeners (`net`), each
+//! The path of a request: `shard` starts pinned executors and their listeners (`net`); each
 //! accepted connection runs `proxy::serve`, which parses (`http`), picks a real server
 //! (`balance`), checks out an upstream connection (`upstream`), relays bodies (`relay`) and
-//! answers errors in one place (`error`). `admin` serves /status from the mesh view.
+//! turns failures into responses in one place (`proxy::refuse`, with `error`). Shards share
+//! load through `shard::mesh`; `admin` serves /status from that view.
 
-pub mod config;
+pub mod admin;
 pub mod balance;
+pub mod config;
+pub mod error;
 pub mod http;
+pub mod io;
+pub mod net;
+pub mod proxy;
+pub mod relay;
+pub mod runtime;
+pub mod shard;
+pub mod upstream;

@@ -4,6 +4,7 @@
 use crate::config::ServerId;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 
 pub struct LoadView {
     shard: usize,
@@ -12,8 +13,8 @@ pub struct LoadView {
     peers: RefCell<Vec<Vec<u32>>>,
     /// Set when local counts changed since the last publish.
     dirty: Cell<bool>,
-    /// Bumped on every change; lets the publisher coalesce.
-    version: Cell<u64>,
+    /// The publisher, parked until the next change.
+    publisher: RefCell<Option<Waker>>,
 }
 
 impl LoadView {
@@ -23,7 +24,7 @@ impl LoadView {
             local: (0..nr_servers).map(|_| Cell::new(0)).collect(),
             peers: RefCell::new(vec![vec![0; nr_servers]; nr_shards]),
             dirty: Cell::new(false),
-            version: Cell::new(0),
+            publisher: RefCell::new(None),
         }
     }
 
@@ -59,16 +60,39 @@ impl LoadView {
 
     fn change(&self, id: ServerId, up: bool) {
         if let Some(c) = self.local.get(id.0) {
-            c.set(if up { c.get() + 1 } else { c.get().saturating_sub(1) });
-            self.dirty.set(true);
-            self.version.set(self.version.get() + 1);
+            c.set(if up {
+                c.get() + 1
+            } else {
+                c.get().saturating_sub(1)
+            });
+            self.mark_dirty();
         }
+    }
+
+    /// Ask for the next publish (a change, or a snapshot that could not be sent).
+    pub fn mark_dirty(&self) {
+        self.dirty.set(true);
+        if let Some(w) = self.publisher.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Ready once local counts changed since the last snapshot.
+    pub fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.dirty.get() {
+            return Poll::Ready(());
+        }
+        *self.publisher.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// Count one active upstream connection until the lease drops.
     pub fn lease(self: &Rc<Self>, id: ServerId) -> Lease {
         self.change(id, true);
-        Lease { view: self.clone(), id }
+        Lease {
+            view: self.clone(),
+            id,
+        }
     }
 
     /// Snapshot to publish, if anything changed since the last one.
@@ -77,10 +101,6 @@ impl LoadView {
             return None;
         }
         Some(self.local.iter().map(Cell::get).collect())
-    }
-
-    pub fn version(&self) -> u64 {
-        self.version.get()
     }
 
     /// Install a peer's absolute snapshot: a late or lost message is simply superseded.

@@ -168,7 +168,10 @@ mod tests {
     #[test]
     fn smooth_weighted_round_robin_is_proportional_and_interleaved() {
         let load = LoadView::new(0, 1, 3);
-        let s = Scheduler::new(&vs(Scheduling::WeightedRoundRobin, &[(5, 0), (1, 0), (1, 0)]), 0);
+        let s = Scheduler::new(
+            &vs(Scheduling::WeightedRoundRobin, &[(5, 0), (1, 0), (1, 0)]),
+            0,
+        );
         let seq: Vec<_> = (0..7).map(|_| s.pick(&load).unwrap().0).collect();
         // nginx's reference sequence for weights 5,1,1
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
@@ -188,7 +191,10 @@ mod tests {
     #[test]
     fn weighted_least_connection_divides_by_weight() {
         let load = Rc::new(LoadView::new(0, 1, 2));
-        let s = Scheduler::new(&vs(Scheduling::WeightedLeastConnection, &[(3, 0), (1, 0)]), 0);
+        let s = Scheduler::new(
+            &vs(Scheduling::WeightedLeastConnection, &[(3, 0), (1, 0)]),
+            0,
+        );
         let _a: Vec<_> = (0..2).map(|_| load.lease(ServerId(0))).collect();
         let _b = load.lease(ServerId(1));
         // 2/3 < 1/1

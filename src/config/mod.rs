@@ -229,7 +229,11 @@ impl Validator<'_> {
         // host:port names are resolved here, once, before any shard starts.
         match s.to_socket_addrs() {
             Ok(mut it) => it.next().ok_or_else(|| {
-                self.err(Some(v.span()), field, format!("{s:?} resolves to no address"))
+                self.err(
+                    Some(v.span()),
+                    field,
+                    format!("{s:?} resolves to no address"),
+                )
             }),
             Err(e) => Err(self.err(
                 Some(v.span()),
@@ -431,7 +435,11 @@ impl Validator<'_> {
             (None, Some(s)) => {
                 let n = *s.get_ref();
                 if n == 0 {
-                    return Err(self.err(Some(s.span()), "runtime.shards", "must be at least 1".into()));
+                    return Err(self.err(
+                        Some(s.span()),
+                        "runtime.shards",
+                        "must be at least 1".into(),
+                    ));
                 }
                 if n > online.len() && !rt.oversubscribe {
                     return Err(self.err(
@@ -450,7 +458,9 @@ impl Validator<'_> {
         let io_memory = self.size(&rt.io_memory, "runtime.io_memory", 1 << 20)?;
         let ring_depth = match &rt.ring_depth {
             None => 256,
-            Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => *d.get_ref(),
+            Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => {
+                *d.get_ref()
+            }
             Some(d) => {
                 return Err(self.err(
                     Some(d.span()),
@@ -469,7 +479,11 @@ impl Validator<'_> {
         };
         Ok(Runtime {
             cores,
-            drain_timeout: self.duration(&rt.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30))?,
+            drain_timeout: self.duration(
+                &rt.drain_timeout,
+                "runtime.drain_timeout",
+                Duration::from_secs(30),
+            )?,
             ring_depth,
             io_memory,
             spin_before_park,
@@ -492,9 +506,12 @@ fn overlaps(listeners: &HashSet<SocketAddr>, new: SocketAddr) -> bool {
 pub fn online_cpus() -> Vec<usize> {
     // sched_getaffinity honours cgroups/taskset, unlike a count of /proc/cpuinfo.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         return (0..n).collect();
     }
     (0..libc::CPU_SETSIZE as usize)

@@ -37,7 +37,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "KiB" | "K" | "k" => 1 << 10,
         "MiB" | "M" => 1 << 20,
         "GiB" | "G" => 1 << 30,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
     };
     n.checked_mul(mul)
         .ok_or_else(|| format!("invalid size {s:?}: too large"))

@@ -29,11 +29,18 @@ pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 mod tests {
     #[test]
     fn content_length_matches_body() {
-        for code in [400u16, 403, 404, 405, 408, 413, 414, 417, 429, 431, 500, 501, 502, 503, 504, 505] {
+        for code in [
+            400u16, 403, 404, 405, 408, 413, 414, 417, 429, 431, 500, 501, 502, 503, 504, 505,
+        ] {
             let r = std::str::from_utf8(super::error_response(code)).unwrap();
             let (head, body) = r.split_once("\r\n\r\n").unwrap();
             assert!(head.starts_with(&format!("HTTP/1.1 {code} ")));
-            let cl: usize = head.split("\r\n").find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().parse().unwrap();
+            let cl: usize = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
             assert_eq!(cl, body.len());
         }
     }

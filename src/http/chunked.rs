@@ -77,7 +77,10 @@ fn is_ext_byte(b: u8) -> bool {
 impl ChunkedDecoder {
     pub fn new() -> Self {
         ChunkedDecoder {
-            state: State::Size { digits: 0, value: 0 },
+            state: State::Size {
+                digits: 0,
+                value: 0,
+            },
             pending_size: 0,
             ext_bytes: 0,
             trailer_bytes: 0,
@@ -103,7 +106,10 @@ impl ChunkedDecoder {
                         }
                         let d = (b as char).to_digit(16).unwrap_or(0) as u64;
                         let value = value.checked_mul(16).ok_or(ChunkError::SizeTooLong)? + d;
-                        self.state = State::Size { digits: digits + 1, value };
+                        self.state = State::Size {
+                            digits: digits + 1,
+                            value,
+                        };
                     }
                     b';' if digits > 0 => {
                         self.ext_bytes = 0;
@@ -115,7 +121,11 @@ impl ChunkedDecoder {
                     _ => return Err(ChunkError::BadSize),
                 },
                 State::Ext => match b {
-                    b'\r' => self.state = State::SizeLf { value: self.pending_size },
+                    b'\r' => {
+                        self.state = State::SizeLf {
+                            value: self.pending_size,
+                        }
+                    }
                     b'\n' => return Err(ChunkError::BadLineEnding),
                     _ if is_ext_byte(b) => {
                         self.ext_bytes += 1;
@@ -140,7 +150,11 @@ impl ChunkedDecoder {
                     let avail = (input.len() - i) as u64;
                     let take = avail.min(remaining) as usize;
                     let left = remaining - take as u64;
-                    self.state = if left == 0 { State::DataCr } else { State::Data { remaining: left } };
+                    self.state = if left == 0 {
+                        State::DataCr
+                    } else {
+                        State::Data { remaining: left }
+                    };
                     let start = i;
                     i += take;
                     return Ok(Step {
@@ -159,7 +173,10 @@ impl ChunkedDecoder {
                     if b != b'\n' {
                         return Err(ChunkError::BadLineEnding);
                     }
-                    self.state = State::Size { digits: 0, value: 0 };
+                    self.state = State::Size {
+                        digits: 0,
+                        value: 0,
+                    };
                 }
                 State::TrailerStart => {
                     self.bump_trailer()?;
@@ -301,22 +318,26 @@ mod tests {
     #[test]
     fn refuses_ambiguity() {
         for bad in [
-            &b"5\nhello\r\n0\r\n\r\n"[..],   // bare LF after size
-            b"5\r\nhello\n0\r\n\r\n",         // bare LF after data
-            b"5\r\nhelloX\r\n0\r\n\r\n",      // data longer than size
-            b"-5\r\nhello\r\n0\r\n\r\n",      // sign
-            b"0x5\r\nhello\r\n0\r\n\r\n",     // prefix
-            b" 5\r\nhello\r\n",               // leading space
-            b"5 \r\nhello\r\n",               // trailing space
-            b"\r\n",                          // empty size
-            b"11111111111111111\r\n",         // 17 digits
-            b"5;a\x00b\r\nhello\r\n",         // NUL in extension
-            b"0\r\n bad: fold\r\n\r\n",       // obs-fold in trailer
-            b"0\r\nnocolon\r\n\r\n",          // trailer without colon
-            b"0\r\nX: 1\n\r\n",               // bare LF in trailer
-            b"0\r\n\n",                       // bare LF at end
+            &b"5\nhello\r\n0\r\n\r\n"[..], // bare LF after size
+            b"5\r\nhello\n0\r\n\r\n",      // bare LF after data
+            b"5\r\nhelloX\r\n0\r\n\r\n",   // data longer than size
+            b"-5\r\nhello\r\n0\r\n\r\n",   // sign
+            b"0x5\r\nhello\r\n0\r\n\r\n",  // prefix
+            b" 5\r\nhello\r\n",            // leading space
+            b"5 \r\nhello\r\n",            // trailing space
+            b"\r\n",                       // empty size
+            b"11111111111111111\r\n",      // 17 digits
+            b"5;a\x00b\r\nhello\r\n",      // NUL in extension
+            b"0\r\n bad: fold\r\n\r\n",    // obs-fold in trailer
+            b"0\r\nnocolon\r\n\r\n",       // trailer without colon
+            b"0\r\nX: 1\n\r\n",            // bare LF in trailer
+            b"0\r\n\n",                    // bare LF at end
         ] {
-            assert!(decode_all(bad).is_err(), "accepted {:?}", String::from_utf8_lossy(bad));
+            assert!(
+                decode_all(bad).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

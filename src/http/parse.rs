@@ -38,7 +38,12 @@ impl Method {
     pub fn is_idempotent(self) -> bool {
         matches!(
             self,
-            Method::Get | Method::Head | Method::Put | Method::Delete | Method::Options | Method::Trace
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
         )
     }
 }
@@ -74,7 +79,10 @@ pub struct RequestError {
 }
 
 fn bad(reason: &'static str) -> RequestError {
-    RequestError { status: 400, reason }
+    RequestError {
+        status: 400,
+        reason,
+    }
 }
 
 /// Header names listed in `Connection`, to be dropped when forwarding.
@@ -231,11 +239,22 @@ impl Codings {
 
 /// Version error: 505 for a well-formed but unsupported HTTP version, else 400.
 fn version_error(input: &[u8]) -> RequestError {
-    let line_end = input.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(input.len());
+    let line_end = input
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(input.len());
     let line = &input[..line_end];
     let v = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
-    if v.len() == 8 && v.starts_with(b"HTTP/") && v[5].is_ascii_digit() && v[6] == b'.' && v[7].is_ascii_digit() {
-        RequestError { status: 505, reason: "unsupported HTTP version" }
+    if v.len() == 8
+        && v.starts_with(b"HTTP/")
+        && v[5].is_ascii_digit()
+        && v[6] == b'.'
+        && v[7].is_ascii_digit()
+    {
+        RequestError {
+            status: 505,
+            reason: "unsupported HTTP version",
+        }
     } else {
         bad("malformed HTTP version")
     }
@@ -260,9 +279,9 @@ fn absolute_form(t: &str) -> Option<(&str, &str)> {
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(split);
     let valid = !authority.is_empty()
-        && authority
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'));
+        && authority.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        });
     if !valid {
         return None;
     }
@@ -280,10 +299,16 @@ pub fn parse_request<'h, 'b>(
     let line_end = input.iter().position(|&b| b == b'\n');
     match line_end {
         None if input.len() > limits.max_request_line => {
-            return Err(RequestError { status: 414, reason: "request line too long" })
+            return Err(RequestError {
+                status: 414,
+                reason: "request line too long",
+            })
         }
         Some(n) if n > limits.max_request_line => {
-            return Err(RequestError { status: 414, reason: "request line too long" })
+            return Err(RequestError {
+                status: 414,
+                reason: "request line too long",
+            })
         }
         _ => {}
     }
@@ -292,12 +317,18 @@ pub fn parse_request<'h, 'b>(
         Ok(Status::Complete(n)) => n,
         Ok(Status::Partial) => {
             if input.len() >= limits.max_header_size {
-                return Err(RequestError { status: 431, reason: "request head too large" });
+                return Err(RequestError {
+                    status: 431,
+                    reason: "request head too large",
+                });
             }
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(RequestError { status: 431, reason: "too many header fields" })
+            return Err(RequestError {
+                status: 431,
+                reason: "too many header fields",
+            })
         }
         Err(httparse::Error::Version) => return Err(version_error(input)),
         Err(httparse::Error::HeaderName) => return Err(bad("invalid header field name")),
@@ -306,7 +337,10 @@ pub fn parse_request<'h, 'b>(
         Err(_) => return Err(bad("malformed request head")),
     };
     if head_len > limits.max_header_size {
-        return Err(RequestError { status: 431, reason: "request head too large" });
+        return Err(RequestError {
+            status: 431,
+            reason: "request head too large",
+        });
     }
     if !line_endings_ok(&input[..head_len]) {
         return Err(bad("bare CR or LF, or NUL, in request head"));
@@ -316,7 +350,10 @@ pub fn parse_request<'h, 'b>(
     let minor = req.version.unwrap_or(1);
     let path = req.path.unwrap_or("");
     if method == Method::Connect {
-        return Err(RequestError { status: 405, reason: "CONNECT is not served" });
+        return Err(RequestError {
+            status: 405,
+            reason: "CONNECT is not served",
+        });
     }
     let mut host_from_target = None;
     let target = if path.starts_with('/') {
@@ -346,19 +383,25 @@ pub fn parse_request<'h, 'b>(
             if nr_content_length > 1 {
                 return Err(bad("repeated Content-Length"));
             }
-            content_length = Some(parse_content_length(h.value).ok_or(bad("invalid Content-Length"))?);
+            content_length =
+                Some(parse_content_length(h.value).ok_or(bad("invalid Content-Length"))?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             codings.add(h.value);
         } else if name.eq_ignore_ascii_case("host") {
             nr_host += 1;
             host = Some(trim(h.value));
         } else if name.eq_ignore_ascii_case("connection") {
-            connection.add(h.value).map_err(|_| bad("too many Connection options"))?;
+            connection
+                .add(h.value)
+                .map_err(|_| bad("too many Connection options"))?;
         } else if name.eq_ignore_ascii_case("expect") {
             if trim(h.value).eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = true;
             } else {
-                return Err(RequestError { status: 417, reason: "unsupported expectation" });
+                return Err(RequestError {
+                    status: 417,
+                    reason: "unsupported expectation",
+                });
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
             has_upgrade = true;
@@ -371,7 +414,9 @@ pub fn parse_request<'h, 'b>(
         return Err(bad("missing Host"));
     }
     if let Some(h) = host {
-        if h.iter().any(|&b| b == b' ' || b == b'\t' || b == b'/' || b == b'@') {
+        if h.iter()
+            .any(|&b| b == b' ' || b == b'\t' || b == b'/' || b == b'@')
+        {
             return Err(bad("invalid Host"));
         }
     }
@@ -383,7 +428,10 @@ pub fn parse_request<'h, 'b>(
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
         if codings.unknown {
-            return Err(RequestError { status: 501, reason: "unknown transfer coding" });
+            return Err(RequestError {
+                status: 501,
+                reason: "unknown transfer coding",
+            });
         }
         if !codings.is_chunked() {
             return Err(bad("final transfer coding is not chunked"));
@@ -478,11 +526,14 @@ pub fn parse_response<'h, 'b>(
             if nr_content_length > 1 {
                 return Err("repeated Content-Length in response");
             }
-            content_length = Some(parse_content_length(h.value).ok_or("invalid Content-Length in response")?);
+            content_length =
+                Some(parse_content_length(h.value).ok_or("invalid Content-Length in response")?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             codings.add(h.value);
         } else if h.name.eq_ignore_ascii_case("connection") {
-            connection.add(h.value).map_err(|_| "too many Connection options in response")?;
+            connection
+                .add(h.value)
+                .map_err(|_| "too many Connection options in response")?;
         }
     }
     if codings.present && content_length.is_some() {

@@ -66,7 +66,11 @@ pub fn write_request_head(
     // Earlier hops first, in order, then the address this connection came from.
     out.extend_from_slice(b"X-Forwarded-For: ");
     if nr_xff > 0 {
-        for h in req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for")) {
+        for h in req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        {
             out.extend_from_slice(h.value);
             out.extend_from_slice(b", ");
         }

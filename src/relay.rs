@@ -1,0 +1,240 @@
+//! Streaming bodies from one side to the other without buffering them whole, and the
+//! bidirectional tunnel after a 101. Back-pressure is natural: we read only after writing.
+
+use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::{BodyKind, Buf};
+use crate::io::{fill, timeout, write_all};
+use futures_lite::{AsyncRead, AsyncWrite};
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub enum RelayError {
+    /// The sending side failed, timed out or closed before the body ended.
+    Source(io::Error),
+    /// The receiving side failed or timed out.
+    Sink(io::Error),
+    /// The chunked framing was invalid.
+    Framing(ChunkError),
+}
+
+/// Forward one body of `kind` from `src` (whose already-read bytes are in `buf`) to `dst`.
+/// With `dechunk`, a chunked body is sent as plain data (for HTTP/1.0 clients). Bytes after
+/// the body stay in `buf`. Returns the bytes written.
+pub async fn relay_body<R, W>(
+    src: &mut R,
+    buf: &mut Buf,
+    dst: &mut W,
+    kind: BodyKind,
+    dechunk: bool,
+    read_timeout: Duration,
+    write_timeout: Duration,
+) -> Result<u64, RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut sent = 0u64;
+    match kind {
+        BodyKind::None => {}
+        BodyKind::Length(mut remaining) => {
+            while remaining > 0 {
+                if buf.is_empty() {
+                    let n = timeout(read_timeout, fill(src, buf))
+                        .await
+                        .map_err(RelayError::Source)?;
+                    if n == 0 {
+                        return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                let take = (buf.len() as u64).min(remaining) as usize;
+                write_all(dst, &buf.filled()[..take], write_timeout)
+                    .await
+                    .map_err(RelayError::Sink)?;
+                buf.consume(take);
+                remaining -= take as u64;
+                sent += take as u64;
+            }
+        }
+        BodyKind::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            loop {
+                if buf.is_empty() {
+                    let n = timeout(read_timeout, fill(src, buf))
+                        .await
+                        .map_err(RelayError::Source)?;
+                    if n == 0 {
+                        return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                if dechunk {
+                    let step = dec.step(buf.filled()).map_err(RelayError::Framing)?;
+                    if let Some((off, len)) = step.data {
+                        write_all(dst, &buf.filled()[off..off + len], write_timeout)
+                            .await
+                            .map_err(RelayError::Sink)?;
+                        sent += len as u64;
+                    }
+                    buf.consume(step.consumed);
+                    if step.done {
+                        break;
+                    }
+                } else {
+                    let (n, done) = dec.advance(buf.filled()).map_err(RelayError::Framing)?;
+                    write_all(dst, &buf.filled()[..n], write_timeout)
+                        .await
+                        .map_err(RelayError::Sink)?;
+                    buf.consume(n);
+                    sent += n as u64;
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
+        BodyKind::CloseDelimited => loop {
+            if !buf.is_empty() {
+                write_all(dst, buf.filled(), write_timeout)
+                    .await
+                    .map_err(RelayError::Sink)?;
+                sent += buf.len() as u64;
+                buf.clear();
+            }
+            let n = timeout(read_timeout, fill(src, buf))
+                .await
+                .map_err(RelayError::Source)?;
+            if n == 0 {
+                break;
+            }
+        },
+    }
+    Ok(sent)
+}
+
+/// One direction of a tunnel: bytes read from one side wait in `buf` until written.
+struct Half<'a> {
+    buf: &'a mut Buf,
+    eof: bool,
+    shut: bool,
+    moved: u64,
+}
+
+impl Half<'_> {
+    /// Move bytes from `r` to `w`. Ready(true) if anything moved or state changed.
+    fn poll_pump<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<bool>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut progress = false;
+        loop {
+            if !self.buf.is_empty() {
+                match Pin::new(&mut *w).poll_write(cx, self.buf.filled()) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.buf.consume(n);
+                        self.moved += n as u64;
+                        progress = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.eof {
+                if !self.shut {
+                    match Pin::new(&mut *w).poll_close(cx) {
+                        Poll::Ready(_) => {
+                            self.shut = true;
+                            progress = true;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                break;
+            }
+            match Pin::new(&mut *r).poll_read(cx, self.buf.spare()) {
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    progress = true;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if progress {
+            Poll::Ready(Ok(true))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Copy both ways until both sides have closed, an error, or `idle` passes with no traffic.
+/// `a_buf`/`b_buf` may already hold bytes read from `a`/`b`. Returns (a→b, b→a) byte counts.
+pub async fn tunnel<A, B>(
+    a: &mut A,
+    a_buf: &mut Buf,
+    b: &mut B,
+    b_buf: &mut Buf,
+    idle: Duration,
+) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ab = Half {
+        buf: a_buf,
+        eof: false,
+        shut: false,
+        moved: 0,
+    };
+    let mut ba = Half {
+        buf: b_buf,
+        eof: false,
+        shut: false,
+        moved: 0,
+    };
+    loop {
+        if ab.shut && ba.shut {
+            break;
+        }
+        let step = timeout(
+            idle,
+            poll_fn(|cx| {
+                let p1 = if ab.shut {
+                    Poll::Pending
+                } else {
+                    ab.poll_pump(cx, a, b)
+                };
+                let p2 = if ba.shut {
+                    Poll::Pending
+                } else {
+                    ba.poll_pump(cx, b, a)
+                };
+                match (p1, p2) {
+                    (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+                    (Poll::Ready(Ok(_)), _) | (_, Poll::Ready(Ok(_))) => Poll::Ready(Ok(())),
+                    _ => Poll::Pending,
+                }
+            }),
+        )
+        .await;
+        if step.is_err() {
+            break;
+        }
+    }
+    (ab.moved, ba.moved)
+}

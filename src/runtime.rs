@@ -1,0 +1,75 @@
+//! Process-level concerns around the shards: locked-memory limits glommio needs, and
+//! synchronous signal handling on the main thread (no handler runs on a shard).
+
+use crate::config::Config;
+
+/// glommio refuses to start an executor below this RLIMIT_MEMLOCK.
+const MIN_MEMLOCK: u64 = 512 * 1024;
+
+/// Refuse to start with a locked-memory limit glommio cannot work under, saying what to raise;
+/// warn when io_memory cannot be registered for every shard (it then runs unregistered).
+pub fn check_memlock(config: &Config) -> Result<(), String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(());
+    }
+    let cur = lim.rlim_cur;
+    if cur == libc::RLIM_INFINITY {
+        return Ok(());
+    }
+    let nr = config.runtime.cores.len() as u64;
+    if cur < MIN_MEMLOCK {
+        return Err(format!(
+            "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB; io_uring needs at least {} KiB. \
+             Raise it: `ulimit -l {}` in this shell, LimitMEMLOCK={}K in the systemd unit, \
+             or a memlock line in /etc/security/limits.conf (see tuning/).",
+            cur / 1024,
+            MIN_MEMLOCK / 1024,
+            (nr * config.runtime.io_memory as u64 + MIN_MEMLOCK) / 1024,
+            (nr * config.runtime.io_memory as u64 + MIN_MEMLOCK) / 1024,
+        ));
+    }
+    let want = nr * config.runtime.io_memory as u64;
+    if cur < want {
+        tracing::warn!(
+            limit_kib = cur / 1024,
+            wanted_kib = want / 1024,
+            "locked-memory limit below shards x io_memory: io buffers run unregistered (slower). Raise `ulimit -l` or lower runtime.io_memory"
+        );
+    }
+    Ok(())
+}
+
+/// The signals that stop the proxy, blocked in the calling thread (and all threads it
+/// spawns afterwards).
+pub fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Block until SIGTERM or SIGINT; returns its name.
+pub fn wait_for_shutdown(set: &libc::sigset_t) -> &'static str {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait on a set of blocked signals.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc == 0 {
+            return match sig {
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGINT => "SIGINT",
+                _ => continue,
+            };
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Shards: one pinned glommio executor per configured core, each owning its listeners, its
+//! upstream pools, its schedulers and its half of the load view. Start-up is all-or-nothing;
+//! shutdown stops accepting, drains in-flight requests for a bounded time, then returns.
+
+pub mod mesh;
+
+use crate::admin;
+use crate::balance::{LoadView, Scheduler};
+use crate::config::{Config, RealServer, ServerId};
+use crate::net;
+use crate::proxy;
+use crate::upstream::Pools;
+use glommio::net::TcpListener;
+use glommio::sync::Semaphore;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Everything one shard owns. `!Send`: it never leaves its executor.
+pub struct Shard {
+    pub id: usize,
+    pub nr_shards: usize,
+    pub core: usize,
+    pub config: Arc<Config>,
+    pub load: Rc<LoadView>,
+    pub pools: Pools,
+    /// One per virtual service, in config order.
+    pub schedulers: Vec<Scheduler>,
+    /// ServerId → (service index, index in that service).
+    servers: Vec<(usize, usize)>,
+    closing: Cell<bool>,
+    /// Closed (never signalled) at shutdown: every waiter wakes at once.
+    close_signal: Semaphore,
+    nr_clients: Cell<usize>,
+    accepted: Cell<u64>,
+    peer_accepted: RefCell<Vec<u64>>,
+    pub started: Instant,
+}
+
+impl Shard {
+    pub fn new(id: usize, config: Arc<Config>) -> Shard {
+        let nr_shards = config.runtime.cores.len();
+        let mut servers = Vec::with_capacity(config.nr_servers);
+        for (v, vs) in config.services.iter().enumerate() {
+            for j in 0..vs.real_servers.len() {
+                servers.push((v, j));
+            }
+        }
+        Shard {
+            id,
+            nr_shards,
+            core: config.runtime.cores[id],
+            load: Rc::new(LoadView::new(id, nr_shards, config.nr_servers)),
+            pools: Pools::new(config.nr_servers),
+            schedulers: config
+                .services
+                .iter()
+                .map(|vs| Scheduler::new(vs, id))
+                .collect(),
+            servers,
+            closing: Cell::new(false),
+            close_signal: Semaphore::new(0),
+            nr_clients: Cell::new(0),
+            accepted: Cell::new(0),
+            peer_accepted: RefCell::new(vec![0; nr_shards]),
+            started: Instant::now(),
+            config,
+        }
+    }
+
+    pub fn server(&self, id: ServerId) -> &RealServer {
+        let (v, j) = self.servers[id.0];
+        &self.config.services[v].real_servers[j]
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Resolves once the shard starts shutting down.
+    pub async fn closed(&self) {
+        if !self.closing.get() {
+            let _ = self.close_signal.acquire(1).await;
+        }
+    }
+
+    fn begin_close(&self) {
+        self.closing.set(true);
+        self.close_signal.close();
+        self.pools.clear();
+    }
+
+    pub fn nr_clients(&self) -> usize {
+        self.nr_clients.get()
+    }
+
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted.get()
+    }
+
+    pub fn set_peer_accepted(&self, from: usize, n: u64) {
+        if let Some(slot) = self.peer_accepted.borrow_mut().get_mut(from) {
+            *slot = n;
+        }
+    }
+
+    /// Accepted connections per shard: own exact, peers as last published.
+    pub fn accepted_per_shard(&self) -> Vec<u64> {
+        let mut v = self.peer_accepted.borrow().clone();
+        if let Some(own) = v.get_mut(self.id) {
+            *own = self.accepted.get();
+        }
+        v
+    }
+}
+
+/// Counts a client connection for the drain at shutdown.
+struct ClientGuard(Rc<Shard>);
+
+impl ClientGuard {
+    fn new(shard: &Rc<Shard>) -> ClientGuard {
+        shard.nr_clients.set(shard.nr_clients.get() + 1);
+        shard.accepted.set(shard.accepted.get() + 1);
+        ClientGuard(shard.clone())
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0
+            .nr_clients
+            .set(self.0.nr_clients.get().saturating_sub(1));
+    }
+}
+
+/// Running shards, as seen from the main thread.
+pub struct Running {
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Ask every shard to stop accepting and drain.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait for every shard to finish draining.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Start one shard per configured core. Returns once every shard has bound its listeners,
+/// or with the first error (the caller exits: no half-working proxy).
+pub fn start(config: Arc<Config>) -> Result<Running, String> {
+    let nr_shards = config.runtime.cores.len();
+    let mesh = mesh::new_mesh(nr_shards);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
+    let mut handles = Vec::new();
+    for id in 0..nr_shards {
+        let rt = &config.runtime;
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(rt.cores[id]))
+            .name(&format!("shard-{id}"))
+            .io_memory(rt.io_memory)
+            .ring_depth(rt.ring_depth);
+        if let Some(spin) = rt.spin_before_park {
+            builder = builder.spin_before_park(spin);
+        }
+        let core = rt.cores[id];
+        let (config, mesh, stop, ready_tx) =
+            (config.clone(), mesh.clone(), stop.clone(), ready_tx.clone());
+        let handle = builder
+            .spawn(move || async move { run_shard(id, config, mesh, stop, ready_tx).await })
+            .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..nr_shards {
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a shard did not start within 30s".into()),
+        }
+    }
+    Ok(Running { handles, stop })
+}
+
+async fn run_shard(
+    id: usize,
+    config: Arc<Config>,
+    mesh: mesh::Mesh,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<Result<usize, String>>,
+) {
+    let shard = Rc::new(Shard::new(id, config.clone()));
+    // Bind everything first: a failure is reported before anything serves.
+    let mut listeners: Vec<(usize, TcpListener)> = Vec::new();
+    for (v, vs) in config.services.iter().enumerate() {
+        match net::bind(vs.listen, config.runtime.backlog) {
+            Ok(l) => listeners.push((v, l)),
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "shard {id}: cannot listen on {} for virtual service {:?}: {e}",
+                    vs.listen, vs.name
+                )));
+                return;
+            }
+        }
+    }
+    let admin_listener = match (&config.admin, id) {
+        (Some(a), 0) => match net::bind(a.listen, 128) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "cannot listen on {} for the admin endpoint: {e}",
+                    a.listen
+                )));
+                return;
+            }
+        },
+        _ => None,
+    };
+    let _ = ready.send(Ok(id));
+    drop(ready);
+
+    if shard.nr_shards > 1 {
+        mesh::start(shard.clone(), mesh).await;
+    }
+    for (v, listener) in listeners {
+        glommio::spawn_local(accept_loop(shard.clone(), v, listener)).detach();
+    }
+    if let Some(l) = admin_listener {
+        glommio::spawn_local(admin::accept_loop(shard.clone(), l)).detach();
+    }
+    // Shutdown comes from the main thread's signal wait as a flag.
+    while !stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    shard.begin_close();
+    let deadline = Instant::now() + config.runtime.drain_timeout;
+    while shard.nr_clients() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if shard.nr_clients() > 0 {
+        tracing::warn!(
+            shard = id,
+            open = shard.nr_clients(),
+            "drain time over: closing remaining connections"
+        );
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.closed().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = ClientGuard::new(&shard);
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            proxy::serve(shard, vs, stream, peer, "http").await;
+            drop(guard);
+        })
+        .detach();
+    }
+}

@@ -1,0 +1,107 @@
+//! Per-shard pools of idle keep-alive connections to real servers, and connecting with a
+//! deadline. A pooled connection is checked before reuse: readable means closed or dirty.
+
+use crate::config::ServerId;
+use crate::http::Buf;
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::io::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// Size of each upstream connection's read buffer.
+pub const UPSTREAM_BUF: usize = 16 * 1024;
+
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: Buf,
+    pub server: ServerId,
+    /// Came from the pool (a failure before any response byte may be retried once).
+    pub reused: bool,
+    idle_since: Instant,
+}
+
+pub async fn connect(
+    server: ServerId,
+    addr: SocketAddr,
+    dur: Duration,
+) -> io::Result<UpstreamConn> {
+    let stream = TcpStream::connect_timeout(addr, dur)
+        .await
+        .map_err(io::Error::from)?;
+    stream.set_nodelay(true).map_err(io::Error::from)?;
+    Ok(UpstreamConn {
+        stream,
+        buf: Buf::new(UPSTREAM_BUF),
+        server,
+        reused: false,
+        idle_since: Instant::now(),
+    })
+}
+
+/// Is an idle socket still clean? Any readable byte (or EOF) means the server closed it or
+/// sent something unsolicited; either way it must not carry another request.
+fn is_clean(stream: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: recv on a valid fd with a 1-byte stack buffer; MSG_DONTWAIT never blocks.
+    let rc = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            b.as_mut_ptr() as *mut libc::c_void,
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+pub struct Pools {
+    idle: RefCell<Vec<Vec<UpstreamConn>>>,
+}
+
+impl Pools {
+    pub fn new(nr_servers: usize) -> Pools {
+        Pools {
+            idle: RefCell::new((0..nr_servers).map(|_| Vec::new()).collect()),
+        }
+    }
+
+    /// Most recently used clean connection to `server` that has not idled past `max_idle`.
+    pub fn checkout(&self, server: ServerId, max_idle: Duration) -> Option<UpstreamConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(server.0)?;
+        while let Some(mut c) = list.pop() {
+            if c.idle_since.elapsed() <= max_idle && is_clean(&c.stream) {
+                c.reused = true;
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Return a connection whose last response ended cleanly; dropped if the pool is full.
+    pub fn checkin(&self, mut conn: UpstreamConn, max: usize) {
+        if !conn.buf.is_empty() {
+            return; // bytes beyond the response: the connection is out of step
+        }
+        let mut idle = self.idle.borrow_mut();
+        if let Some(list) = idle.get_mut(conn.server.0) {
+            if list.len() < max {
+                conn.idle_since = Instant::now();
+                list.push(conn);
+            }
+        }
+    }
+
+    /// Drop every idle connection (shutdown).
+    pub fn clear(&self) {
+        for l in self.idle.borrow_mut().iter_mut() {
+            l.clear();
+        }
+    }
+
+    pub fn nr_idle(&self, server: ServerId) -> usize {
+        self.idle.borrow().get(server.0).map(Vec::len).unwrap_or(0)
+    }
+}
