@@ -1,0 +1,130 @@
+//! Test harness: the real edgeshard binary on loopback, origin servers written for the tests
+//! that record exactly what they receive, a raw HTTP/1.1 client, and waits with deadlines.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod origin;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Poll `cond` every 5ms until it holds; panic with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgeshard-test-{}-{}-{}", tag, std::process::id(), free_port()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_edgeshard")
+}
+
+/// A running edgeshard process; killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Proxy {
+    /// Write `toml` to a file and `edgeshard run` it; returns once `ready_addr` accepts.
+    pub fn start(toml: &str, ready_addr: SocketAddr) -> Proxy {
+        let dir = tmpdir("proxy");
+        let config = dir.join("edgeshard.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn edgeshard");
+        let mut p = Proxy { child, dir, config };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("edgeshard exited early ({status}): {}", p.log());
+            }
+            if TcpStream::connect(ready_addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!("edgeshard did not listen on {ready_addr}: {}", p.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Every shard reports bound before "ready" is logged; wait for it too.
+        wait_until(Duration::from_secs(10), "edgeshard ready", || p.log().contains("edgeshard ready"));
+        p
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.join("stderr.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Wait for exit within `limit`; returns the exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A config with one virtual service in front of `servers`; `extra_vs` goes into the service
+/// table, `extra_top` before it. Two shards (the CI machine has two cores).
+pub fn simple_config(listen: SocketAddr, servers: &[SocketAddr], extra_vs: &str, extra_top: &str) -> String {
+    let mut s = format!("{extra_top}\n[runtime]\nshards = 2\noversubscribe = true\ndrain_timeout = \"5s\"\n\n[[virtual_service]]\nname = \"web\"\nlisten = \"{listen}\"\n{extra_vs}\n");
+    for a in servers {
+        s.push_str(&format!("[[virtual_service.real_server]]\naddress = \"{a}\"\n"));
+    }
+    s
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -1,0 +1,303 @@
+//! The HTTP/1.1 data path through the real binary: keep-alive on both sides, streaming,
+//! pipelining, upgrades, forwarded headers, HTTP/1.0, HEAD/204/304, 100-continue.
+
+mod common;
+
+use common::client::{get, one, Client};
+use common::origin::{Next, Origin, Seen};
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn proxy_for(origins: &[&Origin], extra: &str) -> (Proxy, std::net::SocketAddr) {
+    let listen = local(free_port());
+    let addrs: Vec<_> = origins.iter().map(|o| o.addr).collect();
+    (Proxy::start(&simple_config(listen, &addrs, extra, ""), listen), listen)
+}
+
+#[test]
+fn keep_alive_is_reused_on_both_sides() {
+    let o = Origin::ok("hi");
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    for i in 0..5 {
+        let r = c.request(&get(&format!("/k{i}")));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hi");
+        assert!(r.header("connection").is_none(), "HTTP/1.1 keep-alive needs no Connection field");
+    }
+    let seen = o.requests();
+    assert_eq!(seen.len(), 5);
+    assert_eq!(o.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one upstream connection reused");
+    for (i, s) in seen.iter().enumerate() {
+        assert_eq!(s.request_line, format!("GET /k{i} HTTP/1.1"));
+    }
+}
+
+#[test]
+fn forwarded_headers_and_hop_by_hop_removal() {
+    let o = Origin::ok("x");
+    let (_p, addr) = proxy_for(&[&o], "");
+    let r = one(
+        addr,
+        b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Other: kept\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.header("via").unwrap().contains("edgeshard"));
+    let s = &o.requests()[0];
+    for h in ["connection", "x-secret", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+        assert!(s.header(h).is_none(), "{h} must not be forwarded: {:?}", s.headers);
+    }
+    assert_eq!(s.header("host"), Some("ws-ext.example"));
+    assert_eq!(s.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(s.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(s.headers_named("x-forwarded-proto"), 1);
+    assert_eq!(s.header("via"), Some("1.1 edgeshard"));
+    assert_eq!(s.header("x-other"), Some("kept"));
+}
+
+fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in body.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[test]
+fn chunked_bodies_larger_than_any_buffer_stream_both_ways() {
+    // The origin echoes the request body back, chunked in its own sizes.
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = w.write_all(&chunked(&s.body, 40_000));
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let body = pattern(3 * 1024 * 1024 + 17);
+    let mut c = Client::connect(addr);
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let framed = chunked(&body, 65_537);
+    let w = c.w.try_clone().unwrap();
+    // write from another thread: the proxy streams, so reading must go on concurrently
+    let t = std::thread::spawn(move || {
+        let mut w = w;
+        w.write_all(&framed).unwrap();
+    });
+    let r = c.read(false).unwrap();
+    t.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert!(r.body == body, "response body differs ({} vs {} bytes)", r.body.len(), body.len());
+    let seen = o.requests();
+    assert!(seen[0].body == body, "origin saw a different body");
+    // and the connection still works afterwards
+    assert_eq!(c.request(&get("/after")).status, 200);
+}
+
+#[test]
+fn content_length_bodies_stream_both_ways() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", s.body.len());
+        let _ = w.write_all(&s.body);
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let body = pattern(2 * 1024 * 1024);
+    let mut c = Client::connect(addr);
+    let mut req = format!("PUT /cl HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    let w = c.w.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut w = w;
+        w.write_all(&req).unwrap();
+    });
+    let r = c.read(false).unwrap();
+    t.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == body);
+    assert!(o.requests()[0].body == body);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        let path = s.request_line.split(' ').nth(1).unwrap().to_string();
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", path.len(), path);
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    let mut all = Vec::new();
+    for i in 0..10 {
+        all.extend_from_slice(&get(&format!("/p{i}")));
+    }
+    all.extend_from_slice(b"POST /p10 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+    all.extend_from_slice(&get("/p11"));
+    c.send(&all);
+    for i in 0..12 {
+        let r = c.read(false).unwrap();
+        assert_eq!(r.text(), format!("/p{i}"));
+    }
+    assert_eq!(o.requests()[10].body, b"abc");
+}
+
+#[test]
+fn websocket_upgrade_is_tunnelled_both_ways() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.header("upgrade") == Some("websocket") {
+            let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n");
+            Next::Echo
+        } else {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            Next::KeepAlive
+        }
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    let r = c.request(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    assert_eq!(r.status, 101);
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    let s = &o.requests()[0];
+    assert_eq!(s.header("connection"), Some("Upgrade"));
+    assert_eq!(s.header("upgrade"), Some("websocket"));
+    for msg in [&b"frame-one"[..], &pattern(100_000)[..]] {
+        c.send(msg);
+        let mut back = vec![0; msg.len()];
+        c.r.read_exact(&mut back).unwrap();
+        assert!(back == msg);
+    }
+    // closing our side ends the tunnel: the origin sees EOF and closes too
+    c.w.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.is_closed());
+}
+
+#[test]
+fn http10_client_gets_plain_body_and_close() {
+    let o = Origin::start(Arc::new(|_s: &Seen, w: &mut TcpStream| {
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    c.send(b"GET /old HTTP/1.0\r\n\r\n");
+    let r = c.read(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("transfer-encoding").is_none());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.body, b"hello world");
+    let s = &o.requests()[0];
+    assert_eq!(s.request_line, "GET /old HTTP/1.1");
+    assert_eq!(s.header("host"), Some(o.addr.to_string().as_str()));
+    assert_eq!(s.header("via"), Some("1.0 edgeshard"));
+}
+
+#[test]
+fn http10_keep_alive_is_honoured() {
+    let o = Origin::ok("ten");
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    for _ in 0..2 {
+        let r = c.request(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert_eq!(r.body, b"ten");
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
+}
+
+#[test]
+fn head_204_and_304_carry_no_body() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        let _ = if s.request_line.starts_with("HEAD") {
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        } else if s.request_line.contains("/204") {
+            w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        } else {
+            w.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+        };
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    let r = c.request(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("1000")));
+    let r = c.request(&get("/204"));
+    assert_eq!(r.status, 204);
+    let r = c.request(&get("/304"));
+    assert_eq!(r.status, 304);
+    // were any body bytes smuggled in, this next response would be out of step
+    let r = c.request(b"HEAD /h2 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(o.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", s.body.len());
+        let _ = w.write_all(&s.body);
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    c.send(b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    let r = c.read(false).unwrap();
+    assert_eq!(r.status, 100);
+    c.send(b"hello");
+    let r = c.read(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello");
+    let s = &o.requests()[0];
+    assert_eq!(s.body, b"hello");
+    assert!(s.header("expect").is_none());
+}
+
+#[test]
+fn close_delimited_response_is_relayed_then_closed() {
+    let o = Origin::start(Arc::new(|_s: &Seen, w: &mut TcpStream| {
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-eof");
+        Next::Close
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    c.send(&get("/eof"));
+    let r = c.read(false).unwrap();
+    assert_eq!(r.body, b"until-eof");
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+#[test]
+fn absolute_form_target_becomes_origin_form_with_its_host() {
+    let o = Origin::ok("abs");
+    let (_p, addr) = proxy_for(&[&o], "");
+    let r = one(addr, b"GET http://meet.example/a/b?c=1 HTTP/1.1\r\nHost: other.example\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let s = &o.requests()[0];
+    assert_eq!(s.request_line, "GET /a/b?c=1 HTTP/1.1");
+    assert_eq!(s.header("host"), Some("meet.example"));
+    assert_eq!(s.headers_named("host"), 1);
+}
+
+#[test]
+fn big_response_reaches_a_slow_reader_intact() {
+    let body = Arc::new(pattern(4 * 1024 * 1024));
+    let b2 = body.clone();
+    let o = Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b2.len());
+        let _ = w.write_all(&b2);
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    c.send(&get("/big"));
+    std::thread::sleep(Duration::from_millis(200)); // let buffers fill: back-pressure, not loss
+    let r = c.read(false).unwrap();
+    assert!(r.body == *body);
+}
