@@ -163,33 +163,14 @@ impl Validator<'_> {
         }
     }
 
-    /// Turn a serde/toml error into one naming the field: the key on the error's line,
-    /// under the table header in force there.
+    /// Turn a serde/toml error into one naming the field: the key on the error's line, under
+    /// the table in force there, with array-of-tables indices as validation errors print them.
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
         let span = e.span();
-        let mut field = String::new();
-        if let Some(s) = &span {
-            let line_no = self.line_of(s.start);
-            let mut table = String::new();
-            let mut key = String::new();
-            for (i, line) in self.text.lines().enumerate() {
-                let t = line.trim();
-                if t.starts_with('[') {
-                    table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-                }
-                if i + 1 == line_no {
-                    if let Some((k, _)) = t.split_once('=') {
-                        key = k.trim().to_string();
-                    }
-                    break;
-                }
-            }
-            field = match (table.is_empty(), key.is_empty()) {
-                (true, _) => key,
-                (false, true) => table,
-                (false, false) => format!("{table}.{key}"),
-            };
-        }
+        let field = span
+            .as_ref()
+            .map(|s| field_at_line(self.text, self.line_of(s.start)))
+            .unwrap_or_default();
         self.err(span, &field, e.message().to_string())
     }
 
@@ -492,6 +473,53 @@ impl Validator<'_> {
     }
 }
 
+/// The field path at `line_no` (1-based): e.g. `virtual_service[1].real_server[0].weight`.
+fn field_at_line(text: &str, line_no: usize) -> String {
+    use std::collections::HashMap;
+    // times each array-of-tables path has opened so far
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut table = String::new();
+    let mut key = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let path = inner.trim().to_string();
+            let prefix = format!("{path}.");
+            counts.retain(|k, _| !k.starts_with(&prefix));
+            *counts.entry(path.clone()).or_insert(0) += 1;
+            table = path;
+        } else if let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = inner.trim().to_string();
+        }
+        if i + 1 == line_no {
+            if !t.starts_with('[') {
+                if let Some((k, _)) = t.split_once('=') {
+                    key = k.trim().to_string();
+                }
+            }
+            break;
+        }
+    }
+    let mut out = String::new();
+    let mut path = String::new();
+    for seg in table.split('.').filter(|s| !s.is_empty()) {
+        if !path.is_empty() {
+            path.push('.');
+            out.push('.');
+        }
+        path.push_str(seg);
+        out.push_str(seg);
+        if let Some(n) = counts.get(&path) {
+            out.push_str(&format!("[{}]", n - 1));
+        }
+    }
+    match (out.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => out,
+        (false, false) => format!("{out}.{key}"),
+    }
+}
+
 /// A wildcard listener (0.0.0.0:p or [::]:p) collides with any other listener on port p.
 fn overlaps(listeners: &HashSet<SocketAddr>, new: SocketAddr) -> bool {
     listeners.iter().any(|l| {
@@ -517,4 +545,19 @@ pub fn online_cpus() -> Vec<usize> {
     (0..libc::CPU_SETSIZE as usize)
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_at_line;
+
+    #[test]
+    fn field_paths_carry_array_indices() {
+        let t = "[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = \"a\"\n[[virtual_service.real_server]]\naddress = \"x\"\n[[virtual_service]]\nlisten = \"b\"\n[[virtual_service.real_server]]\nweight = \"w\"\n";
+        assert_eq!(field_at_line(t, 2), "runtime.cores");
+        assert_eq!(field_at_line(t, 6), "virtual_service[0].real_server[0].address");
+        assert_eq!(field_at_line(t, 8), "virtual_service[1].listen");
+        assert_eq!(field_at_line(t, 10), "virtual_service[1].real_server[0].weight");
+        assert_eq!(field_at_line(t, 9), "virtual_service[1].real_server[0]");
+    }
 }
