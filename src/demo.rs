@@ -37,7 +37,10 @@ fn serve(stream: TcpStream, name: String) -> std::io::Result<()> {
                 }
             }
         }
-        std::io::copy(&mut (&mut reader).take(content_length), &mut std::io::sink())?;
+        std::io::copy(
+            &mut (&mut reader).take(content_length),
+            &mut std::io::sink(),
+        )?;
         let body = format!("hello from real server {name}: {method} {path} (for {xff})\n");
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Real-Server: {name}\r\n{}\r\n",

@@ -67,13 +67,20 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => run(config),
         Command::Demo { config } => {
-            let servers = ["127.0.0.1:9001".parse().unwrap(), "127.0.0.1:9002".parse().unwrap()];
+            let servers = [
+                "127.0.0.1:9001".parse().unwrap(),
+                "127.0.0.1:9002".parse().unwrap(),
+            ];
             if let Err(e) = edgeshard::demo::start_real_servers(&servers) {
-                eprintln!("error: cannot start the sample real servers on 127.0.0.1:9001/9002: {e}");
+                eprintln!(
+                    "error: cannot start the sample real servers on 127.0.0.1:9001/9002: {e}"
+                );
                 return ExitCode::from(1);
             }
             eprintln!("sample real servers on 127.0.0.1:9001 and 127.0.0.1:9002");
-            eprintln!("try:  curl -i http://127.0.0.1:8080/   and   curl http://127.0.0.1:9900/status");
+            eprintln!(
+                "try:  curl -i http://127.0.0.1:8080/   and   curl http://127.0.0.1:9900/status"
+            );
             run(config)
         }
     }

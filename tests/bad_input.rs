@@ -11,9 +11,20 @@ use std::time::Duration;
 fn refused(addr: std::net::SocketAddr, raw: &[u8]) -> Response {
     let mut c = Client::connect(addr);
     c.send(raw);
-    let r = c.read(false).unwrap_or_else(|e| panic!("no response to {:?}: {e}", String::from_utf8_lossy(raw)));
-    assert_eq!(r.header("connection"), Some("close"), "{:?}", String::from_utf8_lossy(raw));
-    assert!(c.is_closed(), "connection left open after refusing {:?}", String::from_utf8_lossy(raw));
+    let r = c
+        .read(false)
+        .unwrap_or_else(|e| panic!("no response to {:?}: {e}", String::from_utf8_lossy(raw)));
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "{:?}",
+        String::from_utf8_lossy(raw)
+    );
+    assert!(
+        c.is_closed(),
+        "connection left open after refusing {:?}",
+        String::from_utf8_lossy(raw)
+    );
     r
 }
 
@@ -56,7 +67,11 @@ fn malformed_and_ambiguous_requests_get_400_and_never_reach_the_origin() {
     }
     // The bad chunk size is found after the head was forwarded: that request may have
     // reached the origin, but no other one did.
-    assert!(o.nr_requests() <= 1, "refused requests reached the origin: {:?}", o.requests());
+    assert!(
+        o.nr_requests() <= 1,
+        "refused requests reached the origin: {:?}",
+        o.requests()
+    );
     assert!(o.requests().iter().all(|s| s.body.is_empty()));
 }
 
@@ -65,10 +80,30 @@ fn unsupported_version_coding_and_method() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
     let _p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
-    assert_eq!(refused(listen, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n").status, 505);
-    assert_eq!(refused(listen, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br, chunked\r\n\r\n").status, 501);
-    assert_eq!(refused(listen, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").status, 405);
-    assert_eq!(refused(listen, b"POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx").status, 417);
+    assert_eq!(
+        refused(listen, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n").status,
+        505
+    );
+    assert_eq!(
+        refused(
+            listen,
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br, chunked\r\n\r\n"
+        )
+        .status,
+        501
+    );
+    assert_eq!(
+        refused(listen, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").status,
+        405
+    );
+    assert_eq!(
+        refused(
+            listen,
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx"
+        )
+        .status,
+        417
+    );
     assert_eq!(o.nr_requests(), 0);
 }
 
@@ -77,7 +112,12 @@ fn oversized_request_line_and_head_get_414_and_431() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
     let _p = Proxy::start(
-        &simple_config(listen, &[o.addr], "max_request_line = \"1KiB\"\nmax_header_size = \"4KiB\"\nmax_headers = 20", ""),
+        &simple_config(
+            listen,
+            &[o.addr],
+            "max_request_line = \"1KiB\"\nmax_header_size = \"4KiB\"\nmax_headers = 20",
+            "",
+        ),
         listen,
     );
     let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(2000));
@@ -85,7 +125,10 @@ fn oversized_request_line_and_head_get_414_and_431() {
     // the line limit applies even before the line ends
     let partial = format!("GET /{}", "a".repeat(3000));
     assert_eq!(refused(listen, partial.as_bytes()).status, 414);
-    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(5000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(5000)
+    );
     assert_eq!(refused(listen, big.as_bytes()).status, 431);
     let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
     for i in 0..30 {
@@ -103,7 +146,10 @@ fn oversized_request_line_and_head_get_414_and_431() {
 fn a_slow_head_gets_408() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
-    let _p = Proxy::start(&simple_config(listen, &[o.addr], "request_timeout = \"300ms\"", ""), listen);
+    let _p = Proxy::start(
+        &simple_config(listen, &[o.addr], "request_timeout = \"300ms\"", ""),
+        listen,
+    );
     let mut c = Client::connect(listen);
     c.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
     let started = std::time::Instant::now();
@@ -117,11 +163,17 @@ fn a_slow_head_gets_408() {
 fn idle_client_is_closed_after_idle_timeout() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
-    let _p = Proxy::start(&simple_config(listen, &[o.addr], "idle_timeout = \"300ms\"", ""), listen);
+    let _p = Proxy::start(
+        &simple_config(listen, &[o.addr], "idle_timeout = \"300ms\"", ""),
+        listen,
+    );
     let mut c = Client::connect(listen);
     assert_eq!(c.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
     let started = std::time::Instant::now();
     assert!(c.is_closed());
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
 }

@@ -13,7 +13,12 @@ use std::time::Duration;
 
 fn named(name: &'static str) -> Origin {
     Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
-        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", name.len(), name);
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+            name.len(),
+            name
+        );
         Next::KeepAlive
     }))
 }
@@ -22,7 +27,15 @@ fn named(name: &'static str) -> Origin {
 fn round_robin_alternates_between_two_real_servers() {
     let (a, b) = (named("a"), named("b"));
     let listen = local(free_port());
-    let _p = Proxy::start(&simple_config(listen, &[a.addr, b.addr], "scheduling = \"round-robin\"", ""), listen);
+    let _p = Proxy::start(
+        &simple_config(
+            listen,
+            &[a.addr, b.addr],
+            "scheduling = \"round-robin\"",
+            "",
+        ),
+        listen,
+    );
     let mut c = Client::connect(listen);
     let seq: String = (0..10).map(|_| c.request(&get("/")).text()).collect();
     assert!(seq == "ababababab" || seq == "bababababa", "{seq}");
@@ -53,7 +66,9 @@ fn connection_limit_is_honoured_and_503_when_all_are_full() {
     let h2 = hold.clone();
     let o = Origin::start(Arc::new(move |s: &Seen, w: &mut TcpStream| {
         if s.request_line.contains("/hold") {
-            wait_until(Duration::from_secs(30), "release", || !h2.load(Ordering::SeqCst));
+            wait_until(Duration::from_secs(30), "release", || {
+                !h2.load(Ordering::SeqCst)
+            });
         }
         let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         Next::KeepAlive
@@ -67,18 +82,32 @@ fn connection_limit_is_honoured_and_503_when_all_are_full() {
     let _p = Proxy::start(&cfg, listen);
     let mut holder = Client::connect(listen);
     holder.send(&get("/hold"));
-    wait_until(Duration::from_secs(5), "held request at the origin", || o.nr_requests() == 1);
+    wait_until(Duration::from_secs(5), "held request at the origin", || {
+        o.nr_requests() == 1
+    });
     // Whichever shard the next connection lands on sees the held one (locally or via the
     // mesh within its staleness bound): wait for the view, then expect 503.
-    wait_until(Duration::from_secs(5), "503 while the only server is at its limit", || {
-        let mut c = Client::connect(listen);
-        c.request(&get("/next")).status == 503
-    });
-    assert_eq!(o.nr_requests(), 1, "nothing beyond the limit reached the origin");
+    wait_until(
+        Duration::from_secs(5),
+        "503 while the only server is at its limit",
+        || {
+            let mut c = Client::connect(listen);
+            c.request(&get("/next")).status == 503
+        },
+    );
+    assert_eq!(
+        o.nr_requests(),
+        1,
+        "nothing beyond the limit reached the origin"
+    );
     hold.store(false, Ordering::SeqCst);
     assert_eq!(holder.read(false).unwrap().status, 200);
-    wait_until(Duration::from_secs(5), "served again once below the limit", || {
-        let mut c = Client::connect(listen);
-        c.request(&get("/after")).status == 200
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "served again once below the limit",
+        || {
+            let mut c = Client::connect(listen);
+            c.request(&get("/after")).status == 200
+        },
+    );
 }

@@ -10,8 +10,13 @@ fn check(toml: &str) -> (bool, String, std::path::PathBuf) {
     let dir = tmpdir("cfg");
     let path = dir.join("bad.toml");
     std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.success(), text, path)
 }
 
@@ -27,13 +32,28 @@ const VS: &str = "[[virtual_service]]\nlisten = \"127.0.0.1:18080\"\n";
 
 #[test]
 fn unknown_keys_are_refused_with_line_and_field() {
-    refused(&format!("{VS}bogus = 1\n"), 3, "virtual_service[0].bogus", "unknown field");
-    refused("[runtime]\ncores = [0]\nthreads = 4\n", 3, "runtime.threads", "unknown field");
+    refused(
+        &format!("{VS}bogus = 1\n"),
+        3,
+        "virtual_service[0].bogus",
+        "unknown field",
+    );
+    refused(
+        "[runtime]\ncores = [0]\nthreads = 4\n",
+        3,
+        "runtime.threads",
+        "unknown field",
+    );
 }
 
 #[test]
 fn bad_addresses_are_refused() {
-    refused("[[virtual_service]]\nlisten = \"nowhere\"\n", 2, "virtual_service[0].listen", "invalid address");
+    refused(
+        "[[virtual_service]]\nlisten = \"nowhere\"\n",
+        2,
+        "virtual_service[0].listen",
+        "invalid address",
+    );
     refused(
         &format!("{VS}[[virtual_service.real_server]]\naddress = \"127.0.0.1:99999\"\n"),
         4,
@@ -44,7 +64,12 @@ fn bad_addresses_are_refused() {
 
 #[test]
 fn duplicate_listeners_are_refused() {
-    refused(&format!("{VS}{VS}"), 4, "virtual_service[1].listen", "duplicate listener");
+    refused(
+        &format!("{VS}{VS}"),
+        4,
+        "virtual_service[1].listen",
+        "duplicate listener",
+    );
     refused(
         "[admin]\nlisten = \"127.0.0.1:18080\"\n[[virtual_service]]\nlisten = \"127.0.0.1:18080\"\n",
         4,
@@ -55,24 +80,58 @@ fn duplicate_listeners_are_refused() {
 
 #[test]
 fn cores_that_do_not_exist_are_refused() {
-    refused(&format!("[runtime]\ncores = [0, 4096]\n{VS}"), 2, "runtime.cores", "does not exist");
-    refused(&format!("[runtime]\ncores = [0, 0]\n{VS}"), 2, "runtime.cores", "oversubscribe");
-    refused(&format!("[runtime]\nshards = 999\n{VS}"), 2, "runtime.shards", "oversubscribe");
-    let (ok, _, _) = check(&format!("[runtime]\nshards = 4\noversubscribe = true\n{VS}"));
+    refused(
+        &format!("[runtime]\ncores = [0, 4096]\n{VS}"),
+        2,
+        "runtime.cores",
+        "does not exist",
+    );
+    refused(
+        &format!("[runtime]\ncores = [0, 0]\n{VS}"),
+        2,
+        "runtime.cores",
+        "oversubscribe",
+    );
+    refused(
+        &format!("[runtime]\nshards = 999\n{VS}"),
+        2,
+        "runtime.shards",
+        "oversubscribe",
+    );
+    let (ok, _, _) = check(&format!(
+        "[runtime]\nshards = 4\noversubscribe = true\n{VS}"
+    ));
     assert!(ok, "explicit oversubscription is allowed");
 }
 
 #[test]
 fn durations_that_do_not_parse_are_refused() {
-    refused(&format!("{VS}idle_timeout = \"30 parsecs\"\n"), 3, "virtual_service[0].idle_timeout", "invalid duration");
-    refused(&format!("{VS}idle_timeout = \"0s\"\n"), 3, "virtual_service[0].idle_timeout", "greater than 0");
+    refused(
+        &format!("{VS}idle_timeout = \"30 parsecs\"\n"),
+        3,
+        "virtual_service[0].idle_timeout",
+        "invalid duration",
+    );
+    refused(
+        &format!("{VS}idle_timeout = \"0s\"\n"),
+        3,
+        "virtual_service[0].idle_timeout",
+        "greater than 0",
+    );
 }
 
 #[test]
 fn wrong_types_and_values_are_refused() {
-    refused(&format!("{VS}scheduling = \"fastest\"\n"), 3, "virtual_service[0].scheduling", "unknown variant");
     refused(
-        &format!("{VS}[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\nweight = \"heavy\"\n"),
+        &format!("{VS}scheduling = \"fastest\"\n"),
+        3,
+        "virtual_service[0].scheduling",
+        "unknown variant",
+    );
+    refused(
+        &format!(
+            "{VS}[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\nweight = \"heavy\"\n"
+        ),
         5,
         "virtual_service[0].real_server[0].weight",
         "invalid type",
@@ -90,8 +149,16 @@ fn run_refuses_a_bad_config_without_serving() {
     let dir = tmpdir("cfgrun");
     let path = dir.join("bad.toml");
     let port = free_port();
-    std::fs::write(&path, format!("[[virtual_service]]\nlisten = \"127.0.0.1:{port}\"\nidle_timeout = \"soon\"\n")).unwrap();
-    let out = Command::new(bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        format!("[[virtual_service]]\nlisten = \"127.0.0.1:{port}\"\nidle_timeout = \"soon\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("idle_timeout"));
     assert!(std::net::TcpStream::connect(local(port)).is_err());
@@ -102,8 +169,17 @@ fn shipped_configs_load() {
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = Command::new(bin())
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -14,7 +14,10 @@ use std::time::Duration;
 fn proxy_for(origins: &[&Origin], extra: &str) -> (Proxy, std::net::SocketAddr) {
     let listen = local(free_port());
     let addrs: Vec<_> = origins.iter().map(|o| o.addr).collect();
-    (Proxy::start(&simple_config(listen, &addrs, extra, ""), listen), listen)
+    (
+        Proxy::start(&simple_config(listen, &addrs, extra, ""), listen),
+        listen,
+    )
 }
 
 #[test]
@@ -26,11 +29,18 @@ fn keep_alive_is_reused_on_both_sides() {
         let r = c.request(&get(&format!("/k{i}")));
         assert_eq!(r.status, 200);
         assert_eq!(r.body, b"hi");
-        assert!(r.header("connection").is_none(), "HTTP/1.1 keep-alive needs no Connection field");
+        assert!(
+            r.header("connection").is_none(),
+            "HTTP/1.1 keep-alive needs no Connection field"
+        );
     }
     let seen = o.requests();
     assert_eq!(seen.len(), 5);
-    assert_eq!(o.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one upstream connection reused");
+    assert_eq!(
+        o.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection reused"
+    );
     for (i, s) in seen.iter().enumerate() {
         assert_eq!(s.request_line, format!("GET /k{i} HTTP/1.1"));
     }
@@ -47,8 +57,20 @@ fn forwarded_headers_and_hop_by_hop_removal() {
     assert_eq!(r.status, 200);
     assert!(r.header("via").unwrap().contains("edgeshard"));
     let s = &o.requests()[0];
-    for h in ["connection", "x-secret", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
-        assert!(s.header(h).is_none(), "{h} must not be forwarded: {:?}", s.headers);
+    for h in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        assert!(
+            s.header(h).is_none(),
+            "{h} must not be forwarded: {:?}",
+            s.headers
+        );
     }
     assert_eq!(s.header("host"), Some("ws-ext.example"));
     assert_eq!(s.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
@@ -96,7 +118,12 @@ fn chunked_bodies_larger_than_any_buffer_stream_both_ways() {
     t.join().unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
-    assert!(r.body == body, "response body differs ({} vs {} bytes)", r.body.len(), body.len());
+    assert!(
+        r.body == body,
+        "response body differs ({} vs {} bytes)",
+        r.body.len(),
+        body.len()
+    );
     let seen = o.requests();
     assert!(seen[0].body == body, "origin saw a different body");
     // and the connection still works afterwards
@@ -106,14 +133,22 @@ fn chunked_bodies_larger_than_any_buffer_stream_both_ways() {
 #[test]
 fn content_length_bodies_stream_both_ways() {
     let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
-        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", s.body.len());
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            s.body.len()
+        );
         let _ = w.write_all(&s.body);
         Next::KeepAlive
     }));
     let (_p, addr) = proxy_for(&[&o], "");
     let body = pattern(2 * 1024 * 1024);
     let mut c = Client::connect(addr);
-    let mut req = format!("PUT /cl HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    let mut req = format!(
+        "PUT /cl HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     req.extend_from_slice(&body);
     let w = c.w.try_clone().unwrap();
     let t = std::thread::spawn(move || {
@@ -131,7 +166,12 @@ fn content_length_bodies_stream_both_ways() {
 fn pipelined_requests_are_answered_in_order() {
     let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
         let path = s.request_line.split(' ').nth(1).unwrap().to_string();
-        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", path.len(), path);
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+            path.len(),
+            path
+        );
         Next::KeepAlive
     }));
     let (_p, addr) = proxy_for(&[&o], "");
@@ -241,7 +281,11 @@ fn head_204_and_304_carry_no_body() {
 #[test]
 fn expect_100_continue_is_answered_before_the_body() {
     let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
-        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", s.body.len());
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            s.body.len()
+        );
         let _ = w.write_all(&s.body);
         Next::KeepAlive
     }));
@@ -277,7 +321,10 @@ fn close_delimited_response_is_relayed_then_closed() {
 fn absolute_form_target_becomes_origin_form_with_its_host() {
     let o = Origin::ok("abs");
     let (_p, addr) = proxy_for(&[&o], "");
-    let r = one(addr, b"GET http://meet.example/a/b?c=1 HTTP/1.1\r\nHost: other.example\r\n\r\n");
+    let r = one(
+        addr,
+        b"GET http://meet.example/a/b?c=1 HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    );
     assert_eq!(r.status, 200);
     let s = &o.requests()[0];
     assert_eq!(s.request_line, "GET /a/b?c=1 HTTP/1.1");

@@ -24,13 +24,20 @@ fn status_sums_active_connections_across_shards() {
     let hold = Arc::new(AtomicBool::new(true));
     let h2 = hold.clone();
     let o = Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
-        wait_until(Duration::from_secs(60), "release", || !h2.load(Ordering::SeqCst));
+        wait_until(Duration::from_secs(60), "release", || {
+            !h2.load(Ordering::SeqCst)
+        });
         let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         Next::KeepAlive
     }));
     let listen = local(free_port());
     let admin = local(free_port());
-    let cfg = simple_config(listen, &[o.addr], "", &format!("[admin]\nlisten = \"{admin}\"\n"));
+    let cfg = simple_config(
+        listen,
+        &[o.addr],
+        "",
+        &format!("[admin]\nlisten = \"{admin}\"\n"),
+    );
     let _p = Proxy::start(&cfg, listen);
 
     // Idle at first.
@@ -48,13 +55,20 @@ fn status_sums_active_connections_across_shards() {
     for c in clients.iter_mut() {
         c.send(&get("/hold"));
     }
-    wait_until(Duration::from_secs(10), "origin holds all requests", || o.nr_requests() == N);
-    let mut last = serde_json::Value::Null;
-    wait_until(Duration::from_secs(5), "status shows every held connection", || {
-        last = status(admin);
-        last["virtual_services"][0]["real_servers"][0]["active_connections"] == N
+    wait_until(Duration::from_secs(10), "origin holds all requests", || {
+        o.nr_requests() == N
     });
-    let per_shard: Vec<u64> = last["virtual_services"][0]["real_servers"][0]["active_connections_per_shard"]
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(5),
+        "status shows every held connection",
+        || {
+            last = status(admin);
+            last["virtual_services"][0]["real_servers"][0]["active_connections"] == N
+        },
+    );
+    let per_shard: Vec<u64> = last["virtual_services"][0]["real_servers"][0]
+        ["active_connections_per_shard"]
         .as_array()
         .unwrap()
         .iter()
@@ -62,9 +76,17 @@ fn status_sums_active_connections_across_shards() {
         .collect();
     assert_eq!(per_shard.len(), 2);
     assert_eq!(per_shard.iter().sum::<u64>(), N as u64);
-    assert!(per_shard.iter().all(|&n| n > 0), "both shards carry load: {per_shard:?}");
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "both shards carry load: {per_shard:?}"
+    );
     // accepted counts per shard come over the mesh too
-    let accepted: u64 = last["shards"].as_array().unwrap().iter().map(|s| s["accepted_connections"].as_u64().unwrap()).sum();
+    let accepted: u64 = last["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["accepted_connections"].as_u64().unwrap())
+        .sum();
     assert!(accepted >= N as u64);
 
     hold.store(false, Ordering::SeqCst);
@@ -81,7 +103,15 @@ fn admin_answers_404_for_unknown_paths() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
     let admin = local(free_port());
-    let cfg = simple_config(listen, &[o.addr], "", &format!("[admin]\nlisten = \"{admin}\"\n"));
+    let cfg = simple_config(
+        listen,
+        &[o.addr],
+        "",
+        &format!("[admin]\nlisten = \"{admin}\"\n"),
+    );
     let _p = Proxy::start(&cfg, listen);
-    assert_eq!(one(admin, b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n").status, 404);
+    assert_eq!(
+        one(admin, b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        404
+    );
 }

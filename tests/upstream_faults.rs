@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn reset(s: &TcpStream) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
@@ -29,7 +32,10 @@ fn reset(s: &TcpStream) {
 
 #[test]
 fn refused_connection_gives_502() {
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed at once
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed at once
     let listen = local(free_port());
     let _p = Proxy::start(&simple_config(listen, &[dead], "", ""), listen);
     let r = one(listen, &get("/"));
@@ -47,7 +53,10 @@ fn reset_or_close_before_any_response_byte_gives_502() {
         }));
         let listen = local(free_port());
         let _p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
-        let r = one(listen, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi");
+        let r = one(
+            listen,
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        );
         assert_eq!(r.status, 502, "rst={rst}");
         assert_eq!(o.nr_requests(), 1, "a POST is never sent twice");
     }
@@ -82,16 +91,24 @@ fn silent_real_server_gives_504_in_time() {
     let hold = Arc::new(AtomicBool::new(true));
     let h2 = hold.clone();
     let o = Origin::start(Arc::new(move |_s: &Seen, _w: &mut TcpStream| {
-        wait_until(Duration::from_secs(30), "test release", || !h2.load(Ordering::SeqCst));
+        wait_until(Duration::from_secs(30), "test release", || {
+            !h2.load(Ordering::SeqCst)
+        });
         Next::Close
     }));
     let listen = local(free_port());
-    let _p = Proxy::start(&simple_config(listen, &[o.addr], "response_timeout = \"400ms\"", ""), listen);
+    let _p = Proxy::start(
+        &simple_config(listen, &[o.addr], "response_timeout = \"400ms\"", ""),
+        listen,
+    );
     let started = Instant::now();
     let r = one(listen, &get("/slow"));
     assert_eq!(r.status, 504);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
     hold.store(false, Ordering::SeqCst);
 }
 
@@ -125,7 +142,10 @@ fn dying_mid_response_truncates_and_closes_only_that_client() {
 fn reused_pooled_connection_that_dies_is_retried_once_for_idempotent_requests_only() {
     // The origin answers the first request on each connection, then closes the connection
     // on the next one without answering: the race of a keep-alive timeout.
-    let seen_per_conn = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<usize, usize>::new()));
+    let seen_per_conn = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        usize,
+        usize,
+    >::new()));
     let spc = seen_per_conn.clone();
     let o = Origin::start(Arc::new(move |s: &Seen, w: &mut TcpStream| {
         let mut m = spc.lock().unwrap();
@@ -145,13 +165,26 @@ fn reused_pooled_connection_that_dies_is_retried_once_for_idempotent_requests_on
     // GET on the pooled connection: dies, retried on a fresh one, succeeds.
     let r = c.request(&get("/2"));
     assert_eq!(r.status, 200);
-    let gets: Vec<_> = o.requests().iter().filter(|s| s.request_line.starts_with("GET /2")).cloned().collect();
-    assert_eq!(gets.len(), 2, "the idempotent request was retried exactly once");
+    let gets: Vec<_> = o
+        .requests()
+        .iter()
+        .filter(|s| s.request_line.starts_with("GET /2"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        gets.len(),
+        2,
+        "the idempotent request was retried exactly once"
+    );
     assert_ne!(gets[0].conn, gets[1].conn);
     // POST on the pooled connection: dies, not retried, 502.
     let r = c.request(b"POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
     assert_eq!(r.status, 502);
-    let posts = o.requests().iter().filter(|s| s.request_line.starts_with("POST /3")).count();
+    let posts = o
+        .requests()
+        .iter()
+        .filter(|s| s.request_line.starts_with("POST /3"))
+        .count();
     assert_eq!(posts, 1, "a non-idempotent request is never sent twice");
 }
 

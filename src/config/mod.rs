@@ -555,9 +555,15 @@ mod tests {
     fn field_paths_carry_array_indices() {
         let t = "[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = \"a\"\n[[virtual_service.real_server]]\naddress = \"x\"\n[[virtual_service]]\nlisten = \"b\"\n[[virtual_service.real_server]]\nweight = \"w\"\n";
         assert_eq!(field_at_line(t, 2), "runtime.cores");
-        assert_eq!(field_at_line(t, 6), "virtual_service[0].real_server[0].address");
+        assert_eq!(
+            field_at_line(t, 6),
+            "virtual_service[0].real_server[0].address"
+        );
         assert_eq!(field_at_line(t, 8), "virtual_service[1].listen");
-        assert_eq!(field_at_line(t, 10), "virtual_service[1].real_server[0].weight");
+        assert_eq!(
+            field_at_line(t, 10),
+            "virtual_service[1].real_server[0].weight"
+        );
         assert_eq!(field_at_line(t, 9), "virtual_service[1].real_server[0]");
     }
 }

@@ -14,7 +14,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -31,7 +34,10 @@ impl Client {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
-        Client { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+        Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -55,12 +61,18 @@ impl Client {
     }
 }
 
-pub fn read_response(r: &mut BufReader<TcpStream>, head_request: bool) -> std::io::Result<Response> {
+pub fn read_response(
+    r: &mut BufReader<TcpStream>,
+    head_request: bool,
+) -> std::io::Result<Response> {
     let mut head = String::new();
     loop {
         let mut l = String::new();
         if r.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF after {head:?}")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("EOF after {head:?}"),
+            ));
         }
         head.push_str(&l);
         if l == "\r\n" {
@@ -69,18 +81,31 @@ pub fn read_response(r: &mut BufReader<TcpStream>, head_request: bool) -> std::i
     }
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        })
         .collect();
-    let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if head_request || status < 200 || status == 204 || status == 304 {
     } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             let mut l = String::new();
             r.read_line(&mut l)?;
-            let n = usize::from_str_radix(l.trim(), 16).map_err(|_| std::io::Error::other(format!("bad chunk {l:?}")))?;
+            let n = usize::from_str_radix(l.trim(), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk {l:?}")))?;
             if n == 0 {
                 let mut t = String::new();
                 r.read_line(&mut t)?;
@@ -96,7 +121,12 @@ pub fn read_response(r: &mut BufReader<TcpStream>, head_request: bool) -> std::i
     } else {
         r.read_to_end(&mut body)?;
     }
-    Ok(Response { status, head, headers, body })
+    Ok(Response {
+        status,
+        head,
+        headers,
+        body,
+    })
 }
 
 /// One request on a fresh connection.

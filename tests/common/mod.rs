@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Poll `cond` every 5ms until it holds; panic with `what` after `limit`.
@@ -28,7 +32,12 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 pub fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgeshard-test-{}-{}-{}", tag, std::process::id(), free_port()));
+    let d = std::env::temp_dir().join(format!(
+        "edgeshard-test-{}-{}-{}",
+        tag,
+        std::process::id(),
+        free_port()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -74,7 +83,9 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(10));
         }
         // Every shard reports bound before "ready" is logged; wait for it too.
-        wait_until(Duration::from_secs(10), "edgeshard ready", || p.log().contains("edgeshard ready"));
+        wait_until(Duration::from_secs(10), "edgeshard ready", || {
+            p.log().contains("edgeshard ready")
+        });
         p
     }
 
@@ -117,10 +128,17 @@ impl Drop for Proxy {
 
 /// A config with one virtual service in front of `servers`; `extra_vs` goes into the service
 /// table, `extra_top` before it. Two shards (the CI machine has two cores).
-pub fn simple_config(listen: SocketAddr, servers: &[SocketAddr], extra_vs: &str, extra_top: &str) -> String {
+pub fn simple_config(
+    listen: SocketAddr,
+    servers: &[SocketAddr],
+    extra_vs: &str,
+    extra_top: &str,
+) -> String {
     let mut s = format!("{extra_top}\n[runtime]\nshards = 2\noversubscribe = true\ndrain_timeout = \"5s\"\n\n[[virtual_service]]\nname = \"web\"\nlisten = \"{listen}\"\n{extra_vs}\n");
     for a in servers {
-        s.push_str(&format!("[[virtual_service.real_server]]\naddress = \"{a}\"\n"));
+        s.push_str(&format!(
+            "[[virtual_service.real_server]]\naddress = \"{a}\"\n"
+        ));
     }
     s
 }

@@ -21,10 +21,16 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn headers_named(&self, name: &str) -> usize {
-        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).count()
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .count()
     }
 }
 
@@ -54,7 +60,12 @@ impl Origin {
         let connections = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, c2, o2, st2) = (seen.clone(), connections.clone(), open.clone(), stop.clone());
+        let (s2, c2, o2, st2) = (
+            seen.clone(),
+            connections.clone(),
+            open.clone(),
+            stop.clone(),
+        );
         listener.set_nonblocking(true).unwrap();
         thread::spawn(move || {
             while !st2.load(Ordering::SeqCst) {
@@ -73,13 +84,24 @@ impl Origin {
                 }
             }
         });
-        Origin { addr, seen, connections, open, stop }
+        Origin {
+            addr,
+            seen,
+            connections,
+            open,
+            stop,
+        }
     }
 
     /// An origin answering 200 with `body` to everything.
     pub fn ok(body: &'static str) -> Origin {
         Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
-            let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", body.len(), body);
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+                body.len(),
+                body
+            );
             Next::KeepAlive
         }))
     }
@@ -121,7 +143,12 @@ fn read_chunked(r: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
     }
 }
 
-fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>, handler: Handler) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    conn: usize,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    handler: Handler,
+) -> std::io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut r = BufReader::new(stream);
     loop {
@@ -146,10 +173,21 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>, handler: H
                 headers.push((k.to_string(), v.trim().to_string()));
             }
         }
-        let mut s = Seen { conn, request_line: request_line.trim_end().to_string(), headers, body: Vec::new(), raw_head };
-        if s.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().ends_with("chunked")) {
+        let mut s = Seen {
+            conn,
+            request_line: request_line.trim_end().to_string(),
+            headers,
+            body: Vec::new(),
+            raw_head,
+        };
+        if s.header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().ends_with("chunked"))
+        {
             s.body = read_chunked(&mut r)?;
-        } else if let Some(n) = s.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        } else if let Some(n) = s
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             let mut b = vec![0; n];
             r.read_exact(&mut b)?;
             s.body = b;
