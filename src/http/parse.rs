@@ -573,3 +573,197 @@ pub fn parse_response<'h, 'b>(
         connection,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &[u8]) -> Result<Option<RequestInfo>, RequestError> {
+        let mut h = [httparse::EMPTY_HEADER; 64];
+        parse_request(raw, &mut h, &HeadLimits::default()).map(|o| o.map(|r| r.info))
+    }
+
+    fn status(raw: &[u8]) -> u16 {
+        match req(raw) {
+            Err(e) => e.status,
+            Ok(Some(_)) => 200,
+            Ok(None) => 0,
+        }
+    }
+
+    #[test]
+    fn framing_is_determined_exactly() {
+        let r = req(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, BodyKind::Length(10));
+        let r = req(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, CHUNKED\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, BodyKind::Chunked);
+        let r = req(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        let r = req(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        assert!(r.keep_alive);
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1,1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: b\rc\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: \x00\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            let s = status(raw);
+            assert!((400..500).contains(&s) || s == 501, "{s} for {:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn connection_options_and_keep_alive() {
+        let mut h = [httparse::EMPTY_HEADER; 16];
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Foo\r\n\r\n";
+        let r = parse_request(raw, &mut h, &HeadLimits::default())
+            .unwrap()
+            .unwrap();
+        assert!(!r.info.keep_alive);
+        assert!(r.connection.lists("x-foo"));
+        assert!(!r.connection.lists("x-bar"));
+        let r = req(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!r.keep_alive);
+        let r = req(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(r.keep_alive);
+        let r =
+            req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(r.upgrade);
+        let r = req(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(
+            !r.upgrade,
+            "Upgrade without Connection: upgrade is not an upgrade"
+        );
+    }
+
+    #[test]
+    fn limits_and_versions() {
+        assert_eq!(
+            req(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap().map(|_| ()),
+            None
+        );
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(9000));
+        assert_eq!(status(long.as_bytes()), 414);
+        assert_eq!(status(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(status(b"GET / HTTP/1.1x\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status(b"GET / FTP/1.1\r\nHost: a\r\n\r\n"), 400);
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..70 {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(status(many.as_bytes()), 431);
+    }
+
+    #[test]
+    fn targets() {
+        let mut h = [httparse::EMPTY_HEADER; 16];
+        let r = parse_request(
+            b"GET HTTP://Example.com:8080?q HTTP/1.1\r\nHost: x\r\n\r\n",
+            &mut h,
+            &HeadLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.target, Target::Origin("?q"));
+        assert_eq!(r.host, Some(&b"Example.com:8080"[..]));
+        assert_eq!(status(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
+        assert_eq!(status(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"GET http://user@evil/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            400
+        );
+        assert_eq!(status(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"), 405);
+    }
+
+    fn resp(raw: &[u8], method: Method) -> Result<Option<ResponseInfo>, &'static str> {
+        let mut h = [httparse::EMPTY_HEADER; 64];
+        parse_response(raw, &mut h, method, 16384).map(|o| o.map(|r| r.info))
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Get)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.body, r.reusable), (BodyKind::Length(3), true));
+        let r = resp(b"HTTP/1.1 200 OK\r\n\r\n", Method::Get)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.body, r.reusable), (BodyKind::CloseDelimited, false));
+        let r = resp(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+            Method::Head,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        let r = resp(
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Get,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        let r = resp(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::Get)
+            .unwrap()
+            .unwrap();
+        assert!(!r.reusable);
+        let r = resp(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            Method::Get,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!r.reusable);
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\nContent-Length: 1\n\n",
+            b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+            b"HTTP/1.1 20 OK\r\n\r\n",
+        ] {
+            assert!(
+                resp(bad, Method::Get).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
