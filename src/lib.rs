@@ -18,4 +18,5 @@ pub mod proxy;
 pub mod relay;
 pub mod runtime;
 pub mod shard;
+pub mod tls;
 pub mod upstream;

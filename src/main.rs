@@ -118,6 +118,14 @@ fn run(path: PathBuf) -> ExitCode {
     for vs in &config.services {
         tracing::info!(service = %vs.name, listen = %vs.listen, real_servers = vs.real_servers.len(), "serving");
     }
+    for vs in &config.services {
+        if vs.reencrypt.as_ref().is_some_and(|r| r.insecure_skip_verify) {
+            tracing::warn!(
+                service = %vs.name,
+                "reencrypt.insecure_skip_verify = true: real servers' certificates are NOT verified"
+            );
+        }
+    }
     if let Some(a) = &config.admin {
         tracing::info!(listen = %a.listen, "admin endpoint: GET /status");
     }

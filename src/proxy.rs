@@ -2,17 +2,18 @@
 //! read head → parse → pick real server → upstream checkout → send head and body →
 //! read response head → send response head and body → pool the upstream → next request.
 
-use crate::config::{ServerId, VirtualService, MAX_HEADERS_CEILING};
+use crate::config::{Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
-use crate::http::parse::{parse_request, parse_response};
+use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
+use std::io::Write as _;
 use crate::http::write::{write_request_head, write_response_head, ClientFraming, Forwarded};
 use crate::http::{BodyKind, Buf, RequestInfo, ResponseInfo};
 use crate::io::{fill, respond_and_close, timeout, until, write_all};
 use crate::relay::{relay_body, tunnel, RelayError};
 use crate::shard::Shard;
-use crate::upstream::{connect, UpstreamConn};
-use futures_lite::{AsyncRead, AsyncWrite};
+use crate::upstream::{connect, ConnectError, UpstreamConn};
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -130,11 +131,23 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     respond_and_close(client, error_response(e.status)).await;
 }
 
-/// Serve one client connection of virtual service `vs_idx` to its end.
+/// Serve one client connection of virtual service `vs_idx` to its end, then close it
+/// gracefully (a TLS close_notify, a FIN).
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shard: Rc<Shard>,
     vs_idx: usize,
     mut client: S,
+    peer: SocketAddr,
+    proto: &'static str,
+) {
+    serve_requests(shard, vs_idx, &mut client, peer, proto).await;
+    let _ = timeout(Duration::from_secs(1), client.close()).await;
+}
+
+async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<Shard>,
+    vs_idx: usize,
+    client: &mut S,
     peer: SocketAddr,
     proto: &'static str,
 ) {
@@ -147,14 +160,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         proto,
     };
     loop {
-        match read_head(&shard, vs, &mut client, &mut cbuf).await {
+        match read_head(&shard, vs, client, &mut cbuf).await {
             HeadRead::Ready => {}
             HeadRead::Closed => return,
-            HeadRead::Refuse(e) => return refuse(&mut client, peer, vs, e).await,
+            HeadRead::Refuse(e) => return refuse(client, peer, vs, e).await,
         }
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
-        let parsed: Result<(RequestInfo, ServerId), ProxyError> = (|| {
+        let parsed: Result<Route, ProxyError> = (|| {
             let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
             let req = match parse_request(
                 cbuf.filled(),
@@ -165,6 +178,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
                 Err(e) => return Err(ProxyError::client(e.status, e.reason)),
             };
+            if let Some(r) = vs.redirect {
+                resp_out.clear();
+                write_redirect(&req, r, &mut resp_out)?;
+                return Ok(Route::Redirect(req.info));
+            }
             let sched = &shard.schedulers[vs_idx];
             let server = sched
                 .pick(&shard.load)
@@ -172,17 +190,30 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             let rs = shard.server(server);
             req_out.clear();
             write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
-            Ok((req.info, server))
+            Ok(Route::Forward(req.info, server))
         })();
         let (info, server) = match parsed {
-            Ok(v) => v,
-            Err(e) => return refuse(&mut client, peer, vs, e).await,
+            Ok(Route::Forward(info, server)) => (info, server),
+            Ok(Route::Redirect(info)) => {
+                // A request body is not read: the connection closes after the redirect.
+                let keep = info.keep_alive && info.body == BodyKind::None && !shard.is_closing();
+                if !keep {
+                    resp_out.extend_from_slice(b"Connection: close\r\n");
+                }
+                resp_out.extend_from_slice(b"\r\n");
+                cbuf.consume(info.head_len);
+                if write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT).await.is_err() || !keep {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => return refuse(client, peer, vs, e).await,
         };
         cbuf.consume(info.head_len);
         match exchange(
             &shard,
             vs,
-            &mut client,
+            client,
             &mut cbuf,
             &req_out,
             &mut resp_out,
@@ -193,9 +224,46 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         {
             Ok(true) => continue,
             Ok(false) => return,
-            Err(e) => return refuse(&mut client, peer, vs, e).await,
+            Err(e) => return refuse(client, peer, vs, e).await,
         }
     }
+}
+
+/// Where a parsed request goes.
+enum Route {
+    Forward(RequestInfo, ServerId),
+    Redirect(RequestInfo),
+}
+
+/// The head of a redirect to the same URL over HTTPS, without its final CRLF.
+fn write_redirect(req: &ParsedRequest<'_, '_>, r: Redirect, out: &mut Vec<u8>) -> Result<(), ProxyError> {
+    let host = req.host.ok_or(ProxyError::client(400, "no Host to redirect to"))?;
+    // Drop any port: the HTTPS URL names its own.
+    let host = if host.starts_with(b"[") {
+        match host.iter().position(|&b| b == b']') {
+            Some(i) => &host[..=i],
+            None => return Err(ProxyError::client(400, "invalid Host")),
+        }
+    } else {
+        host.split(|&b| b == b':').next().unwrap_or(host)
+    };
+    let reason = match r.status {
+        301 => "Moved Permanently",
+        302 => "Found",
+        307 => "Temporary Redirect",
+        _ => "Permanent Redirect",
+    };
+    let _ = write!(out, "HTTP/1.1 {} {reason}\r\nLocation: https://", r.status);
+    out.extend_from_slice(host);
+    if r.https_port != 443 {
+        let _ = write!(out, ":{}", r.https_port);
+    }
+    match req.target {
+        Target::Origin(p) => out.extend_from_slice(p.as_bytes()),
+        Target::Asterisk => out.push(b'/'),
+    }
+    out.extend_from_slice(b"\r\nContent-Length: 0\r\n");
+    Ok(())
 }
 
 /// How an exchange with a real server failed before the client saw any response byte.
@@ -232,16 +300,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let mut up = match pooled {
             Some(c) => c,
-            None => match connect(server, rs.address, vs.connect_timeout).await {
+            None => match connect(server, rs.address, vs.connect_timeout, shard.upstream_tls(server)).await {
                 Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(ProxyError::upstream(504, "real server connect timed out"))
+                Err(ConnectError::TimedOut) => return Err(ProxyError::upstream(504, "real server connect timed out")),
+                Err(ConnectError::Refused(_)) => {
+                    return Err(ProxyError::upstream(502, "real server refused the connection"))
                 }
-                Err(_) => {
-                    return Err(ProxyError::upstream(
-                        502,
-                        "real server refused the connection",
-                    ))
+                Err(ConnectError::Tls(e)) => {
+                    tracing::warn!(service = %vs.name, real_server = %rs.name, "re-encryption to real server failed: {e}");
+                    return Err(ProxyError::upstream(502, "real server TLS handshake failed"));
                 }
             },
         };

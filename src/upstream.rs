@@ -3,18 +3,78 @@
 
 use crate::config::ServerId;
 use crate::http::Buf;
+use futures_lite::{AsyncRead, AsyncWrite};
+use futures_rustls::client::TlsStream;
+use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
+use rustls_pki_types::ServerName;
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+/// A connection to a real server: plain, or re-encrypted.
+pub enum UpStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpStream {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            UpStream::Plain(s) => s.as_raw_fd(),
+            UpStream::Tls(s) => s.get_ref().0.as_raw_fd(),
+        }
+    }
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_close(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
+/// Why connecting to a real server failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    TimedOut,
+    Refused(io::Error),
+    /// The TLS handshake failed: certificate verification and the like.
+    Tls(io::Error),
+}
 
 /// Size of each upstream connection's read buffer.
 pub const UPSTREAM_BUF: usize = 16 * 1024;
 
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    pub stream: UpStream,
     pub buf: Buf,
     pub server: ServerId,
     /// Came from the pool (a failure before any response byte may be retried once).
@@ -22,15 +82,31 @@ pub struct UpstreamConn {
     idle_since: Instant,
 }
 
+/// Connect (and with `tls`, handshake) within `dur`.
 pub async fn connect(
     server: ServerId,
     addr: SocketAddr,
     dur: Duration,
-) -> io::Result<UpstreamConn> {
-    let stream = TcpStream::connect_timeout(addr, dur)
-        .await
-        .map_err(io::Error::from)?;
-    stream.set_nodelay(true).map_err(io::Error::from)?;
+    tls: Option<(&TlsConnector, &ServerName<'static>)>,
+) -> Result<UpstreamConn, ConnectError> {
+    let deadline = Instant::now() + dur;
+    let tcp = TcpStream::connect_timeout(addr, dur).await.map_err(|e| {
+        let e = io::Error::from(e);
+        if e.kind() == io::ErrorKind::TimedOut {
+            ConnectError::TimedOut
+        } else {
+            ConnectError::Refused(e)
+        }
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let stream = match tls {
+        None => UpStream::Plain(tcp),
+        Some((connector, name)) => match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
+            Ok(s) => UpStream::Tls(Box::new(s)),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(ConnectError::TimedOut),
+            Err(e) => return Err(ConnectError::Tls(e)),
+        },
+    };
     Ok(UpstreamConn {
         stream,
         buf: Buf::new(UPSTREAM_BUF),
@@ -42,12 +118,12 @@ pub async fn connect(
 
 /// Is an idle socket still clean? Any readable byte (or EOF) means the server closed it or
 /// sent something unsolicited; either way it must not carry another request.
-fn is_clean(stream: &TcpStream) -> bool {
+fn is_clean(stream: &UpStream) -> bool {
     let mut b = [0u8; 1];
     // SAFETY: recv on a valid fd with a 1-byte stack buffer; MSG_DONTWAIT never blocks.
     let rc = unsafe {
         libc::recv(
-            stream.as_raw_fd(),
+            stream.raw_fd(),
             b.as_mut_ptr() as *mut libc::c_void,
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,

@@ -146,6 +146,9 @@ mod tests {
                     connection_limit: l,
                 })
                 .collect(),
+            tls: None,
+            reencrypt: None,
+            redirect: None,
         }
     }
 

@@ -74,8 +74,49 @@ pub struct FileVirtualService {
     pub max_request_line: Option<Spanned<String>>,
     /// Most header fields in a request (431 beyond).
     pub max_headers: Option<Spanned<usize>>,
+    /// TLS termination: present means the service speaks HTTPS to clients.
+    pub tls: Option<FileTls>,
+    /// Re-encryption: present means real servers are reached over TLS.
+    pub reencrypt: Option<FileReencrypt>,
+    /// Present means every request is answered with a redirect to the HTTPS URL.
+    pub redirect: Option<FileRedirect>,
     #[serde(default)]
     pub real_server: Vec<FileRealServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// The first certificate answers clients that send no SNI (or an unknown name).
+    pub certificates: Spanned<Vec<FileCertificate>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReencrypt {
+    /// PEM trust anchors for the real servers' certificates.
+    pub ca: Option<Spanned<String>>,
+    /// SNI and name to verify; default: each real server's host.
+    pub server_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRedirect {
+    /// Port of the HTTPS service (omitted from the URL when 443).
+    pub https_port: Option<u16>,
+    /// 301, 302, 307 or 308.
+    pub status: Option<Spanned<u16>>,
 }
 
 #[derive(Debug, Deserialize)]

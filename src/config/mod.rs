@@ -3,6 +3,7 @@
 //! names; nothing here runs once shards have started.
 
 mod file;
+pub mod tls;
 mod units;
 
 pub use file::Scheduling;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -85,6 +87,34 @@ pub struct VirtualService {
     pub pool_idle_timeout: Duration,
     pub limits: HeadLimits,
     pub real_servers: Vec<RealServer>,
+    pub tls: Option<Tls>,
+    pub reencrypt: Option<Reencrypt>,
+    pub redirect: Option<Redirect>,
+}
+
+/// TLS termination for a virtual service.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// In config order: the first answers clients without (matching) SNI.
+    pub certs: Vec<tls::ServerCert>,
+    pub handshake_timeout: Duration,
+}
+
+/// Re-encryption to real servers.
+#[derive(Debug, Clone)]
+pub struct Reencrypt {
+    /// Trust anchors; None only with `insecure_skip_verify`.
+    pub roots: Option<Arc<rustls::RootCertStore>>,
+    /// SNI and verified name for every real server; None: each real server's host.
+    pub server_name: Option<String>,
+    pub insecure_skip_verify: bool,
+}
+
+/// Answer every request with a redirect to the same URL over HTTPS.
+#[derive(Debug, Clone, Copy)]
+pub struct Redirect {
+    pub https_port: u16,
+    pub status: u16,
 }
 
 /// Limits on a request head, enforced by the parser.
@@ -334,7 +364,35 @@ impl Validator<'_> {
                 });
                 next_server += 1;
             }
+            let tls = match &vs.tls {
+                None => None,
+                Some(t) => Some(self.tls(t, &p)?),
+            };
+            let reencrypt = match &vs.reencrypt {
+                None => None,
+                Some(r) => Some(self.reencrypt(r, &p)?),
+            };
+            let redirect = match &vs.redirect {
+                None => None,
+                Some(r) => {
+                    let status = match &r.status {
+                        None => 301,
+                        Some(s) if [301, 302, 307, 308].contains(s.get_ref()) => *s.get_ref(),
+                        Some(s) => {
+                            return Err(self.err(
+                                Some(s.span()),
+                                &format!("{p}.redirect.status"),
+                                "must be 301, 302, 307 or 308".into(),
+                            ))
+                        }
+                    };
+                    Some(Redirect { https_port: r.https_port.unwrap_or(443), status })
+                }
+            };
             services.push(VirtualService {
+                tls,
+                reencrypt,
+                redirect,
                 name,
                 listen,
                 scheduling: vs.scheduling,
@@ -373,6 +431,84 @@ impl Validator<'_> {
             admin,
             services,
             nr_servers: next_server,
+        })
+    }
+
+    /// Paths in the config are relative to the config file's directory.
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    fn tls(&self, t: &FileTls, p: &str) -> Result<Tls, ConfigError> {
+        if t.certificates.get_ref().is_empty() {
+            return Err(self.err(
+                Some(t.certificates.span()),
+                &format!("{p}.tls.certificates"),
+                "at least one certificate is needed".into(),
+            ));
+        }
+        let mut certs = Vec::new();
+        for (k, c) in t.certificates.get_ref().iter().enumerate() {
+            let f = format!("{p}.tls.certificates[{k}]");
+            let loaded = tls::load_server_cert(&self.path(c.cert.get_ref()), &self.path(c.key.get_ref()));
+            match loaded {
+                Ok(sc) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    if sc.not_after < now {
+                        tracing::warn!(cert = %c.cert.get_ref(), "certificate has expired; clients will refuse it");
+                    }
+                    certs.push(sc);
+                }
+                Err((true, m)) => return Err(self.err(Some(c.key.span()), &format!("{f}.key"), m)),
+                Err((false, m)) => return Err(self.err(Some(c.cert.span()), &format!("{f}.cert"), m)),
+            }
+        }
+        Ok(Tls {
+            certs,
+            handshake_timeout: self.duration(
+                &t.handshake_timeout,
+                &format!("{p}.tls.handshake_timeout"),
+                Duration::from_secs(10),
+            )?,
+        })
+    }
+
+    fn reencrypt(&self, r: &FileReencrypt, p: &str) -> Result<Reencrypt, ConfigError> {
+        let roots = match &r.ca {
+            Some(ca) => Some(Arc::new(
+                tls::load_roots(&self.path(ca.get_ref()))
+                    .map_err(|m| self.err(Some(ca.span()), &format!("{p}.reencrypt.ca"), m))?,
+            )),
+            None if r.insecure_skip_verify => None,
+            None => {
+                return Err(self.err(
+                    None,
+                    &format!("{p}.reencrypt.ca"),
+                    "real servers' certificates need a CA to verify against (or insecure_skip_verify = true)".into(),
+                ))
+            }
+        };
+        if let Some(n) = &r.server_name {
+            if rustls_pki_types::ServerName::try_from(n.get_ref().as_str()).is_err() {
+                return Err(self.err(
+                    Some(n.span()),
+                    &format!("{p}.reencrypt.server_name"),
+                    format!("{:?} is not a valid DNS name or IP address", n.get_ref()),
+                ));
+            }
+        }
+        Ok(Reencrypt {
+            roots,
+            server_name: r.server_name.as_ref().map(|n| n.get_ref().clone()),
+            insecure_skip_verify: r.insecure_skip_verify,
         })
     }
 

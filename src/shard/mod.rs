@@ -9,7 +9,10 @@ use crate::balance::{LoadView, Scheduler};
 use crate::config::{Config, RealServer, ServerId};
 use crate::net;
 use crate::proxy;
+use crate::tls::{self, TicketKeys};
 use crate::upstream::Pools;
+use futures_rustls::{TlsAcceptor, TlsConnector};
+use rustls_pki_types::ServerName;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -38,10 +41,35 @@ pub struct Shard {
     accepted: Cell<u64>,
     peer_accepted: RefCell<Vec<u64>>,
     pub started: Instant,
+    /// Per virtual service: the TLS acceptor of a service that terminates TLS.
+    acceptors: Vec<Option<TlsAcceptor>>,
+    /// Per virtual service: the connector of a service that re-encrypts.
+    connectors: Vec<Option<TlsConnector>>,
+    /// Per ServerId: the name its certificate is verified against (re-encryption only).
+    upstream_names: Vec<Option<ServerName<'static>>>,
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>) -> Shard {
+    pub fn new(id: usize, config: Arc<Config>, tickets: Arc<TicketKeys>) -> Result<Shard, String> {
+        let mut acceptors = Vec::new();
+        let mut connectors = Vec::new();
+        let mut upstream_names = Vec::new();
+        for vs in &config.services {
+            acceptors.push(match &vs.tls {
+                Some(t) => Some(TlsAcceptor::from(tls::server_config(t, tickets.clone())?)),
+                None => None,
+            });
+            connectors.push(match &vs.reencrypt {
+                Some(r) => Some(TlsConnector::from(tls::client_config(r)?)),
+                None => None,
+            });
+            for rs in &vs.real_servers {
+                upstream_names.push(match &vs.reencrypt {
+                    Some(r) => Some(tls::upstream_name(r, &rs.name)?),
+                    None => None,
+                });
+            }
+        }
         let nr_shards = config.runtime.cores.len();
         let mut servers = Vec::with_capacity(config.nr_servers);
         for (v, vs) in config.services.iter().enumerate() {
@@ -49,7 +77,10 @@ impl Shard {
                 servers.push((v, j));
             }
         }
-        Shard {
+        Ok(Shard {
+            acceptors,
+            connectors,
+            upstream_names,
             id,
             nr_shards,
             core: config.runtime.cores[id],
@@ -68,6 +99,15 @@ impl Shard {
             peer_accepted: RefCell::new(vec![0; nr_shards]),
             started: Instant::now(),
             config,
+        })
+    }
+
+    /// The connector and verified name for re-encrypting to `id`, if its service re-encrypts.
+    pub fn upstream_tls(&self, id: ServerId) -> Option<(&TlsConnector, &ServerName<'static>)> {
+        let (v, _) = self.servers[id.0];
+        match (&self.connectors[v], &self.upstream_names[id.0]) {
+            (Some(c), Some(n)) => Some((c, n)),
+            _ => None,
         }
     }
 
@@ -161,6 +201,8 @@ impl Running {
 pub fn start(config: Arc<Config>) -> Result<Running, String> {
     let nr_shards = config.runtime.cores.len();
     let mesh = mesh::new_mesh(nr_shards);
+    // One ticket key set for all shards: a resumed session may land on any of them.
+    let tickets = TicketKeys::new(6 * 3600)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
@@ -174,10 +216,15 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
             builder = builder.spin_before_park(spin);
         }
         let core = rt.cores[id];
-        let (config, mesh, stop, ready_tx) =
-            (config.clone(), mesh.clone(), stop.clone(), ready_tx.clone());
+        let (config, mesh, stop, ready_tx, tickets) = (
+            config.clone(),
+            mesh.clone(),
+            stop.clone(),
+            ready_tx.clone(),
+            tickets.clone(),
+        );
         let handle = builder
-            .spawn(move || async move { run_shard(id, config, mesh, stop, ready_tx).await })
+            .spawn(move || async move { run_shard(id, config, tickets, mesh, stop, ready_tx).await })
             .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
         handles.push(handle);
     }
@@ -195,11 +242,18 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
 async fn run_shard(
     id: usize,
     config: Arc<Config>,
+    tickets: Arc<TicketKeys>,
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
 ) {
-    let shard = Rc::new(Shard::new(id, config.clone()));
+    let shard = match Shard::new(id, config.clone(), tickets) {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: {e}")));
+            return;
+        }
+    };
     // Bind everything first: a failure is reported before anything serves.
     let mut listeners: Vec<(usize, TcpListener)> = Vec::new();
     for (v, vs) in config.services.iter().enumerate() {
@@ -282,7 +336,21 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let guard = ClientGuard::new(&shard);
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            proxy::serve(shard, vs, stream, peer, "http").await;
+            match shard.acceptors[vs].clone() {
+                None => proxy::serve(shard, vs, stream, peer, "http").await,
+                Some(acceptor) => {
+                    let limit = shard.config.services[vs].tls.as_ref().map(|t| t.handshake_timeout);
+                    let limit = limit.unwrap_or(Duration::from_secs(10));
+                    match crate::io::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(tls) => proxy::serve(shard, vs, tls, peer, "https").await,
+                        Err(e) => tracing::info!(
+                            client = %peer,
+                            service = %shard.config.services[vs].name,
+                            "TLS handshake failed: {e}"
+                        ),
+                    }
+                }
+            }
             drop(guard);
         })
         .detach();

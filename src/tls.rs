@@ -1,0 +1,258 @@
+//! rustls configurations, built once per shard from the loaded config: termination with SNI
+//! certificate selection and session tickets any shard can decrypt, and re-encryption to real
+//! servers with verification (and session resumption) per shard.
+
+use crate::config::{tls::ServerCert, Reencrypt, Tls};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    // ring's suites are all AEAD (AES-GCM, ChaCha20-Poly1305); rustls has no CBC or RC4.
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Session-ticket keys shared by every shard without a lock: a random master secret fixed at
+/// start-up; each ticket period's AES-256-GCM key is derived from it (HKDF) and cached per
+/// thread. Tickets of the current and the previous period decrypt, so a ticket lives one to
+/// two periods, and a resumed connection may land on any shard.
+#[derive(Debug)]
+pub struct TicketKeys {
+    id: u64,
+    master: [u8; 32],
+    period_secs: u64,
+    rng: SystemRandom,
+}
+
+thread_local! {
+    static TICKET_KEY: RefCell<Option<(u64, u64, LessSafeKey)>> = const { RefCell::new(None) };
+}
+
+impl TicketKeys {
+    pub fn new(period_secs: u64) -> Result<Arc<TicketKeys>, String> {
+        let rng = SystemRandom::new();
+        let mut master = [0u8; 32];
+        rng.fill(&mut master).map_err(|_| "no randomness for session-ticket keys".to_string())?;
+        let mut id = [0u8; 8];
+        rng.fill(&mut id).map_err(|_| "no randomness".to_string())?;
+        Ok(Arc::new(TicketKeys { id: u64::from_le_bytes(id), master, period_secs: period_secs.max(60), rng }))
+    }
+
+    fn period_now(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) / self.period_secs
+    }
+
+    /// Run `f` with the key of `period` (None only if key derivation failed).
+    fn with_key<T>(&self, period: u64, f: impl FnOnce(&LessSafeKey) -> T) -> Option<T> {
+        TICKET_KEY.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let fresh = !matches!(&*slot, Some((id, p, _)) if *id == self.id && *p == period);
+            if fresh {
+                let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgeshard ticket").extract(&self.master);
+                let info = period.to_be_bytes();
+                let info = [&info[..]];
+                let key = prk.expand(&info, &AES_256_GCM).map(|o| LessSafeKey::new(UnboundKey::from(o)));
+                *slot = Some((self.id, period, key.ok()?));
+            }
+            slot.as_ref().map(|(_, _, k)| f(k))
+        })
+    }
+}
+
+impl ProducesTickets for TicketKeys {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.period_secs.min(u32::MAX as u64) as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let period = self.period_now();
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(8 + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(&period.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        self.with_key(period, |k| {
+            k.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&period.to_be_bytes()), &mut body)
+        })?
+        .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        if cipher.len() < 8 + NONCE_LEN + 16 {
+            return None;
+        }
+        let period = u64::from_be_bytes(cipher[..8].try_into().ok()?);
+        let now = self.period_now();
+        if period != now && period.checked_add(1) != Some(now) {
+            return None;
+        }
+        let nonce: [u8; NONCE_LEN] = cipher[8..8 + NONCE_LEN].try_into().ok()?;
+        let mut body = cipher[8 + NONCE_LEN..].to_vec();
+        let len = self
+            .with_key(period, |k| {
+                k.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&period.to_be_bytes()), &mut body)
+                    .map(|p| p.len())
+            })?
+            .ok()?;
+        body.truncate(len);
+        Some(body)
+    }
+}
+
+/// Picks the certificate for a client hello's SNI: exact DNS name, then wildcard, else the
+/// first certificate.
+#[derive(Debug)]
+pub struct SniResolver {
+    certs: Vec<ServerCert>,
+}
+
+impl SniResolver {
+    pub fn new(certs: Vec<ServerCert>) -> SniResolver {
+        SniResolver { certs }
+    }
+
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
+        if let Some(name) = sni {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(c) = self.certs.iter().find(|c| c.names.iter().any(|n| *n == name)) {
+                return Some(&c.key);
+            }
+            // a wildcard covers exactly one label
+            if let Some((_, parent)) = name.split_once('.') {
+                let wild = format!("*.{parent}");
+                if let Some(c) = self.certs.iter().find(|c| c.names.iter().any(|n| *n == wild)) {
+                    return Some(&c.key);
+                }
+            }
+        }
+        self.certs.first().map(|c| &c.key)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.select(hello.server_name()).cloned()
+    }
+}
+
+/// The termination config of one virtual service.
+pub fn server_config(tls: &Tls, tickets: Arc<TicketKeys>) -> Result<Arc<ServerConfig>, String> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver::new(tls.certs.clone())));
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    cfg.ticketer = tickets;
+    // Stateless tickets only: a per-shard session cache would miss on the other shards.
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 2;
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts any certificate: only with `insecure_skip_verify = true`, warned at start-up.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The re-encryption config of one virtual service, per shard (its session cache is then
+/// only ever touched by one thread).
+pub fn client_config(r: &Reencrypt) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let mut cfg = match (&r.roots, r.insecure_skip_verify) {
+        (_, true) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth(),
+        (Some(roots), false) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
+        (None, false) => return Err("re-encryption without a CA".into()),
+    };
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The name a real server is verified against: the configured one, else its host.
+pub fn upstream_name(r: &Reencrypt, real_server: &str) -> Result<ServerName<'static>, String> {
+    let host = match &r.server_name {
+        Some(n) => n.as_str(),
+        None => match real_server.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => real_server,
+        },
+    };
+    ServerName::try_from(host.to_string()).map_err(|_| format!("{host:?} is not a valid server name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_reject_tampering() {
+        let t = TicketKeys::new(3600).unwrap();
+        let c = t.encrypt(b"session state").unwrap();
+        assert_eq!(t.decrypt(&c).unwrap(), b"session state");
+        let mut bad = c.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(t.decrypt(&bad).is_none());
+        assert!(t.decrypt(&c[..10]).is_none());
+        // another appliance's keys cannot read it
+        let other = TicketKeys::new(3600).unwrap();
+        assert!(other.decrypt(&c).is_none());
+        // decryptable from another thread (another shard)
+        let t2 = t.clone();
+        let c2 = c.clone();
+        assert_eq!(std::thread::spawn(move || t2.decrypt(&c2)).join().unwrap().unwrap(), b"session state");
+    }
+}
