@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -119,7 +120,11 @@ fn run(path: PathBuf) -> ExitCode {
         tracing::info!(service = %vs.name, listen = %vs.listen, real_servers = vs.real_servers.len(), "serving");
     }
     for vs in &config.services {
-        if vs.reencrypt.as_ref().is_some_and(|r| r.insecure_skip_verify) {
+        if vs
+            .reencrypt
+            .as_ref()
+            .is_some_and(|r| r.insecure_skip_verify)
+        {
             tracing::warn!(
                 service = %vs.name,
                 "reencrypt.insecure_skip_verify = true: real servers' certificates are NOT verified"

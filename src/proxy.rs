@@ -6,7 +6,6 @@ use crate::config::{Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
 use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
-use std::io::Write as _;
 use crate::http::write::{write_request_head, write_response_head, ClientFraming, Forwarded};
 use crate::http::{BodyKind, Buf, RequestInfo, ResponseInfo};
 use crate::io::{fill, respond_and_close, timeout, until, write_all};
@@ -15,6 +14,7 @@ use crate::shard::Shard;
 use crate::upstream::{connect, ConnectError, UpstreamConn};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use std::io;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -202,7 +202,11 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 resp_out.extend_from_slice(b"\r\n");
                 cbuf.consume(info.head_len);
-                if write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT).await.is_err() || !keep {
+                if write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT)
+                    .await
+                    .is_err()
+                    || !keep
+                {
                     return;
                 }
                 continue;
@@ -236,8 +240,14 @@ enum Route {
 }
 
 /// The head of a redirect to the same URL over HTTPS, without its final CRLF.
-fn write_redirect(req: &ParsedRequest<'_, '_>, r: Redirect, out: &mut Vec<u8>) -> Result<(), ProxyError> {
-    let host = req.host.ok_or(ProxyError::client(400, "no Host to redirect to"))?;
+fn write_redirect(
+    req: &ParsedRequest<'_, '_>,
+    r: Redirect,
+    out: &mut Vec<u8>,
+) -> Result<(), ProxyError> {
+    let host = req
+        .host
+        .ok_or(ProxyError::client(400, "no Host to redirect to"))?;
     // Drop any port: the HTTPS URL names its own.
     let host = if host.starts_with(b"[") {
         match host.iter().position(|&b| b == b']') {
@@ -300,15 +310,30 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let mut up = match pooled {
             Some(c) => c,
-            None => match connect(server, rs.address, vs.connect_timeout, shard.upstream_tls(server)).await {
+            None => match connect(
+                server,
+                rs.address,
+                vs.connect_timeout,
+                shard.upstream_tls(server),
+            )
+            .await
+            {
                 Ok(c) => c,
-                Err(ConnectError::TimedOut) => return Err(ProxyError::upstream(504, "real server connect timed out")),
+                Err(ConnectError::TimedOut) => {
+                    return Err(ProxyError::upstream(504, "real server connect timed out"))
+                }
                 Err(ConnectError::Refused(_)) => {
-                    return Err(ProxyError::upstream(502, "real server refused the connection"))
+                    return Err(ProxyError::upstream(
+                        502,
+                        "real server refused the connection",
+                    ))
                 }
                 Err(ConnectError::Tls(e)) => {
                     tracing::warn!(service = %vs.name, real_server = %rs.name, "re-encryption to real server failed: {e}");
-                    return Err(ProxyError::upstream(502, "real server TLS handshake failed"));
+                    return Err(ProxyError::upstream(
+                        502,
+                        "real server TLS handshake failed",
+                    ));
                 }
             },
         };

@@ -42,14 +42,24 @@ impl TicketKeys {
     pub fn new(period_secs: u64) -> Result<Arc<TicketKeys>, String> {
         let rng = SystemRandom::new();
         let mut master = [0u8; 32];
-        rng.fill(&mut master).map_err(|_| "no randomness for session-ticket keys".to_string())?;
+        rng.fill(&mut master)
+            .map_err(|_| "no randomness for session-ticket keys".to_string())?;
         let mut id = [0u8; 8];
         rng.fill(&mut id).map_err(|_| "no randomness".to_string())?;
-        Ok(Arc::new(TicketKeys { id: u64::from_le_bytes(id), master, period_secs: period_secs.max(60), rng }))
+        Ok(Arc::new(TicketKeys {
+            id: u64::from_le_bytes(id),
+            master,
+            period_secs: period_secs.max(60),
+            rng,
+        }))
     }
 
     fn period_now(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) / self.period_secs
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            / self.period_secs
     }
 
     /// Run `f` with the key of `period` (None only if key derivation failed).
@@ -58,10 +68,13 @@ impl TicketKeys {
             let mut slot = cell.borrow_mut();
             let fresh = !matches!(&*slot, Some((id, p, _)) if *id == self.id && *p == period);
             if fresh {
-                let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgeshard ticket").extract(&self.master);
+                let prk =
+                    hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgeshard ticket").extract(&self.master);
                 let info = period.to_be_bytes();
                 let info = [&info[..]];
-                let key = prk.expand(&info, &AES_256_GCM).map(|o| LessSafeKey::new(UnboundKey::from(o)));
+                let key = prk
+                    .expand(&info, &AES_256_GCM)
+                    .map(|o| LessSafeKey::new(UnboundKey::from(o)));
                 *slot = Some((self.id, period, key.ok()?));
             }
             slot.as_ref().map(|(_, _, k)| f(k))
@@ -87,7 +100,11 @@ impl ProducesTickets for TicketKeys {
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
         self.with_key(period, |k| {
-            k.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&period.to_be_bytes()), &mut body)
+            k.seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&period.to_be_bytes()),
+                &mut body,
+            )
         })?
         .ok()?;
         out.extend_from_slice(&body);
@@ -107,8 +124,12 @@ impl ProducesTickets for TicketKeys {
         let mut body = cipher[8 + NONCE_LEN..].to_vec();
         let len = self
             .with_key(period, |k| {
-                k.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&period.to_be_bytes()), &mut body)
-                    .map(|p| p.len())
+                k.open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(&period.to_be_bytes()),
+                    &mut body,
+                )
+                .map(|p| p.len())
             })?
             .ok()?;
         body.truncate(len);
@@ -131,13 +152,21 @@ impl SniResolver {
     pub fn select(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
         if let Some(name) = sni {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(c) = self.certs.iter().find(|c| c.names.iter().any(|n| *n == name)) {
+            if let Some(c) = self
+                .certs
+                .iter()
+                .find(|c| c.names.contains(&name))
+            {
                 return Some(&c.key);
             }
             // a wildcard covers exactly one label
             if let Some((_, parent)) = name.split_once('.') {
                 let wild = format!("*.{parent}");
-                if let Some(c) = self.certs.iter().find(|c| c.names.iter().any(|n| *n == wild)) {
+                if let Some(c) = self
+                    .certs
+                    .iter()
+                    .find(|c| c.names.contains(&wild))
+                {
                     return Some(&c.key);
                 }
             }
@@ -188,7 +217,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -196,7 +230,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -214,7 +253,9 @@ pub fn client_config(r: &Reencrypt) -> Result<Arc<ClientConfig>, String> {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
             .with_no_client_auth(),
-        (Some(roots), false) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
+        (Some(roots), false) => builder
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
         (None, false) => return Err("re-encryption without a CA".into()),
     };
     cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
@@ -230,7 +271,8 @@ pub fn upstream_name(r: &Reencrypt, real_server: &str) -> Result<ServerName<'sta
             None => real_server,
         },
     };
-    ServerName::try_from(host.to_string()).map_err(|_| format!("{host:?} is not a valid server name"))
+    ServerName::try_from(host.to_string())
+        .map_err(|_| format!("{host:?} is not a valid server name"))
 }
 
 #[cfg(test)]
@@ -253,6 +295,12 @@ mod tests {
         // decryptable from another thread (another shard)
         let t2 = t.clone();
         let c2 = c.clone();
-        assert_eq!(std::thread::spawn(move || t2.decrypt(&c2)).join().unwrap().unwrap(), b"session state");
+        assert_eq!(
+            std::thread::spawn(move || t2.decrypt(&c2))
+                .join()
+                .unwrap()
+                .unwrap(),
+            b"session state"
+        );
     }
 }

@@ -32,7 +32,11 @@ impl UpStream {
 }
 
 impl AsyncRead for UpStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -41,7 +45,11 @@ impl AsyncRead for UpStream {
 }
 
 impl AsyncWrite for UpStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -101,11 +109,15 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     let stream = match tls {
         None => UpStream::Plain(tcp),
-        Some((connector, name)) => match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
-            Ok(s) => UpStream::Tls(Box::new(s)),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(ConnectError::TimedOut),
-            Err(e) => return Err(ConnectError::Tls(e)),
-        },
+        Some((connector, name)) => {
+            match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
+                Ok(s) => UpStream::Tls(Box::new(s)),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(ConnectError::TimedOut)
+                }
+                Err(e) => return Err(ConnectError::Tls(e)),
+            }
+        }
     };
     Ok(UpstreamConn {
         stream,

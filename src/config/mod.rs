@@ -386,7 +386,10 @@ impl Validator<'_> {
                             ))
                         }
                     };
-                    Some(Redirect { https_port: r.https_port.unwrap_or(443), status })
+                    Some(Redirect {
+                        https_port: r.https_port.unwrap_or(443),
+                        status,
+                    })
                 }
             };
             services.push(VirtualService {
@@ -455,7 +458,8 @@ impl Validator<'_> {
         let mut certs = Vec::new();
         for (k, c) in t.certificates.get_ref().iter().enumerate() {
             let f = format!("{p}.tls.certificates[{k}]");
-            let loaded = tls::load_server_cert(&self.path(c.cert.get_ref()), &self.path(c.key.get_ref()));
+            let loaded =
+                tls::load_server_cert(&self.path(c.cert.get_ref()), &self.path(c.key.get_ref()));
             match loaded {
                 Ok(sc) => {
                     let now = std::time::SystemTime::now()
@@ -468,7 +472,9 @@ impl Validator<'_> {
                     certs.push(sc);
                 }
                 Err((true, m)) => return Err(self.err(Some(c.key.span()), &format!("{f}.key"), m)),
-                Err((false, m)) => return Err(self.err(Some(c.cert.span()), &format!("{f}.cert"), m)),
+                Err((false, m)) => {
+                    return Err(self.err(Some(c.cert.span()), &format!("{f}.cert"), m))
+                }
             }
         }
         Ok(Tls {

@@ -24,7 +24,8 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read(path)?;
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
-    let certs = certs.map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    let certs =
+        certs.map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: contains no PEM certificate", path.display()));
     }
@@ -35,14 +36,18 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let pem = read(path)?;
     match rustls_pemfile::private_key(&mut pem.as_slice()) {
         Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(format!("{}: contains no PEM private key (PKCS#1, PKCS#8 or SEC1)", path.display())),
+        Ok(None) => Err(format!(
+            "{}: contains no PEM private key (PKCS#1, PKCS#8 or SEC1)",
+            path.display()
+        )),
         Err(e) => Err(format!("{}: unreadable private key: {e}", path.display())),
     }
 }
 
 /// DNS names and expiry of a leaf certificate.
 pub fn leaf_names(der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -59,7 +64,8 @@ pub fn leaf_names(der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String
 pub fn load_server_cert(cert: &Path, key: &Path) -> Result<ServerCert, (bool, String)> {
     // (true, _) blames the key file, (false, _) the certificate file.
     let chain = load_chain(cert).map_err(|e| (false, e))?;
-    let (names, not_after) = leaf_names(&chain[0]).map_err(|e| (false, format!("{}: {e}", cert.display())))?;
+    let (names, not_after) =
+        leaf_names(&chain[0]).map_err(|e| (false, format!("{}: {e}", cert.display())))?;
     if names.is_empty() {
         return Err((
             false,
@@ -67,12 +73,28 @@ pub fn load_server_cert(cert: &Path, key: &Path) -> Result<ServerCert, (bool, St
         ));
     }
     let der = load_key(key).map_err(|e| (true, e))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| (true, format!("{}: unsupported private key: {e}", key.display())))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| {
+        (
+            true,
+            format!("{}: unsupported private key: {e}", key.display()),
+        )
+    })?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match()
-        .map_err(|_| (true, format!("{}: the private key does not match the certificate {}", key.display(), cert.display())))?;
-    Ok(ServerCert { key: Arc::new(ck), names, not_after })
+    ck.keys_match().map_err(|_| {
+        (
+            true,
+            format!(
+                "{}: the private key does not match the certificate {}",
+                key.display(),
+                cert.display()
+            ),
+        )
+    })?;
+    Ok(ServerCert {
+        key: Arc::new(ck),
+        names,
+        not_after,
+    })
 }
 
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {

@@ -12,10 +12,10 @@ use crate::proxy;
 use crate::tls::{self, TicketKeys};
 use crate::upstream::Pools;
 use futures_rustls::{TlsAcceptor, TlsConnector};
-use rustls_pki_types::ServerName;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use glommio::{LocalExecutorBuilder, Placement};
+use rustls_pki_types::ServerName;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,7 +224,9 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
             tickets.clone(),
         );
         let handle = builder
-            .spawn(move || async move { run_shard(id, config, tickets, mesh, stop, ready_tx).await })
+            .spawn(
+                move || async move { run_shard(id, config, tickets, mesh, stop, ready_tx).await },
+            )
             .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
         handles.push(handle);
     }
@@ -339,7 +341,10 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
             match shard.acceptors[vs].clone() {
                 None => proxy::serve(shard, vs, stream, peer, "http").await,
                 Some(acceptor) => {
-                    let limit = shard.config.services[vs].tls.as_ref().map(|t| t.handshake_timeout);
+                    let limit = shard.config.services[vs]
+                        .tls
+                        .as_ref()
+                        .map(|t| t.handshake_timeout);
                     let limit = limit.unwrap_or(Duration::from_secs(10));
                     match crate::io::timeout(limit, acceptor.accept(stream)).await {
                         Ok(tls) => proxy::serve(shard, vs, tls, peer, "https").await,

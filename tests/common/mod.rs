@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod origin;
+pub mod pki;
+pub mod tlsio;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
