@@ -152,21 +152,13 @@ impl SniResolver {
     pub fn select(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
         if let Some(name) = sni {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(c) = self
-                .certs
-                .iter()
-                .find(|c| c.names.contains(&name))
-            {
+            if let Some(c) = self.certs.iter().find(|c| c.names.contains(&name)) {
                 return Some(&c.key);
             }
             // a wildcard covers exactly one label
             if let Some((_, parent)) = name.split_once('.') {
                 let wild = format!("*.{parent}");
-                if let Some(c) = self
-                    .certs
-                    .iter()
-                    .find(|c| c.names.contains(&wild))
-                {
+                if let Some(c) = self.certs.iter().find(|c| c.names.contains(&wild)) {
                     return Some(&c.key);
                 }
             }
