@@ -1,8 +1,11 @@
 //! The admin listener (shard 0 only): `GET /status` as JSON from this shard's view of the
-//! mesh. Read-only; it never touches the data path's state except to read counters.
+//! mesh, and operator enable/disable of real servers (`POST /real_server/disable?address=…`),
+//! applied here and told to every other shard.
 
+use crate::config::{Persistence, ServerId};
 use crate::http::Buf;
 use crate::io::{fill, respond_and_close, until};
+use crate::shard::mesh::MeshMsg;
 use crate::shard::Shard;
 use glommio::net::{TcpListener, TcpStream};
 use serde_json::json;
@@ -26,22 +29,37 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
+fn response(status: &str, ctype: &str, body: &str) -> Vec<u8> {
+    let mut resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    resp.extend_from_slice(body.as_bytes());
+    resp
+}
+
+/// Value of `key` in a query string (no percent-decoding: addresses and names need none).
+fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })
+}
+
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let mut buf = Buf::new(8192);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let path = loop {
+    let (method, path) = loop {
         let mut hdrs = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut hdrs);
         match req.parse(buf.filled()) {
             Ok(httparse::Status::Complete(_)) => {
-                if req.method != Some("GET") && req.method != Some("HEAD") {
-                    return respond_and_close(
-                        &mut stream,
-                        crate::http::canned::error_response(405),
-                    )
-                    .await;
-                }
-                break req.path.unwrap_or("/").to_string();
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("/").to_string(),
+                );
             }
             Ok(httparse::Status::Partial) if !buf.is_full() => {}
             _ => {
@@ -54,50 +72,144 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             _ => return,
         }
     };
-    let route = path.split('?').next().unwrap_or("");
-    let (ctype, body) = match route {
-        "/status" => ("application/json", status_json(&shard)),
+    let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
+    let resp = match (method.as_str(), route) {
+        ("GET" | "HEAD", "/status") => response("200 OK", "application/json", &status_json(&shard)),
+        ("POST", "/real_server/enable") | ("POST", "/real_server/disable") => {
+            let enable = route.ends_with("enable");
+            match set_enabled(&shard, query, enable).await {
+                Ok(body) => response("200 OK", "application/json", &body),
+                Err(msg) => response(
+                    "404 Not Found",
+                    "application/json",
+                    &json!({ "error": msg }).to_string(),
+                ),
+            }
+        }
+        (_, "/status" | "/real_server/enable" | "/real_server/disable") => {
+            return respond_and_close(&mut stream, crate::http::canned::error_response(405)).await
+        }
         _ => return respond_and_close(&mut stream, crate::http::canned::error_response(404)).await,
     };
-    let mut resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    resp.extend_from_slice(body.as_bytes());
     respond_and_close(&mut stream, &resp).await;
 }
 
-/// Appliance-wide status: per virtual service, its real servers with the active connection
-/// count summed over shards (own exact, peers from the mesh) and the per-shard counts.
+/// Enable or disable every real server with `address` (optionally only in `service`).
+async fn set_enabled(shard: &Shard, query: &str, enable: bool) -> Result<String, String> {
+    let address = param(query, "address").ok_or("missing ?address=HOST:PORT")?;
+    let service = param(query, "service");
+    let cfg = &shard.config;
+    let matched: Vec<ServerId> = cfg
+        .servers
+        .iter()
+        .filter(|rs| rs.name == address || rs.address.to_string() == address)
+        .filter(|rs| service.is_none_or(|s| cfg.services[cfg.pools[rs.pool].service].name == s))
+        .map(|rs| rs.id)
+        .collect();
+    if matched.is_empty() {
+        return Err(format!("no real server {address}"));
+    }
+    for &id in &matched {
+        shard.load.set_enabled(id, enable);
+        shard
+            .tell_peers(|| MeshMsg::Enabled {
+                server: id.0,
+                enabled: enable,
+            })
+            .await;
+        tracing::info!(real_server = %address, enabled = enable, "operator changed real server state");
+    }
+    Ok(json!({ "address": address, "enabled": enable, "real_servers": matched.len() }).to_string())
+}
+
+fn server_state(shard: &Shard, id: ServerId) -> &'static str {
+    if !shard.load.is_enabled(id) {
+        "disabled"
+    } else if shard.load.is_up(id) {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+/// Appliance-wide status: per virtual service (and sub-service) its real servers with health,
+/// last check, and the active connection count summed over shards with the per-shard split.
 pub fn status_json(shard: &Shard) -> String {
     let cfg = &shard.config;
+    let pool_json = |p: usize| {
+        let pool = &cfg.pools[p];
+        let servers: Vec<_> = pool
+            .servers
+            .iter()
+            .map(|&id| {
+                let rs = shard.server(id);
+                let check = shard.checks.borrow()[id.0].clone();
+                json!({
+                    "address": rs.name,
+                    "resolved": rs.address.to_string(),
+                    "status": server_state(shard, id),
+                    "enabled": shard.load.is_enabled(id),
+                    "weight": rs.weight,
+                    "connection_limit": rs.connection_limit,
+                    "active_connections": shard.load.global(id),
+                    "active_connections_per_shard": shard.load.per_shard(id),
+                    "last_check": check.map(|c| json!({ "ok": c.ok, "at_unix_ms": c.at_unix_ms, "detail": c.detail })),
+                })
+            })
+            .collect();
+        let persistence = match &pool.persistence {
+            Persistence::None => json!("none"),
+            Persistence::ActiveCookie { cookie, timeout } => {
+                json!({ "mode": "active-cookie", "cookie": cookie, "timeout_seconds": timeout.as_secs() })
+            }
+            Persistence::SourceIp { timeout, .. } => {
+                json!({ "mode": "source-ip", "timeout_seconds": timeout.as_secs() })
+            }
+        };
+        let up = pool.servers.iter().any(|&id| shard.load.usable(id));
+        (
+            up,
+            json!({
+                "scheduling": format!("{:?}", pool.scheduling),
+                "persistence": persistence,
+                "health_check": pool.health_check.as_ref().map(|h| json!({
+                    "type": format!("{:?}", h.kind), "url": h.url, "interval_ms": h.interval.as_millis() as u64,
+                })),
+                "real_servers": servers,
+            }),
+        )
+    };
     let services: Vec<_> = cfg
         .services
         .iter()
         .map(|vs| {
-            let servers: Vec<_> = vs
-                .real_servers
+            let (own_up, own) = pool_json(vs.pool);
+            let mut any_up = own_up;
+            let subs: Vec<_> = vs
+                .sub_services
                 .iter()
-                .map(|rs| {
-                    json!({
-                        "address": rs.name,
-                        "resolved": rs.address.to_string(),
-                        "status": "up",
-                        "weight": rs.weight,
-                        "connection_limit": rs.connection_limit,
-                        "active_connections": shard.load.global(rs.id),
-                        "active_connections_per_shard": shard.load.per_shard(rs.id),
-                    })
+                .map(|sub| {
+                    let (up, mut j) = pool_json(sub.pool);
+                    any_up |= up;
+                    j["name"] = json!(sub.name);
+                    j["hosts"] = json!(sub.hosts);
+                    j["paths"] = json!(sub.paths);
+                    j["status"] = json!(if up { "up" } else { "down" });
+                    j
                 })
                 .collect();
-            json!({
-                "name": vs.name,
-                "listen": vs.listen.to_string(),
-                "scheduling": format!("{:?}", vs.scheduling),
-                "status": if vs.real_servers.is_empty() { "down" } else { "up" },
-                "real_servers": servers,
-            })
+            let mut v = own;
+            v["name"] = json!(vs.name);
+            v["listen"] = json!(vs.listen.to_string());
+            v["tls"] = json!(vs.tls.is_some());
+            v["redirect"] = json!(vs.redirect.is_some());
+            v["status"] = json!(if any_up || vs.redirect.is_some() {
+                "up"
+            } else {
+                "down"
+            });
+            v["sub_services"] = json!(subs);
+            v
         })
         .collect();
     let shards: Vec<_> = shard
@@ -106,11 +218,11 @@ pub fn status_json(shard: &Shard) -> String {
         .enumerate()
         .map(|(i, a)| json!({ "id": i, "core": cfg.runtime.cores[i], "accepted_connections": a }))
         .collect();
-    let v = json!({
+    json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": shard.started.elapsed().as_secs(),
         "shards": shards,
         "virtual_services": services,
-    });
-    v.to_string()
+    })
+    .to_string()
 }

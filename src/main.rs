@@ -117,7 +117,7 @@ fn run(path: PathBuf) -> ExitCode {
         "edgeshard ready"
     );
     for vs in &config.services {
-        tracing::info!(service = %vs.name, listen = %vs.listen, real_servers = vs.real_servers.len(), "serving");
+        tracing::info!(service = %vs.name, listen = %vs.listen, real_servers = config.pools[vs.pool].servers.len(), sub_services = vs.sub_services.len(), "serving");
     }
     for vs in &config.services {
         if vs

@@ -2,7 +2,7 @@
 //! read head → parse → pick real server → upstream checkout → send head and body →
 //! read response head → send response head and body → pool the upstream → next request.
 
-use crate::config::{Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
+use crate::config::{Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
 use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
@@ -139,8 +139,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut client: S,
     peer: SocketAddr,
     proto: &'static str,
+    sni: Option<String>,
 ) {
-    serve_requests(shard, vs_idx, &mut client, peer, proto).await;
+    serve_requests(shard, vs_idx, &mut client, peer, proto, sni.as_deref()).await;
     let _ = timeout(Duration::from_secs(1), client.close()).await;
 }
 
@@ -150,11 +151,14 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     peer: SocketAddr,
     proto: &'static str,
+    sni: Option<&str>,
 ) {
     let vs = &shard.config.services[vs_idx];
     let mut cbuf = Buf::new(vs.limits.max_header_size.max(16 * 1024));
     let mut req_out: Vec<u8> = Vec::with_capacity(2048);
     let mut resp_out: Vec<u8> = Vec::with_capacity(2048);
+    // A persistence cookie to set on the response, rebuilt per request when one is due.
+    let mut set_cookie: Vec<u8> = Vec::new();
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
@@ -183,10 +187,15 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 write_redirect(&req, r, &mut resp_out)?;
                 return Ok(Route::Redirect(req.info));
             }
-            let sched = &shard.schedulers[vs_idx];
-            let server = sched
-                .pick(&shard.load)
-                .ok_or(ProxyError::policy(503, "no real server available"))?;
+            let host = req.host.or(sni.map(str::as_bytes));
+            let path = match req.target {
+                Target::Origin(p) => p,
+                Target::Asterisk => "*",
+            };
+            let own_empty = shard.config.pools[vs.pool].servers.is_empty();
+            let pool = route(vs, own_empty, host, path)
+                .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
+            let server = choose(&shard, pool, &req, peer, proto, &mut set_cookie)?;
             let rs = shard.server(server);
             req_out.clear();
             write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
@@ -221,6 +230,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             &mut cbuf,
             &req_out,
             &mut resp_out,
+            &set_cookie,
             info,
             server,
         )
@@ -231,6 +241,142 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => return refuse(client, peer, vs, e).await,
         }
     }
+}
+
+/// The pool a request goes to: the first sub-service whose hosts (Host, else SNI; no port,
+/// any case) and path prefixes match, else the service's own real servers. None: no pool
+/// (a service with sub-services and no real servers of its own).
+fn route(
+    vs: &VirtualService,
+    own_pool_empty: bool,
+    host: Option<&[u8]>,
+    path: &str,
+) -> Option<usize> {
+    let host = host.map(|h| {
+        if h.starts_with(b"[") {
+            h
+        } else {
+            h.split(|&b| b == b':').next().unwrap_or(h)
+        }
+    });
+    let host_matches = |patterns: &[String]| {
+        patterns.is_empty()
+            || host.is_some_and(|h| {
+                patterns.iter().any(|p| match p.strip_prefix("*.") {
+                    Some(domain) => {
+                        h.len() > domain.len() + 1
+                            && h[h.len() - domain.len()..].eq_ignore_ascii_case(domain.as_bytes())
+                            && h[h.len() - domain.len() - 1] == b'.'
+                    }
+                    None => h.eq_ignore_ascii_case(p.as_bytes()),
+                })
+            })
+    };
+    let path = path.split('?').next().unwrap_or(path);
+    for sub in &vs.sub_services {
+        let path_ok =
+            sub.paths.is_empty() || sub.paths.iter().any(|p| path.starts_with(p.as_str()));
+        if path_ok && host_matches(&sub.hosts) {
+            return Some(sub.pool);
+        }
+    }
+    if vs.sub_services.is_empty() || !own_pool_empty {
+        Some(vs.pool)
+    } else {
+        None
+    }
+}
+
+/// Pick the real server in `pool` for this request, honouring persistence, and prepare the
+/// persistence cookie (sliding) for the response.
+fn choose(
+    shard: &Shard,
+    pool_idx: usize,
+    req: &ParsedRequest<'_, '_>,
+    peer: SocketAddr,
+    proto: &str,
+    set_cookie: &mut Vec<u8>,
+) -> Result<ServerId, ProxyError> {
+    let pool = &shard.config.pools[pool_idx];
+    let sched = &shard.schedulers[pool_idx];
+    set_cookie.clear();
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let persisted = match &pool.persistence {
+        Persistence::None => None,
+        Persistence::ActiveCookie { cookie, .. } => find_cookie(req, cookie).and_then(|v| {
+            let address_of = |i: usize| {
+                pool.servers
+                    .get(i)
+                    .map(|id| shard.server(*id).name.as_str())
+            };
+            shard
+                .cookies
+                .verify(&pool.name, v, unix_now(), address_of)
+                .map(|i| pool.servers[i])
+        }),
+        Persistence::SourceIp { .. } => shard.source_tables[pool_idx]
+            .as_ref()
+            .and_then(|t| t.borrow().get(peer.ip(), Instant::now())),
+    };
+    // A persisted server that is down, disabled or at its limit is replaced (and re-persisted).
+    let server = match persisted {
+        Some(id) if sched.accepts(id, &shard.load) => id,
+        _ => sched
+            .pick(&shard.load)
+            .ok_or(ProxyError::policy(503, "no real server available"))?,
+    };
+    match &pool.persistence {
+        Persistence::None => {}
+        Persistence::ActiveCookie { cookie, timeout } => {
+            let index = pool
+                .servers
+                .iter()
+                .position(|&id| id == server)
+                .unwrap_or(0);
+            let value = shard.cookies.issue(
+                &pool.name,
+                &shard.server(server).name,
+                index,
+                unix_now() + timeout.as_secs(),
+            );
+            let _ = write!(set_cookie, "Set-Cookie: {cookie}={value}; Path=/; HttpOnly");
+            if proto == "https" {
+                set_cookie.extend_from_slice(b"; Secure");
+            }
+            set_cookie.extend_from_slice(b"\r\n");
+        }
+        Persistence::SourceIp { timeout, .. } => {
+            if let Some(t) = &shard.source_tables[pool_idx] {
+                t.borrow_mut()
+                    .put(peer.ip(), server, Instant::now(), *timeout);
+            }
+        }
+    }
+    Ok(server)
+}
+
+/// The value of cookie `name` in the request's Cookie fields.
+fn find_cookie<'b>(req: &ParsedRequest<'_, 'b>, name: &str) -> Option<&'b str> {
+    for h in req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+    {
+        let v = std::str::from_utf8(h.value).ok()?;
+        for pair in v.split(';') {
+            if let Some((k, val)) = pair.trim().split_once('=') {
+                if k == name {
+                    return Some(val.trim_matches('"'));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Where a parsed request goes.
@@ -293,6 +439,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     cbuf: &mut Buf,
     req_out: &[u8],
     resp_out: &mut Vec<u8>,
+    set_cookie: &[u8],
     info: RequestInfo,
     server: ServerId,
 ) -> Result<bool, ProxyError> {
@@ -302,7 +449,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut sent_continue = false;
     let mut fresh_only = false;
     loop {
-        let _lease = shard.load.lease(server);
+        let _lease = shard.load.lease(server, rs.connection_limit);
         let pooled = if fresh_only {
             None
         } else {
@@ -348,7 +495,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             sent_continue = true;
         }
         match send_and_receive(vs, client, cbuf, &mut up, req_out, info).await {
-            Ok(resp) => return respond(shard, vs, client, cbuf, up, resp_out, info, resp).await,
+            Ok(resp) => {
+                return respond(
+                    shard, vs, client, cbuf, up, resp_out, set_cookie, info, resp,
+                )
+                .await
+            }
             Err(Attempt::Retry) if replayable && up.reused => {
                 fresh_only = true;
                 continue;
@@ -496,6 +648,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     cbuf: &mut Buf,
     mut up: UpstreamConn,
     resp_out: &mut Vec<u8>,
+    set_cookie: &[u8],
     info: RequestInfo,
     resp: ResponseInfo,
 ) -> Result<bool, ProxyError> {
@@ -523,6 +676,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
                     dechunk,
                     interim: false,
                 },
+                set_cookie,
                 resp_out,
             ),
             _ => return Err(ProxyError::upstream(502, "malformed response head")),

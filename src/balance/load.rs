@@ -1,28 +1,66 @@
-//! The appliance-wide view of active upstream connections per real server: this shard's exact
-//! counts plus the latest absolute snapshot from each peer shard (delivered by the mesh).
+//! The appliance-wide view a shard decides with: per real server, active upstream connections
+//! (this shard's exact count plus each peer's latest absolute snapshot), health and operator
+//! state. Snapshots carry sequence numbers and acknowledgements so a shard that admits beyond
+//! its share of a connection limit waits for its peers to have seen it (see `admits`).
 
 use crate::config::ServerId;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+/// `unacked` marker: admitted, not yet in a published snapshot.
+const PENDING: u64 = u64::MAX;
+
+/// A load snapshot as published to peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub active: Vec<u32>,
+    /// Latest snapshot seq applied from each shard.
+    pub acks: Vec<u64>,
+    /// The receiver should publish soon, acknowledging this one.
+    pub want_ack: bool,
+}
+
 pub struct LoadView {
     shard: usize,
+    nr_shards: usize,
     local: Vec<Cell<u32>>,
     /// `peers[shard][server]`: last snapshot received from that shard (own row unused).
     peers: RefCell<Vec<Vec<u32>>>,
-    /// Set when local counts changed since the last publish.
+    /// Seq of our latest snapshot.
+    seq: Cell<u64>,
+    /// Latest seq applied from each peer.
+    seen: RefCell<Vec<u64>>,
+    /// Our latest seq each peer has acknowledged.
+    acked_by: RefCell<Vec<u64>>,
+    /// Per server: seq of our snapshot holding a beyond-share admission not yet acknowledged
+    /// by every peer (0: none; PENDING: not yet published).
+    unacked: Vec<Cell<u64>>,
+    want_ack: Cell<bool>,
+    /// Health as decided by the shard that checks the server (true until checks say otherwise).
+    up: Vec<Cell<bool>>,
+    /// Operator state (admin enable/disable).
+    enabled: Vec<Cell<bool>>,
     dirty: Cell<bool>,
-    /// The publisher, parked until the next change.
     publisher: RefCell<Option<Waker>>,
 }
 
 impl LoadView {
     pub fn new(shard: usize, nr_shards: usize, nr_servers: usize) -> LoadView {
+        let cells = |v: u32| (0..nr_servers).map(|_| Cell::new(v)).collect::<Vec<_>>();
         LoadView {
             shard,
-            local: (0..nr_servers).map(|_| Cell::new(0)).collect(),
+            nr_shards,
+            local: cells(0),
             peers: RefCell::new(vec![vec![0; nr_servers]; nr_shards]),
+            seq: Cell::new(0),
+            seen: RefCell::new(vec![0; nr_shards]),
+            acked_by: RefCell::new(vec![0; nr_shards]),
+            unacked: (0..nr_servers).map(|_| Cell::new(0)).collect(),
+            want_ack: Cell::new(false),
+            up: (0..nr_servers).map(|_| Cell::new(true)).collect(),
+            enabled: (0..nr_servers).map(|_| Cell::new(true)).collect(),
             dirty: Cell::new(false),
             publisher: RefCell::new(None),
         }
@@ -32,16 +70,19 @@ impl LoadView {
         self.local.get(id.0).map(Cell::get).unwrap_or(0)
     }
 
-    /// This shard's exact count plus every peer's latest snapshot.
-    pub fn global(&self, id: ServerId) -> u32 {
+    fn peer_sum(&self, id: ServerId, floor: u32) -> u32 {
         let peers = self.peers.borrow();
-        let others: u32 = peers
+        peers
             .iter()
             .enumerate()
             .filter(|(s, _)| *s != self.shard)
-            .map(|(_, row)| row.get(id.0).copied().unwrap_or(0))
-            .sum();
-        self.local(id) + others
+            .map(|(_, row)| row.get(id.0).copied().unwrap_or(0).max(floor))
+            .sum()
+    }
+
+    /// This shard's exact count plus every peer's latest snapshot.
+    pub fn global(&self, id: ServerId) -> u32 {
+        self.local(id) + self.peer_sum(id, 0)
     }
 
     /// Per-shard counts for one server, own shard exact.
@@ -56,6 +97,63 @@ impl LoadView {
                 }
             })
             .collect()
+    }
+
+    /// Healthy and enabled: may get new connections.
+    pub fn usable(&self, id: ServerId) -> bool {
+        self.up.get(id.0).is_some_and(Cell::get) && self.enabled.get(id.0).is_some_and(Cell::get)
+    }
+
+    pub fn is_up(&self, id: ServerId) -> bool {
+        self.up.get(id.0).is_some_and(Cell::get)
+    }
+
+    pub fn is_enabled(&self, id: ServerId) -> bool {
+        self.enabled.get(id.0).is_some_and(Cell::get)
+    }
+
+    pub fn set_up(&self, id: ServerId, up: bool) {
+        if let Some(c) = self.up.get(id.0) {
+            c.set(up);
+        }
+    }
+
+    pub fn set_enabled(&self, id: ServerId, enabled: bool) {
+        if let Some(c) = self.enabled.get(id.0) {
+            c.set(enabled);
+        }
+    }
+
+    /// May this shard open one more connection to `id` under `limit` (0 = none)?
+    ///
+    /// The appliance-wide count (own exact + peers' snapshots) must be below the limit, and a
+    /// shard admits to a limited server only once its peers have acknowledged its previous
+    /// admission there. Each peer thus holds at most one admission this shard has not seen, so
+    /// the limit is overshot by at most `shards - 1`, however late messages are. The price:
+    /// admissions to a *limited* server are paced by the mesh round trip on each shard.
+    pub fn admits(&self, id: ServerId, limit: u32) -> bool {
+        limit == 0 || (self.acknowledged(id) && self.global(id) < limit)
+    }
+
+    fn acknowledged(&self, id: ServerId) -> bool {
+        let u = match self.unacked.get(id.0) {
+            Some(c) => c.get(),
+            None => return true,
+        };
+        if u == 0 {
+            return true;
+        }
+        if u == PENDING {
+            return false;
+        }
+        let acked = self.acked_by.borrow();
+        let all = (0..self.nr_shards)
+            .filter(|&s| s != self.shard)
+            .all(|s| acked[s] >= u);
+        if all {
+            self.unacked[id.0].set(0);
+        }
+        all
     }
 
     fn change(&self, id: ServerId, up: bool) {
@@ -77,7 +175,7 @@ impl LoadView {
         }
     }
 
-    /// Ready once local counts changed since the last snapshot.
+    /// Ready once there is something to publish.
     pub fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.dirty.get() {
             return Poll::Ready(());
@@ -86,8 +184,15 @@ impl LoadView {
         Poll::Pending
     }
 
-    /// Count one active upstream connection until the lease drops.
-    pub fn lease(self: &Rc<Self>, id: ServerId) -> Lease {
+    /// Count one active upstream connection to `id` until the lease drops. Under a `limit`,
+    /// the admission must be acknowledged by every peer before the next one (see `admits`).
+    pub fn lease(self: &Rc<Self>, id: ServerId, limit: u32) -> Lease {
+        if limit > 0 && self.nr_shards > 1 {
+            if let Some(u) = self.unacked.get(id.0) {
+                u.set(PENDING);
+                self.want_ack.set(true);
+            }
+        }
         self.change(id, true);
         Lease {
             view: self.clone(),
@@ -95,19 +200,45 @@ impl LoadView {
         }
     }
 
-    /// Snapshot to publish, if anything changed since the last one.
-    pub fn take_snapshot(&self, force: bool) -> Option<Vec<u32>> {
+    /// Snapshot to publish, if anything changed since the last one (or `force`).
+    pub fn take_snapshot(&self, force: bool) -> Option<Snapshot> {
         if !self.dirty.replace(false) && !force {
             return None;
         }
-        Some(self.local.iter().map(Cell::get).collect())
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
+        for u in &self.unacked {
+            if u.get() == PENDING {
+                u.set(seq);
+            }
+        }
+        Some(Snapshot {
+            seq,
+            active: self.local.iter().map(Cell::get).collect(),
+            acks: self.seen.borrow().clone(),
+            want_ack: self.want_ack.replace(false),
+        })
     }
 
     /// Install a peer's absolute snapshot: a late or lost message is simply superseded.
-    pub fn apply_snapshot(&self, from: usize, counts: Vec<u32>) {
-        let mut peers = self.peers.borrow_mut();
-        if from != self.shard && from < peers.len() && counts.len() == self.local.len() {
-            peers[from] = counts;
+    pub fn apply_snapshot(&self, from: usize, snap: Snapshot) {
+        if from == self.shard || from >= self.nr_shards || snap.active.len() != self.local.len() {
+            return;
+        }
+        {
+            let mut seen = self.seen.borrow_mut();
+            if snap.seq <= seen[from] {
+                return; // older than what we have
+            }
+            seen[from] = snap.seq;
+        }
+        if let Some(&a) = snap.acks.get(self.shard) {
+            let mut acked = self.acked_by.borrow_mut();
+            acked[from] = acked[from].max(a);
+        }
+        self.peers.borrow_mut()[from] = snap.active;
+        if snap.want_ack {
+            self.mark_dirty();
         }
     }
 }
@@ -128,24 +259,34 @@ impl Drop for Lease {
 mod tests {
     use super::*;
 
+    fn snap(seq: u64, active: Vec<u32>, acks: Vec<u64>) -> Snapshot {
+        Snapshot {
+            seq,
+            active,
+            acks,
+            want_ack: false,
+        }
+    }
+
     #[test]
     fn global_sums_local_and_peer_snapshots() {
         let v = Rc::new(LoadView::new(0, 3, 2));
-        let _a = v.lease(ServerId(1));
-        let b = v.lease(ServerId(1));
-        v.apply_snapshot(1, vec![4, 1]);
-        v.apply_snapshot(2, vec![0, 2]);
+        let _a = v.lease(ServerId(1), 0);
+        let b = v.lease(ServerId(1), 0);
+        v.apply_snapshot(1, snap(1, vec![4, 1], vec![0; 3]));
+        v.apply_snapshot(2, snap(1, vec![0, 2], vec![0; 3]));
         assert_eq!(v.global(ServerId(1)), 2 + 1 + 2);
         assert_eq!(v.global(ServerId(0)), 4);
         assert_eq!(v.per_shard(ServerId(1)), vec![2, 1, 2]);
         drop(b);
         assert_eq!(v.local(ServerId(1)), 1);
-        // a later snapshot replaces, never adds
-        v.apply_snapshot(1, vec![0, 0]);
+        // a later snapshot replaces, never adds; an older one is ignored
+        v.apply_snapshot(1, snap(3, vec![0, 0], vec![0; 3]));
+        v.apply_snapshot(1, snap(2, vec![9, 9], vec![0; 3]));
         assert_eq!(v.global(ServerId(1)), 1 + 2);
         // own row and malformed snapshots are ignored
-        v.apply_snapshot(0, vec![9, 9]);
-        v.apply_snapshot(2, vec![9]);
+        v.apply_snapshot(0, snap(9, vec![9, 9], vec![0; 3]));
+        v.apply_snapshot(2, snap(9, vec![9], vec![0; 3]));
         assert_eq!(v.global(ServerId(1)), 3);
     }
 
@@ -153,11 +294,66 @@ mod tests {
     fn snapshot_only_when_dirty() {
         let v = Rc::new(LoadView::new(0, 2, 1));
         assert!(v.take_snapshot(false).is_none());
-        let l = v.lease(ServerId(0));
-        assert_eq!(v.take_snapshot(false), Some(vec![1]));
+        let l = v.lease(ServerId(0), 0);
+        assert_eq!(v.take_snapshot(false).unwrap().active, vec![1]);
         assert!(v.take_snapshot(false).is_none());
         drop(l);
-        assert_eq!(v.take_snapshot(false), Some(vec![0]));
-        assert_eq!(v.take_snapshot(true), Some(vec![0]));
+        assert_eq!(v.take_snapshot(false).unwrap().active, vec![0]);
+        assert_eq!(v.take_snapshot(true).unwrap().seq, 3);
+    }
+
+    /// Two shards that never hear from each other still overshoot a limit by at most one.
+    #[test]
+    fn limit_overshoot_is_bounded_without_any_messages() {
+        let limit = 10;
+        // no messages at all: each shard gets one admission, then waits for acknowledgements
+        let a = Rc::new(LoadView::new(0, 2, 1));
+        let b = Rc::new(LoadView::new(1, 2, 1));
+        let mut leases = Vec::new();
+        for _ in 0..100 {
+            for v in [&a, &b] {
+                if v.admits(ServerId(0), limit) {
+                    leases.push(v.lease(ServerId(0), limit));
+                }
+            }
+        }
+        let total = a.local(ServerId(0)) + b.local(ServerId(0));
+        assert_eq!(total, 2, "one unacknowledged admission per shard");
+    }
+
+    /// With acknowledgements flowing, the shards fill the limit exactly between them.
+    #[test]
+    fn acknowledged_admissions_fill_the_limit() {
+        let limit = 5;
+        let a = Rc::new(LoadView::new(0, 2, 1));
+        let b = Rc::new(LoadView::new(1, 2, 1));
+        let mut leases = Vec::new();
+        let exchange = |a: &LoadView, b: &LoadView| {
+            if let Some(s) = a.take_snapshot(true) {
+                b.apply_snapshot(0, s);
+            }
+            if let Some(s) = b.take_snapshot(true) {
+                a.apply_snapshot(1, s);
+            }
+            if let Some(s) = a.take_snapshot(true) {
+                b.apply_snapshot(0, s);
+            }
+        };
+        for i in 0..20 {
+            // both shards try in the same round, before they hear of each other
+            for v in [&a, &b] {
+                if v.admits(ServerId(0), limit) {
+                    leases.push(v.lease(ServerId(0), limit));
+                }
+            }
+            let total = a.local(ServerId(0)) + b.local(ServerId(0));
+            assert!(
+                total <= limit + 1,
+                "round {i}: {total} admitted under a limit of {limit}"
+            );
+            exchange(&a, &b);
+        }
+        assert!(a.local(ServerId(0)) + b.local(ServerId(0)) >= limit);
+        assert!(!a.admits(ServerId(0), limit) && !b.admits(ServerId(0), limit));
     }
 }

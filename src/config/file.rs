@@ -31,6 +31,9 @@ pub struct FileRuntime {
     pub spin_before_park: Option<Spanned<String>>,
     /// Listener backlog per shard and virtual service.
     pub backlog: Option<Spanned<u32>>,
+    /// Secret (64 hex digits) that signs persistence cookies; the same on every appliance that
+    /// must honour the others' cookies. Default: random at start-up.
+    pub persistence_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +83,86 @@ pub struct FileVirtualService {
     pub reencrypt: Option<FileReencrypt>,
     /// Present means every request is answered with a redirect to the HTTPS URL.
     pub redirect: Option<FileRedirect>,
+    /// Which shard gets a connection: "kernel" (SO_REUSEPORT hash) or "source-ip" (a reuseport
+    /// BPF program keeps every connection of one client address on one shard). Source-IP
+    /// persistence implies "source-ip".
+    pub shard_steering: Option<Steering>,
+    pub persistence: Option<FilePersistence>,
+    pub health_check: Option<FileHealthCheck>,
+    #[serde(default)]
+    pub sub_service: Vec<FileSubService>,
+    #[serde(default)]
+    pub real_server: Vec<FileRealServer>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Steering {
+    #[default]
+    Kernel,
+    SourceIp,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PersistenceMode {
+    #[default]
+    None,
+    ActiveCookie,
+    SourceIp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePersistence {
+    #[serde(default)]
+    pub mode: PersistenceMode,
+    pub cookie: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    /// Most source-IP entries kept per shard.
+    pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckType {
+    Http,
+    Https,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    /// Default: "https" when the service re-encrypts, else "http".
+    #[serde(rename = "type")]
+    pub kind: Option<CheckType>,
+    pub url: Option<Spanned<String>>,
+    pub port: Option<u16>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<u32>>,
+    pub fall: Option<Spanned<u32>>,
+    /// Status codes counted as healthy: "2xx", "3xx" or exact codes like "200".
+    pub expect: Option<Spanned<Vec<String>>>,
+    /// Host header sent with HTTP checks (default: the real server's host).
+    pub host: Option<String>,
+}
+
+/// A LoadMaster SubVS: requests whose Host/SNI (and path) match go to its own real servers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSubService {
+    pub name: Option<String>,
+    /// Exact host names or `*.domain` wildcards, matched case-insensitively without the port.
+    pub hosts: Option<Spanned<Vec<String>>>,
+    /// Optional path prefixes; the sub-service matches only requests under one of them.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    pub persistence: Option<FilePersistence>,
+    pub health_check: Option<FileHealthCheck>,
     #[serde(default)]
     pub real_server: Vec<FileRealServer>,
 }

@@ -6,8 +6,8 @@ mod file;
 pub mod tls;
 mod units;
 
-pub use file::Scheduling;
 use file::*;
+pub use file::{CheckType, Scheduling, Steering};
 pub use units::{parse_duration, parse_size};
 
 use std::collections::HashSet;
@@ -54,8 +54,73 @@ pub struct Config {
     pub runtime: Runtime,
     pub admin: Option<Admin>,
     pub services: Vec<VirtualService>,
-    /// Total real servers over all services; `ServerId`s are `0..nr_servers`.
+    /// Every pool of real servers: each service's own, then its sub-services'.
+    pub pools: Vec<Pool>,
+    /// Every real server, indexed by `ServerId`.
+    pub servers: Vec<RealServer>,
+    /// `servers.len()`: `ServerId`s are `0..nr_servers`.
     pub nr_servers: usize,
+}
+
+/// The file types one pool is validated from.
+struct PoolSpec<'a> {
+    scheduling: Scheduling,
+    persistence: &'a Option<FilePersistence>,
+    health_check: &'a Option<FileHealthCheck>,
+    real_server: &'a [FileRealServer],
+}
+
+/// Real servers chosen among together: a virtual service's own, or a sub-service's.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub id: usize,
+    /// "service" or "service/sub-service".
+    pub name: String,
+    /// Index of the owning virtual service.
+    pub service: usize,
+    pub scheduling: Scheduling,
+    pub servers: Vec<ServerId>,
+    pub persistence: Persistence,
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persistence {
+    None,
+    /// The appliance inserts a signed cookie naming the real server.
+    ActiveCookie {
+        cookie: String,
+        timeout: Duration,
+    },
+    /// One client address sticks to one real server (connections steered to one shard).
+    SourceIp {
+        timeout: Duration,
+        max_entries: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub kind: CheckType,
+    pub url: String,
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Inclusive status ranges counted as healthy.
+    pub expect: Vec<(u16, u16)>,
+    pub host: Option<String>,
+}
+
+/// A LoadMaster SubVS.
+#[derive(Debug, Clone)]
+pub struct SubService {
+    pub name: String,
+    /// Lower-case exact names or `*.domain` wildcards.
+    pub hosts: Vec<String>,
+    pub paths: Vec<String>,
+    pub pool: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +132,8 @@ pub struct Runtime {
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
     pub backlog: u32,
+    /// Signs persistence cookies; None: a random key chosen at start-up.
+    pub persistence_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +145,10 @@ pub struct Admin {
 pub struct VirtualService {
     pub name: String,
     pub listen: SocketAddr,
-    pub scheduling: Scheduling,
+    /// The service's own pool (used when no sub-service matches).
+    pub pool: usize,
+    pub sub_services: Vec<SubService>,
+    pub shard_steering: Steering,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -86,7 +156,6 @@ pub struct VirtualService {
     pub pool_size: usize,
     pub pool_idle_timeout: Duration,
     pub limits: HeadLimits,
-    pub real_servers: Vec<RealServer>,
     pub tls: Option<Tls>,
     pub reencrypt: Option<Reencrypt>,
     pub redirect: Option<Redirect>,
@@ -138,6 +207,8 @@ impl Default for HeadLimits {
 #[derive(Debug, Clone)]
 pub struct RealServer {
     pub id: ServerId,
+    /// The pool it belongs to.
+    pub pool: usize,
     pub address: SocketAddr,
     /// The address as written, for Host headers and status output.
     pub name: String,
@@ -275,7 +346,8 @@ impl Validator<'_> {
         }
         let mut services = Vec::new();
         let mut names = HashSet::new();
-        let mut next_server = 0;
+        let mut pools = Vec::new();
+        let mut servers = Vec::new();
         for (i, vs) in file.virtual_service.iter().enumerate() {
             let p = format!("virtual_service[{i}]");
             let listen = self.socket_addr(&vs.listen, &format!("{p}.listen"))?;
@@ -332,38 +404,6 @@ impl Validator<'_> {
                     "must be at least 64 bytes and no more than max_header_size".into(),
                 ));
             }
-            let mut real_servers = Vec::new();
-            let mut seen = HashSet::new();
-            for (j, rs) in vs.real_server.iter().enumerate() {
-                let rp = format!("{p}.real_server[{j}]");
-                let address = self.socket_addr(&rs.address, &format!("{rp}.address"))?;
-                if !seen.insert(address) {
-                    return Err(self.err(
-                        Some(rs.address.span()),
-                        &format!("{rp}.address"),
-                        format!("real server {address} listed twice in this service"),
-                    ));
-                }
-                let weight = match &rs.weight {
-                    None => 1000,
-                    Some(w) if *w.get_ref() >= 1 && *w.get_ref() <= 65535 => *w.get_ref(),
-                    Some(w) => {
-                        return Err(self.err(
-                            Some(w.span()),
-                            &format!("{rp}.weight"),
-                            "must be between 1 and 65535".into(),
-                        ))
-                    }
-                };
-                real_servers.push(RealServer {
-                    id: ServerId(next_server),
-                    address,
-                    name: rs.address.get_ref().clone(),
-                    weight,
-                    connection_limit: rs.connection_limit,
-                });
-                next_server += 1;
-            }
             let tls = match &vs.tls {
                 None => None,
                 Some(t) => Some(self.tls(t, &p)?),
@@ -392,13 +432,98 @@ impl Validator<'_> {
                     })
                 }
             };
+            let reencrypting = reencrypt.is_some();
+            let vs_idx = services.len();
+            let own = PoolSpec {
+                scheduling: vs.scheduling,
+                persistence: &vs.persistence,
+                health_check: &vs.health_check,
+                real_server: &vs.real_server,
+            };
+            let pool = self.pool(
+                &mut pools,
+                &mut servers,
+                vs_idx,
+                name.clone(),
+                &p,
+                own,
+                reencrypting,
+            )?;
+            let mut sub_services = Vec::new();
+            for (k, sub) in vs.sub_service.iter().enumerate() {
+                let sp = format!("{p}.sub_service[{k}]");
+                let sub_name = sub.name.clone().unwrap_or_else(|| format!("sub{k}"));
+                let hosts: Vec<String> = match &sub.hosts {
+                    Some(h) => {
+                        for host in h.get_ref() {
+                            let bare = host.strip_prefix("*.").unwrap_or(host);
+                            if bare.is_empty() || bare.contains(['*', ':', '/', ' ']) {
+                                return Err(self.err(
+                                    Some(h.span()),
+                                    &format!("{sp}.hosts"),
+                                    format!("{host:?}: expected a host name or *.domain"),
+                                ));
+                            }
+                        }
+                        h.get_ref().iter().map(|h| h.to_ascii_lowercase()).collect()
+                    }
+                    None => Vec::new(),
+                };
+                for path in &sub.paths {
+                    if !path.starts_with('/') {
+                        return Err(self.err(
+                            None,
+                            &format!("{sp}.paths"),
+                            format!("{path:?} must start with /"),
+                        ));
+                    }
+                }
+                if hosts.is_empty() && sub.paths.is_empty() {
+                    return Err(self.err(
+                        None,
+                        &format!("{sp}.hosts"),
+                        "a sub-service needs hosts or paths to match".into(),
+                    ));
+                }
+                let spec = PoolSpec {
+                    scheduling: sub.scheduling,
+                    persistence: &sub.persistence,
+                    health_check: &sub.health_check,
+                    real_server: &sub.real_server,
+                };
+                let pool = self.pool(
+                    &mut pools,
+                    &mut servers,
+                    vs_idx,
+                    format!("{name}/{sub_name}"),
+                    &sp,
+                    spec,
+                    reencrypting,
+                )?;
+                sub_services.push(SubService {
+                    name: sub_name,
+                    hosts,
+                    paths: sub.paths.clone(),
+                    pool,
+                });
+            }
+            let source_ip = std::iter::once(pool)
+                .chain(sub_services.iter().map(|s| s.pool))
+                .any(|p| matches!(pools[p].persistence, Persistence::SourceIp { .. }));
+            let shard_steering = if source_ip {
+                Steering::SourceIp
+            } else {
+                vs.shard_steering.unwrap_or_default()
+            };
             services.push(VirtualService {
+                pool,
+                sub_services,
+                shard_steering,
                 tls,
                 reencrypt,
                 redirect,
                 name,
                 listen,
-                scheduling: vs.scheduling,
                 idle_timeout: self.duration(
                     &vs.idle_timeout,
                     &format!("{p}.idle_timeout"),
@@ -426,14 +551,197 @@ impl Validator<'_> {
                     Duration::from_secs(30),
                 )?,
                 limits,
-                real_servers,
             });
         }
         Ok(Config {
             runtime,
             admin,
             services,
-            nr_servers: next_server,
+            nr_servers: servers.len(),
+            pools,
+            servers,
+        })
+    }
+
+    /// Validate one pool of real servers (a service's own, or a sub-service's) and add it and
+    /// its servers to the appliance-wide lists.
+    #[allow(clippy::too_many_arguments)]
+    fn pool(
+        &self,
+        pools: &mut Vec<Pool>,
+        servers: &mut Vec<RealServer>,
+        service: usize,
+        name: String,
+        p: &str,
+        spec: PoolSpec<'_>,
+        reencrypting: bool,
+    ) -> Result<usize, ConfigError> {
+        let id = pools.len();
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, rs) in spec.real_server.iter().enumerate() {
+            let rp = format!("{p}.real_server[{j}]");
+            let address = self.socket_addr(&rs.address, &format!("{rp}.address"))?;
+            if !seen.insert(address) {
+                return Err(self.err(
+                    Some(rs.address.span()),
+                    &format!("{rp}.address"),
+                    format!("real server {address} listed twice in this pool"),
+                ));
+            }
+            let weight = match &rs.weight {
+                None => 1000,
+                Some(w) if *w.get_ref() >= 1 && *w.get_ref() <= 65535 => *w.get_ref(),
+                Some(w) => {
+                    return Err(self.err(
+                        Some(w.span()),
+                        &format!("{rp}.weight"),
+                        "must be between 1 and 65535".into(),
+                    ))
+                }
+            };
+            let sid = ServerId(servers.len());
+            servers.push(RealServer {
+                id: sid,
+                pool: id,
+                address,
+                name: rs.address.get_ref().clone(),
+                weight,
+                connection_limit: rs.connection_limit,
+            });
+            ids.push(sid);
+        }
+        let persistence = match spec.persistence {
+            None => Persistence::None,
+            Some(fp) => self.persistence(fp, &format!("{p}.persistence"))?,
+        };
+        let health_check = match spec.health_check {
+            None => None,
+            Some(h) => Some(self.health_check(h, &format!("{p}.health_check"), reencrypting)?),
+        };
+        pools.push(Pool {
+            id,
+            name,
+            service,
+            scheduling: spec.scheduling,
+            servers: ids,
+            persistence,
+            health_check,
+        });
+        Ok(id)
+    }
+
+    fn persistence(&self, fp: &FilePersistence, p: &str) -> Result<Persistence, ConfigError> {
+        let timeout = self.duration(
+            &fp.timeout,
+            &format!("{p}.timeout"),
+            Duration::from_secs(20 * 60),
+        )?;
+        Ok(match fp.mode {
+            PersistenceMode::None => Persistence::None,
+            PersistenceMode::ActiveCookie => {
+                let cookie = match &fp.cookie {
+                    None => "EDGESHARD".to_string(),
+                    Some(c) => {
+                        let ok = !c.get_ref().is_empty()
+                            && c.get_ref().bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+                            });
+                        if !ok {
+                            return Err(self.err(
+                                Some(c.span()),
+                                &format!("{p}.cookie"),
+                                format!("{:?} is not a valid cookie name", c.get_ref()),
+                            ));
+                        }
+                        c.get_ref().clone()
+                    }
+                };
+                Persistence::ActiveCookie { cookie, timeout }
+            }
+            PersistenceMode::SourceIp => Persistence::SourceIp {
+                timeout,
+                max_entries: fp.max_entries.unwrap_or(100_000).max(1),
+            },
+        })
+    }
+
+    fn health_check(
+        &self,
+        h: &FileHealthCheck,
+        p: &str,
+        reencrypting: bool,
+    ) -> Result<HealthCheck, ConfigError> {
+        let kind = h.kind.unwrap_or(if reencrypting {
+            CheckType::Https
+        } else {
+            CheckType::Http
+        });
+        let url = match &h.url {
+            None => "/".to_string(),
+            Some(u) if u.get_ref().starts_with('/') && !u.get_ref().contains([' ', '\r', '\n']) => {
+                u.get_ref().clone()
+            }
+            Some(u) => {
+                return Err(self.err(
+                    Some(u.span()),
+                    &format!("{p}.url"),
+                    "must be a path starting with /".into(),
+                ))
+            }
+        };
+        let interval = self.duration(
+            &h.interval,
+            &format!("{p}.interval"),
+            Duration::from_secs(5),
+        )?;
+        let timeout = self.duration(&h.timeout, &format!("{p}.timeout"), Duration::from_secs(2))?;
+        let count = |v: &Option<Spanned<u32>>, f: &str, d: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(d),
+                Some(n) if (1..=100).contains(n.get_ref()) => Ok(*n.get_ref()),
+                Some(n) => Err(self.err(
+                    Some(n.span()),
+                    &format!("{p}.{f}"),
+                    "must be between 1 and 100".into(),
+                )),
+            }
+        };
+        let mut expect = Vec::new();
+        match &h.expect {
+            None => expect.extend([(200, 299), (300, 399)]),
+            Some(list) => {
+                for e in list.get_ref() {
+                    let range = match e.as_bytes() {
+                        [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                            let base = (*d - b'0') as u16 * 100;
+                            (base, base + 99)
+                        }
+                        _ => match e.parse::<u16>() {
+                            Ok(c) if (100..=599).contains(&c) => (c, c),
+                            _ => {
+                                return Err(self.err(
+                                    Some(list.span()),
+                                    &format!("{p}.expect"),
+                                    format!("{e:?}: expected a status code like \"200\" or a class like \"2xx\""),
+                                ))
+                            }
+                        },
+                    };
+                    expect.push(range);
+                }
+            }
+        }
+        Ok(HealthCheck {
+            kind,
+            url,
+            port: h.port,
+            interval,
+            timeout,
+            rise: count(&h.rise, "rise", 2)?,
+            fall: count(&h.fall, "fall", 3)?,
+            expect,
+            host: h.host.clone(),
         })
     }
 
@@ -611,6 +919,16 @@ impl Validator<'_> {
             io_memory,
             spin_before_park,
             backlog: rt.backlog.map(|b| *b.get_ref()).unwrap_or(1024),
+            persistence_key: match &rt.persistence_key {
+                None => None,
+                Some(k) => Some(parse_key(k.get_ref()).ok_or_else(|| {
+                    self.err(
+                        Some(k.span()),
+                        "runtime.persistence_key",
+                        "must be 64 hex digits (32 bytes)".into(),
+                    )
+                })?),
+            },
         })
     }
 }
@@ -660,6 +978,19 @@ fn field_at_line(text: &str, line_no: usize) -> String {
         (false, true) => out,
         (false, false) => format!("{out}.{key}"),
     }
+}
+
+fn parse_key(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.trim().as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        key[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(key)
 }
 
 /// A wildcard listener (0.0.0.0:p or [::]:p) collides with any other listener on port p.

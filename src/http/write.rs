@@ -94,8 +94,14 @@ pub struct ClientFraming {
     pub interim: bool,
 }
 
-/// Append the client-facing response head to `out`.
-pub fn write_response_head(resp: &ParsedResponse<'_, '_>, f: ClientFraming, out: &mut Vec<u8>) {
+/// Append the client-facing response head to `out`; `extra` holds complete header lines of
+/// our own (a persistence cookie).
+pub fn write_response_head(
+    resp: &ParsedResponse<'_, '_>,
+    f: ClientFraming,
+    extra: &[u8],
+    out: &mut Vec<u8>,
+) {
     let _ = write!(out, "HTTP/1.1 {} ", resp.info.status);
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -115,6 +121,7 @@ pub fn write_response_head(resp: &ParsedResponse<'_, '_>, f: ClientFraming, out:
         }
         put(out, n, h.value);
     }
+    out.extend_from_slice(extra);
     if switching {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
     } else if !f.interim {

@@ -1,10 +1,16 @@
 //! The cross-shard mesh: the only way shards talk. Each shard publishes absolute snapshots of
-//! its per-real-server active connections (and its accept count); peers keep the latest.
-//! Staleness bound: a change is sent within PUBLISH_COALESCE of happening (plus one
+//! its per-real-server active connections (with sequence numbers and acknowledgements, see
+//! `balance::load`); the shard that health-checks a server tells the others each result; the
+//! admin shard tells the others operator enable/disable.
+//!
+//! Staleness bound: a load change is sent within PUBLISH_COALESCE of happening (plus one
 //! scheduling quantum of the receiving shard), and every REFRESH even without changes, so a
-//! dropped message (full channel) heals within REFRESH.
+//! dropped snapshot (full channel) heals within REFRESH. Health and operator messages are
+//! sent with back-pressure (never dropped).
 
-use super::Shard;
+use super::{CheckResult, Shard};
+use crate::balance::Snapshot;
+use crate::config::ServerId;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::timer::Timer;
 use std::future::poll_fn;
@@ -13,24 +19,81 @@ use std::time::Duration;
 
 pub const PUBLISH_COALESCE: Duration = Duration::from_millis(1);
 pub const REFRESH: Duration = Duration::from_millis(250);
-pub const CHANNEL_SIZE: usize = 64;
+pub const CHANNEL_SIZE: usize = 256;
 
 /// What one shard tells the others.
 #[derive(Debug)]
 pub enum MeshMsg {
     Load {
         from: usize,
-        /// Active upstream connections per `ServerId`, absolute.
-        active: Vec<u32>,
+        snap: Snapshot,
         /// Client connections accepted by `from` since start.
         accepted: u64,
     },
+    /// A health-check result for `server` and the state it leads to.
+    Health {
+        server: usize,
+        up: bool,
+        ok: bool,
+        at_unix_ms: u64,
+        detail: String,
+    },
+    /// Operator enable/disable of `server`.
+    Enabled { server: usize, enabled: bool },
 }
 
 pub type Mesh = MeshBuilder<MeshMsg, Full>;
 
 pub fn new_mesh(nr_shards: usize) -> Mesh {
     MeshBuilder::full(nr_shards, CHANNEL_SIZE)
+}
+
+/// Sending side of the mesh, shared by this shard's tasks.
+pub struct Outbox {
+    senders: Senders<MeshMsg>,
+}
+
+impl Outbox {
+    /// Send a message made by `make` to every other shard, waiting if a channel is full.
+    pub async fn broadcast(&self, make: impl Fn() -> MeshMsg) {
+        let me = self.senders.peer_id();
+        for peer in 0..self.senders.nr_consumers() {
+            if peer != me {
+                let _ = self.senders.send_to(peer, make()).await;
+            }
+        }
+    }
+}
+
+/// Apply a message from another shard to this shard's view.
+fn apply(shard: &Shard, msg: MeshMsg) {
+    match msg {
+        MeshMsg::Load {
+            from,
+            snap,
+            accepted,
+        } => {
+            shard.load.apply_snapshot(from, snap);
+            shard.set_peer_accepted(from, accepted);
+        }
+        MeshMsg::Health {
+            server,
+            up,
+            ok,
+            at_unix_ms,
+            detail,
+        } => {
+            shard.load.set_up(ServerId(server), up);
+            if let Some(slot) = shard.checks.borrow_mut().get_mut(server) {
+                *slot = Some(CheckResult {
+                    ok,
+                    at_unix_ms,
+                    detail,
+                });
+            }
+        }
+        MeshMsg::Enabled { server, enabled } => shard.load.set_enabled(ServerId(server), enabled),
+    }
 }
 
 /// Join the mesh and run the receive and publish loops for `shard` (detached tasks).
@@ -46,24 +109,18 @@ pub async fn start(shard: Rc<Shard>, mesh: Mesh) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
-                match msg {
-                    MeshMsg::Load {
-                        from,
-                        active,
-                        accepted,
-                    } => {
-                        shard.load.apply_snapshot(from, active);
-                        shard.set_peer_accepted(from, accepted);
-                    }
-                }
+                apply(&shard, msg);
             }
         })
         .detach();
     }
-    glommio::spawn_local(publish(shard, senders)).detach();
+    let outbox = Rc::new(Outbox { senders });
+    *shard.mesh.borrow_mut() = Some(outbox.clone());
+    glommio::spawn_local(publish(shard, outbox)).detach();
 }
 
-async fn publish(shard: Rc<Shard>, senders: Senders<MeshMsg>) {
+async fn publish(shard: Rc<Shard>, outbox: Rc<Outbox>) {
+    let senders = &outbox.senders;
     let me = senders.peer_id();
     loop {
         // Wake on a local change, or on the refresh tick.
@@ -81,8 +138,7 @@ async fn publish(shard: Rc<Shard>, senders: Senders<MeshMsg>) {
         if shard.is_closing() && shard.nr_clients() == 0 {
             return;
         }
-        let snapshot = shard.load.take_snapshot(!changed);
-        if let Some(active) = snapshot {
+        if let Some(snap) = shard.load.take_snapshot(!changed) {
             let accepted = shard.accepted_total();
             let mut lost = false;
             for peer in 0..senders.nr_consumers() {
@@ -91,7 +147,7 @@ async fn publish(shard: Rc<Shard>, senders: Senders<MeshMsg>) {
                 }
                 let msg = MeshMsg::Load {
                     from: shard.id,
-                    active: active.clone(),
+                    snap: snap.clone(),
                     accepted,
                 };
                 if senders.try_send_to(peer, msg).is_err() {

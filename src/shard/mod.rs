@@ -5,8 +5,9 @@
 pub mod mesh;
 
 use crate::admin;
+use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
-use crate::config::{Config, RealServer, ServerId};
+use crate::config::{Config, Persistence, RealServer, ServerId};
 use crate::net;
 use crate::proxy;
 use crate::tls::{self, TicketKeys};
@@ -30,10 +31,13 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub load: Rc<LoadView>,
     pub pools: Pools,
-    /// One per virtual service, in config order.
+    /// One per pool (`config.pools`), in config order.
     pub schedulers: Vec<Scheduler>,
-    /// ServerId → (service index, index in that service).
-    servers: Vec<(usize, usize)>,
+    /// Per pool with source-IP persistence: this shard's table.
+    pub source_tables: Vec<Option<RefCell<SourceTable>>>,
+    pub cookies: CookieSigner,
+    /// Latest health-check result per server, as reported over the mesh.
+    pub checks: RefCell<Vec<Option<CheckResult>>>,
     closing: Cell<bool>,
     /// Closed (never signalled) at shutdown: every waiter wakes at once.
     close_signal: Semaphore,
@@ -44,39 +48,47 @@ pub struct Shard {
     /// Per virtual service: the TLS acceptor of a service that terminates TLS.
     acceptors: Vec<Option<TlsAcceptor>>,
     /// Per virtual service: the connector of a service that re-encrypts.
-    connectors: Vec<Option<TlsConnector>>,
+    pub connectors: Vec<Option<TlsConnector>>,
     /// Per ServerId: the name its certificate is verified against (re-encryption only).
     upstream_names: Vec<Option<ServerName<'static>>>,
+    /// Set once the mesh is joined: how to tell the other shards.
+    pub mesh: RefCell<Option<Rc<mesh::Outbox>>>,
+}
+
+/// One health-check outcome, for /status.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub ok: bool,
+    pub at_unix_ms: u64,
+    pub detail: String,
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>, tickets: Arc<TicketKeys>) -> Result<Shard, String> {
+    pub fn new(id: usize, config: Arc<Config>, secrets: &Secrets) -> Result<Shard, String> {
         let mut acceptors = Vec::new();
         let mut connectors = Vec::new();
-        let mut upstream_names = Vec::new();
         for vs in &config.services {
             acceptors.push(match &vs.tls {
-                Some(t) => Some(TlsAcceptor::from(tls::server_config(t, tickets.clone())?)),
+                Some(t) => Some(TlsAcceptor::from(tls::server_config(
+                    t,
+                    secrets.tickets.clone(),
+                )?)),
                 None => None,
             });
             connectors.push(match &vs.reencrypt {
                 Some(r) => Some(TlsConnector::from(tls::client_config(r)?)),
                 None => None,
             });
-            for rs in &vs.real_servers {
-                upstream_names.push(match &vs.reencrypt {
-                    Some(r) => Some(tls::upstream_name(r, &rs.name)?),
-                    None => None,
-                });
-            }
+        }
+        let mut upstream_names = Vec::new();
+        for rs in &config.servers {
+            let vs = &config.services[config.pools[rs.pool].service];
+            upstream_names.push(match &vs.reencrypt {
+                Some(r) => Some(tls::upstream_name(r, &rs.name)?),
+                None => None,
+            });
         }
         let nr_shards = config.runtime.cores.len();
-        let mut servers = Vec::with_capacity(config.nr_servers);
-        for (v, vs) in config.services.iter().enumerate() {
-            for j in 0..vs.real_servers.len() {
-                servers.push((v, j));
-            }
-        }
         Ok(Shard {
             acceptors,
             connectors,
@@ -87,24 +99,36 @@ impl Shard {
             load: Rc::new(LoadView::new(id, nr_shards, config.nr_servers)),
             pools: Pools::new(config.nr_servers),
             schedulers: config
-                .services
+                .pools
                 .iter()
-                .map(|vs| Scheduler::new(vs, id))
+                .map(|p| Scheduler::new(p, &config.servers, id))
                 .collect(),
-            servers,
+            source_tables: config
+                .pools
+                .iter()
+                .map(|p| match p.persistence {
+                    Persistence::SourceIp { max_entries, .. } => {
+                        Some(RefCell::new(SourceTable::new(max_entries)))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            cookies: CookieSigner::new(&secrets.cookie_key),
+            checks: RefCell::new(vec![None; config.nr_servers]),
             closing: Cell::new(false),
             close_signal: Semaphore::new(0),
             nr_clients: Cell::new(0),
             accepted: Cell::new(0),
             peer_accepted: RefCell::new(vec![0; nr_shards]),
             started: Instant::now(),
+            mesh: RefCell::new(None),
             config,
         })
     }
 
     /// The connector and verified name for re-encrypting to `id`, if its service re-encrypts.
     pub fn upstream_tls(&self, id: ServerId) -> Option<(&TlsConnector, &ServerName<'static>)> {
-        let (v, _) = self.servers[id.0];
+        let v = self.config.pools[self.server(id).pool].service;
         match (&self.connectors[v], &self.upstream_names[id.0]) {
             (Some(c), Some(n)) => Some((c, n)),
             _ => None,
@@ -112,8 +136,15 @@ impl Shard {
     }
 
     pub fn server(&self, id: ServerId) -> &RealServer {
-        let (v, j) = self.servers[id.0];
-        &self.config.services[v].real_servers[j]
+        &self.config.servers[id.0]
+    }
+
+    /// Tell every other shard (no-op with one shard).
+    pub async fn tell_peers(&self, make: impl Fn() -> mesh::MeshMsg) {
+        let outbox = self.mesh.borrow().clone();
+        if let Some(o) = outbox {
+            o.broadcast(make).await;
+        }
     }
 
     pub fn is_closing(&self) -> bool {
@@ -176,6 +207,32 @@ impl Drop for ClientGuard {
     }
 }
 
+/// Keys every shard shares read-only, made once before the shards start.
+pub struct Secrets {
+    /// Session tickets: a resumed TLS session may land on any shard.
+    pub tickets: Arc<TicketKeys>,
+    /// Signs persistence cookies: any shard honours any other's.
+    pub cookie_key: [u8; 32],
+}
+
+impl Secrets {
+    fn new(config: &Config) -> Result<Secrets, String> {
+        let cookie_key = match config.runtime.persistence_key {
+            Some(k) => k,
+            None => {
+                let mut k = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+                    .map_err(|_| "no randomness for the persistence key".to_string())?;
+                k
+            }
+        };
+        Ok(Secrets {
+            tickets: TicketKeys::new(6 * 3600)?,
+            cookie_key,
+        })
+    }
+}
+
 /// Running shards, as seen from the main thread.
 pub struct Running {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
@@ -201,8 +258,7 @@ impl Running {
 pub fn start(config: Arc<Config>) -> Result<Running, String> {
     let nr_shards = config.runtime.cores.len();
     let mesh = mesh::new_mesh(nr_shards);
-    // One ticket key set for all shards: a resumed session may land on any of them.
-    let tickets = TicketKeys::new(6 * 3600)?;
+    let secrets = Arc::new(Secrets::new(&config)?);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
@@ -216,16 +272,16 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
             builder = builder.spin_before_park(spin);
         }
         let core = rt.cores[id];
-        let (config, mesh, stop, ready_tx, tickets) = (
+        let (config, mesh, stop, ready_tx, secrets) = (
             config.clone(),
             mesh.clone(),
             stop.clone(),
             ready_tx.clone(),
-            tickets.clone(),
+            secrets.clone(),
         );
         let handle = builder
             .spawn(
-                move || async move { run_shard(id, config, tickets, mesh, stop, ready_tx).await },
+                move || async move { run_shard(id, config, secrets, mesh, stop, ready_tx).await },
             )
             .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
         handles.push(handle);
@@ -244,12 +300,12 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
 async fn run_shard(
     id: usize,
     config: Arc<Config>,
-    tickets: Arc<TicketKeys>,
+    secrets: Arc<Secrets>,
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
 ) {
-    let shard = match Shard::new(id, config.clone(), tickets) {
+    let shard = match Shard::new(id, config.clone(), &secrets) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -339,7 +395,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             match shard.acceptors[vs].clone() {
-                None => proxy::serve(shard, vs, stream, peer, "http").await,
+                None => proxy::serve(shard, vs, stream, peer, "http", None).await,
                 Some(acceptor) => {
                     let limit = shard.config.services[vs]
                         .tls
@@ -347,7 +403,10 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
                         .map(|t| t.handshake_timeout);
                     let limit = limit.unwrap_or(Duration::from_secs(10));
                     match crate::io::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(tls) => proxy::serve(shard, vs, tls, peer, "https").await,
+                        Ok(tls) => {
+                            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                            proxy::serve(shard, vs, tls, peer, "https", sni).await
+                        }
                         Err(e) => tracing::info!(
                             client = %peer,
                             service = %shard.config.services[vs].name,
