@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod io;
 pub mod net;

@@ -7,8 +7,63 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 
+/// Classic BPF for SO_ATTACH_REUSEPORT_CBPF: pick the listener (shard) from a hash of the
+/// client's source address, so every connection of one client lands on one shard.
+fn source_ip_program(ipv6: bool, nr_shards: u32) -> Vec<libc::sock_filter> {
+    // The program sees the TCP header at offset 0; SKF_NET_OFF reaches the IP header.
+    const SKF_NET_OFF: i32 = -0x100000;
+    let ins = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // IPv4: source address at 12; IPv6: the last 32 bits of the source address (8 + 12).
+    let src = if ipv6 { 20 } else { 12 };
+    vec![
+        ins(
+            (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            (SKF_NET_OFF + src) as u32,
+        ),
+        ins(
+            (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16,
+            0x9E37_79B1,
+        ),
+        ins((libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16, 16),
+        ins(
+            (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            nr_shards.max(1),
+        ),
+        ins((libc::BPF_RET | libc::BPF_A) as u16, 0),
+    ]
+}
+
+fn attach_source_ip_steering(fd: i32, ipv6: bool, nr_shards: u32) -> io::Result<()> {
+    let prog = source_ip_program(ipv6, nr_shards);
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fprog points at `prog`, alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bind `addr` with SO_REUSEPORT and the given backlog, for the current shard's executor.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// With `steer_shards`, connections are spread over the shards by client address instead of
+/// by the kernel's 4-tuple hash (the program applies to the whole reuseport group).
+pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Result<TcpListener> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6
     } else {
@@ -24,6 +79,13 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     sk.set_nonblocking(true)?;
     sk.bind(&SockAddr::from(addr))?;
     sk.listen(backlog.min(i32::MAX as u32) as i32)?;
+    if let Some(n) = steer_shards {
+        attach_source_ip_steering(
+            std::os::unix::io::AsRawFd::as_raw_fd(&sk),
+            addr.is_ipv6(),
+            n,
+        )?;
+    }
     // SAFETY: the fd is a freshly bound, listening TCP socket whose ownership moves here.
     Ok(unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) })
 }

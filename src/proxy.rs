@@ -171,36 +171,59 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
-        let parsed: Result<Route, ProxyError> = (|| {
-            let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-            let req = match parse_request(
-                cbuf.filled(),
-                &mut hdrs[..vs.limits.max_headers],
-                &vs.limits,
-            ) {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
-                Err(e) => return Err(ProxyError::client(e.status, e.reason)),
-            };
-            if let Some(r) = vs.redirect {
-                resp_out.clear();
-                write_redirect(&req, r, &mut resp_out)?;
-                return Ok(Route::Redirect(req.info));
+        let mut ack_deadline: Option<Instant> = None;
+        let parsed = loop {
+            let parsed: Result<Route, ProxyError> = (|| {
+                let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+                let req = match parse_request(
+                    cbuf.filled(),
+                    &mut hdrs[..vs.limits.max_headers],
+                    &vs.limits,
+                ) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
+                    Err(e) => return Err(ProxyError::client(e.status, e.reason)),
+                };
+                if let Some(r) = vs.redirect {
+                    resp_out.clear();
+                    write_redirect(&req, r, &mut resp_out)?;
+                    return Ok(Route::Redirect(req.info));
+                }
+                let host = req.host.or(sni.map(str::as_bytes));
+                let path = match req.target {
+                    Target::Origin(p) => p,
+                    Target::Asterisk => "*",
+                };
+                let own_empty = shard.config.pools[vs.pool].servers.is_empty();
+                let pool = route(vs, own_empty, host, path)
+                    .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
+                let server = match choose(&shard, pool, &req, peer, proto, &mut set_cookie) {
+                    Err(e)
+                        if e.status == 503 && shard.schedulers[pool].awaiting_ack(&shard.load) =>
+                    {
+                        return Ok(Route::AwaitAck)
+                    }
+                    r => r?,
+                };
+                let rs = shard.server(server);
+                req_out.clear();
+                write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
+                Ok(Route::Forward(req.info, server))
+            })();
+            if let Ok(Route::AwaitAck) = parsed {
+                let d = *ack_deadline.get_or_insert_with(|| Instant::now() + ACK_WAIT);
+                if Instant::now() < d {
+                    // The peers acknowledge within a mesh round trip (about a millisecond).
+                    glommio::timer::sleep(Duration::from_micros(500)).await;
+                    continue;
+                }
+                break Err(ProxyError::policy(
+                    503,
+                    "every real server is at its connection limit",
+                ));
             }
-            let host = req.host.or(sni.map(str::as_bytes));
-            let path = match req.target {
-                Target::Origin(p) => p,
-                Target::Asterisk => "*",
-            };
-            let own_empty = shard.config.pools[vs.pool].servers.is_empty();
-            let pool = route(vs, own_empty, host, path)
-                .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
-            let server = choose(&shard, pool, &req, peer, proto, &mut set_cookie)?;
-            let rs = shard.server(server);
-            req_out.clear();
-            write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
-            Ok(Route::Forward(req.info, server))
-        })();
+            break parsed;
+        };
         let (info, server) = match parsed {
             Ok(Route::Forward(info, server)) => (info, server),
             Ok(Route::Redirect(info)) => {
@@ -220,6 +243,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 continue;
             }
+            Ok(Route::AwaitAck) => continue,
             Err(e) => return refuse(client, peer, vs, e).await,
         };
         cbuf.consume(info.head_len);
@@ -383,7 +407,12 @@ fn find_cookie<'b>(req: &ParsedRequest<'_, 'b>, name: &str) -> Option<&'b str> {
 enum Route {
     Forward(RequestInfo, ServerId),
     Redirect(RequestInfo),
+    /// Every candidate is held back only by an admission awaiting the peers' acknowledgement.
+    AwaitAck,
 }
+
+/// How long a request may wait for connection-limit acknowledgements before 503.
+const ACK_WAIT: Duration = Duration::from_millis(100);
 
 /// The head of a redirect to the same URL over HTTPS, without its final CRLF.
 fn write_redirect(

@@ -182,6 +182,13 @@ impl Pools {
         }
     }
 
+    /// Drop the idle connections to one server (it went down).
+    pub fn drop_server(&self, server: ServerId) {
+        if let Some(l) = self.idle.borrow_mut().get_mut(server.0) {
+            l.clear();
+        }
+    }
+
     /// Drop every idle connection (shutdown).
     pub fn clear(&self) {
         for l in self.idle.borrow_mut().iter_mut() {

@@ -135,6 +135,11 @@ impl LoadView {
         limit == 0 || (self.acknowledged(id) && self.global(id) < limit)
     }
 
+    /// Is `id` held back only by this shard's unacknowledged admission (worth a short wait)?
+    pub fn awaiting_ack(&self, id: ServerId, limit: u32) -> bool {
+        limit > 0 && !self.acknowledged(id) && self.global(id) < limit
+    }
+
     fn acknowledged(&self, id: ServerId) -> bool {
         let u = match self.unacked.get(id.0) {
             Some(c) => c.get(),

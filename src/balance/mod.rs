@@ -70,6 +70,13 @@ impl Scheduler {
             .any(|c| c.id == id && self.available(c, view))
     }
 
+    /// Would a server take the request once this shard's pending admission is acknowledged?
+    pub fn awaiting_ack(&self, view: &LoadView) -> bool {
+        self.servers
+            .iter()
+            .any(|c| view.usable(c.id) && view.awaiting_ack(c.id, c.limit))
+    }
+
     /// Does any server of this pool take new connections (health and operator state only)?
     pub fn any_usable(&self, view: &LoadView) -> bool {
         self.servers.iter().any(|c| view.usable(c.id))

@@ -7,7 +7,7 @@ pub mod mesh;
 use crate::admin;
 use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
-use crate::config::{Config, Persistence, RealServer, ServerId};
+use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
 use crate::net;
 use crate::proxy;
 use crate::tls::{self, TicketKeys};
@@ -315,7 +315,11 @@ async fn run_shard(
     // Bind everything first: a failure is reported before anything serves.
     let mut listeners: Vec<(usize, TcpListener)> = Vec::new();
     for (v, vs) in config.services.iter().enumerate() {
-        match net::bind(vs.listen, config.runtime.backlog) {
+        let steer = match vs.shard_steering {
+            Steering::SourceIp => Some(config.runtime.cores.len() as u32),
+            Steering::Kernel => None,
+        };
+        match net::bind(vs.listen, config.runtime.backlog, steer) {
             Ok(l) => listeners.push((v, l)),
             Err(e) => {
                 let _ = ready.send(Err(format!(
@@ -327,7 +331,7 @@ async fn run_shard(
         }
     }
     let admin_listener = match (&config.admin, id) {
-        (Some(a), 0) => match net::bind(a.listen, 128) {
+        (Some(a), 0) => match net::bind(a.listen, 128, None) {
             Ok(l) => Some(l),
             Err(e) => {
                 let _ = ready.send(Err(format!(
@@ -348,6 +352,7 @@ async fn run_shard(
     for (v, listener) in listeners {
         glommio::spawn_local(accept_loop(shard.clone(), v, listener)).detach();
     }
+    crate::health::start(&shard);
     if let Some(l) = admin_listener {
         glommio::spawn_local(admin::accept_loop(shard.clone(), l)).detach();
     }

@@ -40,6 +40,21 @@ impl Client {
         }
     }
 
+    /// Connect from a chosen loopback source address (127.0.0.0/8 is all ours).
+    pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let sk = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sk.bind(&SocketAddr::new(src, 0).into()).unwrap();
+        sk.connect(&addr.into()).unwrap();
+        let s: TcpStream = sk.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         self.w.write_all(bytes).unwrap();
     }

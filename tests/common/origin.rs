@@ -50,16 +50,25 @@ pub struct Origin {
     pub connections: Arc<AtomicUsize>,
     pub open: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// False once the listener is closed after `stop`.
+    running: Arc<AtomicBool>,
 }
 
 impl Origin {
     pub fn start(handler: Handler) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Origin::start_on("127.0.0.1:0".parse().unwrap(), handler)
+    }
+
+    /// Start on a given address (to restart an origin where it was).
+    pub fn start_on(addr: SocketAddr, handler: Handler) -> Origin {
+        let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(AtomicBool::new(true));
+        let r2 = running.clone();
         let (s2, c2, o2, st2) = (
             seen.clone(),
             connections.clone(),
@@ -83,6 +92,8 @@ impl Origin {
                     Err(_) => thread::sleep(Duration::from_millis(2)),
                 }
             }
+            drop(listener);
+            r2.store(false, Ordering::SeqCst);
         });
         Origin {
             addr,
@@ -90,6 +101,7 @@ impl Origin {
             connections,
             open,
             stop,
+            running,
         }
     }
 
@@ -104,6 +116,14 @@ impl Origin {
             );
             Next::KeepAlive
         }))
+    }
+
+    /// Stop accepting and close the listening socket; returns once it is closed.
+    pub fn shut(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        while self.running.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(2));
+        }
     }
 
     pub fn requests(&self) -> Vec<Seen> {
