@@ -171,8 +171,9 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
-        let mut ack_deadline: Option<Instant> = None;
+        let mut wait_deadline: Option<Instant> = None;
         let parsed = loop {
+            let gen = shard.load.capacity_gen();
             let parsed: Result<Route, ProxyError> = (|| {
                 let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
                 let req = match parse_request(
@@ -198,10 +199,15 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 let pool = route(vs, own_empty, host, path)
                     .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
                 let server = match choose(&shard, pool, &req, peer, proto, &mut set_cookie) {
-                    Err(e)
-                        if e.status == 503 && shard.schedulers[pool].awaiting_ack(&shard.load) =>
-                    {
-                        return Ok(Route::AwaitAck)
+                    Err(e) if e.status == 503 => {
+                        let sched = &shard.schedulers[pool];
+                        if sched.awaiting_ack(&shard.load) {
+                            return Ok(Route::Wait(ACK_WAIT));
+                        }
+                        if !vs.queue_timeout.is_zero() && sched.any_usable(&shard.load) {
+                            return Ok(Route::Wait(vs.queue_timeout));
+                        }
+                        return Err(e);
                     }
                     r => r?,
                 };
@@ -210,11 +216,21 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
                 Ok(Route::Forward(req.info, server))
             })();
-            if let Ok(Route::AwaitAck) = parsed {
-                let d = *ack_deadline.get_or_insert_with(|| Instant::now() + ACK_WAIT);
+            if let Ok(Route::Wait(limit)) = parsed {
+                let first = wait_deadline.is_none();
+                let d = *wait_deadline.get_or_insert_with(|| Instant::now() + limit);
+                if first && shard.queued.get() >= vs.queue_size {
+                    break Err(ProxyError::policy(503, "connection limit queue is full"));
+                }
                 if Instant::now() < d {
-                    // The peers acknowledge within a mesh round trip (about a millisecond).
-                    glommio::timer::sleep(Duration::from_micros(500)).await;
+                    // Wait for room: a release, a peer's snapshot or acknowledgement.
+                    shard.queued.set(shard.queued.get() + 1);
+                    let _ = until(d, async {
+                        std::future::poll_fn(|cx| shard.load.poll_capacity(cx, gen)).await;
+                        Ok(())
+                    })
+                    .await;
+                    shard.queued.set(shard.queued.get() - 1);
                     continue;
                 }
                 break Err(ProxyError::policy(
@@ -243,7 +259,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 continue;
             }
-            Ok(Route::AwaitAck) => continue,
+            Ok(Route::Wait(_)) => continue,
             Err(e) => return refuse(client, peer, vs, e).await,
         };
         cbuf.consume(info.head_len);
@@ -407,8 +423,9 @@ fn find_cookie<'b>(req: &ParsedRequest<'_, 'b>, name: &str) -> Option<&'b str> {
 enum Route {
     Forward(RequestInfo, ServerId),
     Redirect(RequestInfo),
-    /// Every candidate is held back only by an admission awaiting the peers' acknowledgement.
-    AwaitAck,
+    /// Every candidate is at its connection limit (or held back by an admission awaiting the
+    /// peers' acknowledgement): wait up to this long for room.
+    Wait(Duration),
 }
 
 /// How long a request may wait for connection-limit acknowledgements before 503.

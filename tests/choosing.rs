@@ -528,3 +528,42 @@ fn sub_service_by_sni_and_404_without_a_default_pool() {
         "no sub-service matches and the service has no real servers of its own"
     );
 }
+
+#[test]
+fn a_bounded_queue_waits_for_room_under_the_limit() {
+    let (release, conc, max) = counters();
+    let o = holding("o", release.clone(), conc.clone(), max.clone());
+    let listen = local(free_port());
+    let cfg = format!(
+        "[runtime]\nshards = 1\n[[virtual_service]]\nlisten = \"{listen}\"\nqueue_timeout = \"10s\"\nqueue_size = 1\n\
+         [[virtual_service.real_server]]\naddress = \"{}\"\nconnection_limit = 1\n",
+        o.addr
+    );
+    let _p = Proxy::start(&cfg, listen);
+    let mut first = Client::connect(listen);
+    first.send(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n");
+    wait_until(Duration::from_secs(5), "first held", || {
+        conc.load(Ordering::SeqCst) == 1
+    });
+    let mut queued = Client::connect(listen);
+    queued.send(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n");
+    // the queue holds one: a third request is refused at once
+    let started = Instant::now();
+    let r = one(listen, b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 503);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(o.nr_requests(), 1, "the queued request waits for room");
+    release.store(true, Ordering::SeqCst);
+    let released = Instant::now();
+    assert_eq!(first.read(false).unwrap().status, 200);
+    assert_eq!(
+        queued.read(false).unwrap().status,
+        200,
+        "served once the first finished"
+    );
+    assert!(
+        released.elapsed() < Duration::from_secs(5),
+        "woken by the release, not the queue timeout"
+    );
+    assert_eq!(max.load(Ordering::SeqCst), 1, "never beyond the limit");
+}

@@ -44,6 +44,10 @@ pub struct LoadView {
     enabled: Vec<Cell<bool>>,
     dirty: Cell<bool>,
     publisher: RefCell<Option<Waker>>,
+    /// Bumped whenever capacity may have freed up (a release here, a snapshot or an
+    /// acknowledgement from a peer, an operator or health change): queued requests retry.
+    capacity_gen: Cell<u64>,
+    capacity_waiters: RefCell<Vec<Waker>>,
 }
 
 impl LoadView {
@@ -63,6 +67,8 @@ impl LoadView {
             enabled: (0..nr_servers).map(|_| Cell::new(true)).collect(),
             dirty: Cell::new(false),
             publisher: RefCell::new(None),
+            capacity_gen: Cell::new(0),
+            capacity_waiters: RefCell::new(Vec::new()),
         }
     }
 
@@ -114,13 +120,39 @@ impl LoadView {
 
     pub fn set_up(&self, id: ServerId, up: bool) {
         if let Some(c) = self.up.get(id.0) {
-            c.set(up);
+            if c.replace(up) != up {
+                self.notify_capacity();
+            }
         }
     }
 
     pub fn set_enabled(&self, id: ServerId, enabled: bool) {
         if let Some(c) = self.enabled.get(id.0) {
-            c.set(enabled);
+            if c.replace(enabled) != enabled {
+                self.notify_capacity();
+            }
+        }
+    }
+
+    /// Current capacity generation, to wait for the next change with `poll_capacity`.
+    pub fn capacity_gen(&self) -> u64 {
+        self.capacity_gen.get()
+    }
+
+    /// Ready once capacity may have changed since generation `since`.
+    pub fn poll_capacity(&self, cx: &mut Context<'_>, since: u64) -> Poll<()> {
+        if self.capacity_gen.get() != since {
+            return Poll::Ready(());
+        }
+        self.capacity_waiters.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn notify_capacity(&self) {
+        self.capacity_gen.set(self.capacity_gen.get() + 1);
+        let waiters = std::mem::take(&mut *self.capacity_waiters.borrow_mut());
+        for w in waiters {
+            w.wake();
         }
     }
 
@@ -169,6 +201,9 @@ impl LoadView {
                 c.get().saturating_sub(1)
             });
             self.mark_dirty();
+            if !up {
+                self.notify_capacity();
+            }
         }
     }
 
@@ -245,6 +280,7 @@ impl LoadView {
         if snap.want_ack {
             self.mark_dirty();
         }
+        self.notify_capacity();
     }
 }
 

@@ -67,6 +67,10 @@ pub struct FileVirtualService {
     pub response_timeout: Option<Spanned<String>>,
     /// Time a client has to send a whole request head once it started one.
     pub request_timeout: Option<Spanned<String>>,
+    /// When every real server is at its connection limit: how long a request may wait for
+    /// room before 503 (0: answer 503 at once), and how many may wait per shard.
+    pub queue_timeout: Option<Spanned<String>>,
+    pub queue_size: Option<usize>,
     /// Idle upstream connections kept per real server per shard.
     pub pool_size: Option<usize>,
     /// How long an idle pooled upstream connection may be reused.

@@ -155,6 +155,10 @@ pub struct VirtualService {
     pub request_timeout: Duration,
     pub pool_size: usize,
     pub pool_idle_timeout: Duration,
+    /// Wait for room under connection limits (zero: 503 at once).
+    pub queue_timeout: Duration,
+    /// Requests that may wait for room, per shard.
+    pub queue_size: usize,
     pub limits: HeadLimits,
     pub tls: Option<Tls>,
     pub reencrypt: Option<Reencrypt>,
@@ -545,6 +549,12 @@ impl Validator<'_> {
                     Duration::from_secs(30),
                 )?,
                 pool_size: vs.pool_size.unwrap_or(64),
+                queue_timeout: match &vs.queue_timeout {
+                    None => Duration::ZERO,
+                    Some(q) => parse_duration(q.get_ref())
+                        .map_err(|m| self.err(Some(q.span()), &format!("{p}.queue_timeout"), m))?,
+                },
+                queue_size: vs.queue_size.unwrap_or(128),
                 pool_idle_timeout: self.duration(
                     &vs.pool_idle_timeout,
                     &format!("{p}.pool_idle_timeout"),
@@ -677,6 +687,14 @@ impl Validator<'_> {
         } else {
             CheckType::Http
         });
+        if kind == CheckType::Https && !reencrypting {
+            return Err(self.err(
+                None,
+                &format!("{p}.type"),
+                "https checks use the service's [reencrypt] settings: configure re-encryption"
+                    .into(),
+            ));
+        }
         let url = match &h.url {
             None => "/".to_string(),
             Some(u) if u.get_ref().starts_with('/') && !u.get_ref().contains([' ', '\r', '\n']) => {

@@ -38,6 +38,8 @@ pub struct Shard {
     pub cookies: CookieSigner,
     /// Latest health-check result per server, as reported over the mesh.
     pub checks: RefCell<Vec<Option<CheckResult>>>,
+    /// Requests waiting for room under connection limits.
+    pub queued: Cell<usize>,
     closing: Cell<bool>,
     /// Closed (never signalled) at shutdown: every waiter wakes at once.
     close_signal: Semaphore,
@@ -115,6 +117,7 @@ impl Shard {
                 .collect(),
             cookies: CookieSigner::new(&secrets.cookie_key),
             checks: RefCell::new(vec![None; config.nr_servers]),
+            queued: Cell::new(0),
             closing: Cell::new(false),
             close_signal: Semaphore::new(0),
             nr_clients: Cell::new(0),
