@@ -5,6 +5,7 @@
 use crate::config::{Persistence, ServerId};
 use crate::http::Buf;
 use crate::io::{fill, respond_and_close, until};
+use crate::metrics::Merged;
 use crate::shard::mesh::MeshMsg;
 use crate::shard::Shard;
 use glommio::net::{TcpListener, TcpStream};
@@ -74,7 +75,22 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
     let resp = match (method.as_str(), route) {
-        ("GET" | "HEAD", "/status") => response("200 OK", "application/json", &status_json(&shard)),
+        ("GET" | "HEAD", "/status") => {
+            let merged = shard.gather_metrics().await;
+            response("200 OK", "application/json", &status_json(&shard, &merged))
+        }
+        ("GET" | "HEAD", "/metrics") => {
+            let merged = shard.gather_metrics().await;
+            let cfg = &shard.config;
+            let text = crate::metrics::prometheus(
+                cfg,
+                &merged,
+                |i| shard.load.usable(ServerId(i)) as u8,
+                |i| shard.load.global(ServerId(i)),
+            );
+            response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &text)
+        }
+        ("GET" | "HEAD", "/") => response("200 OK", "text/html; charset=utf-8", STATUS_PAGE),
         ("POST", "/real_server/enable") | ("POST", "/real_server/disable") => {
             let enable = route.ends_with("enable");
             match set_enabled(&shard, query, enable).await {
@@ -86,7 +102,7 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 ),
             }
         }
-        (_, "/status" | "/real_server/enable" | "/real_server/disable") => {
+        (_, "/" | "/status" | "/metrics" | "/real_server/enable" | "/real_server/disable") => {
             return respond_and_close(&mut stream, crate::http::canned::error_response(405)).await
         }
         _ => return respond_and_close(&mut stream, crate::http::canned::error_response(404)).await,
@@ -134,7 +150,7 @@ fn server_state(shard: &Shard, id: ServerId) -> &'static str {
 
 /// Appliance-wide status: per virtual service (and sub-service) its real servers with health,
 /// last check, and the active connection count summed over shards with the per-shard split.
-pub fn status_json(shard: &Shard) -> String {
+pub fn status_json(shard: &Shard, merged: &Merged) -> String {
     let cfg = &shard.config;
     let pool_json = |p: usize| {
         let pool = &cfg.pools[p];
@@ -153,6 +169,7 @@ pub fn status_json(shard: &Shard) -> String {
                     "connection_limit": rs.connection_limit,
                     "active_connections": shard.load.global(id),
                     "active_connections_per_shard": shard.load.per_shard(id),
+                    "requests_total": merged.servers.get(id.0).map(|s| s.requests).unwrap_or(0),
                     "last_check": check.map(|c| json!({ "ok": c.ok, "at_unix_ms": c.at_unix_ms, "detail": c.detail })),
                 })
             })
@@ -182,7 +199,8 @@ pub fn status_json(shard: &Shard) -> String {
     let services: Vec<_> = cfg
         .services
         .iter()
-        .map(|vs| {
+        .enumerate()
+        .map(|(vi, vs)| {
             let (own_up, own) = pool_json(vs.pool);
             let mut any_up = own_up;
             let subs: Vec<_> = vs
@@ -209,11 +227,21 @@ pub fn status_json(shard: &Shard) -> String {
                 "down"
             });
             v["sub_services"] = json!(subs);
+            if let Some(m) = merged.services.get(vi) {
+                v["requests_total"] = json!(m.requests);
+                v["connections_active"] = json!(m.connections_active);
+                v["responses"] = json!({ "1xx": m.responses[0], "2xx": m.responses[1], "3xx": m.responses[2], "4xx": m.responses[3], "5xx": m.responses[4] });
+            }
             v
         })
         .collect();
-    let shards: Vec<_> = shard
-        .accepted_per_shard()
+    let mut accepted = shard.accepted_per_shard();
+    for snap in &merged.per_shard {
+        if let Some(a) = accepted.get_mut(snap.shard) {
+            *a = snap.accepted;
+        }
+    }
+    let shards: Vec<_> = accepted
         .iter()
         .enumerate()
         .map(|(i, a)| json!({ "id": i, "core": cfg.runtime.cores[i], "accepted_connections": a }))
@@ -226,3 +254,58 @@ pub fn status_json(shard: &Shard) -> String {
     })
     .to_string()
 }
+
+/// The status page: self-contained (no external assets), refreshing itself from /status.
+const STATUS_PAGE: &str = r##"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgeshard status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em;margin:0 0 .3em} h2{font-size:1.1em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;margin:.3em 0 1em;min-width:40em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left} th{background:#f3f3f3}
+.up{color:#fff;background:#2a7d2a;padding:0 .4em;border-radius:3px}
+.down{color:#fff;background:#b3261e;padding:0 .4em;border-radius:3px}
+.disabled{color:#fff;background:#777;padding:0 .4em;border-radius:3px}
+#meta{color:#666}
+</style></head><body>
+<h1>edgeshard</h1><div id="meta">loading…</div><div id="services"></div>
+<script>
+"use strict";
+let last = null;
+function esc(s){return String(s).replace(/[&<>"]/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;"}[c]));}
+function badge(s){return '<span class="'+esc(s)+'">'+esc(s.charAt(0).toUpperCase()+s.slice(1))+'</span>';}
+function rate(now,prev,dt){return prev===undefined||dt<=0?"–":((now-prev)/dt).toFixed(1);}
+function pool(p,prev,dt){
+  let h='<table><tr><th>Real server</th><th>Status</th><th>Active connections</th><th>Requests</th><th>Req/s</th><th>Last check</th></tr>';
+  for(const [i,r] of p.real_servers.entries()){
+    const pr=prev&&prev.real_servers&&prev.real_servers[i];
+    const chk=r.last_check?(r.last_check.ok?"ok":"failed")+": "+r.last_check.detail:"–";
+    h+='<tr class="rs"><td>'+esc(r.address)+'</td><td>'+badge(r.status)+'</td><td>'+r.active_connections+'</td><td>'+r.requests_total+'</td><td>'+rate(r.requests_total,pr&&pr.requests_total,dt)+'</td><td>'+esc(chk)+'</td></tr>';
+  }
+  return h+'</table>';
+}
+function render(s,prev,dt){
+  document.getElementById("meta").textContent="version "+s.version+" · up "+s.uptime_seconds+" s · "+s.shards.length+" shards · accepted per shard: "+s.shards.map(x=>x.accepted_connections).join(" / ");
+  let h="";
+  for(const [i,v] of s.virtual_services.entries()){
+    const pv=prev&&prev.virtual_services[i];
+    h+='<h2 class="vs">'+esc(v.name)+' '+badge(v.status)+' <small>'+esc(v.listen)+(v.tls?" (TLS)":"")+' · '+(v.connections_active||0)+' connections · '+rate(v.requests_total,pv&&pv.requests_total,dt)+' req/s</small></h2>';
+    h+=pool(v,pv,dt);
+    for(const [j,sub] of (v.sub_services||[]).entries()){
+      h+='<h3>'+esc(v.name)+' / '+esc(sub.name)+' '+badge(sub.status)+' <small>'+esc(sub.hosts.join(", "))+'</small></h3>';
+      h+=pool(sub,pv&&pv.sub_services&&pv.sub_services[j],dt);
+    }
+  }
+  document.getElementById("services").innerHTML=h;
+}
+async function tick(){
+  try{
+    const r=await fetch("/status",{cache:"no-store"});
+    const s=await r.json(); const now=Date.now();
+    render(s,last&&last.s,last?(now-last.t)/1000:0); last={s:s,t:now};
+  }catch(e){document.getElementById("meta").textContent="cannot reach /status: "+e;}
+}
+tick(); setInterval(tick,2000);
+</script></body></html>
+"##;

@@ -18,6 +18,28 @@ pub struct ProxyError {
     pub status: u16,
     pub fault: Fault,
     pub reason: &'static str,
+    /// Security-log event name, for failures the security log records.
+    pub event: Option<&'static str>,
+}
+
+/// The security-log event of a refused client request.
+fn client_event(status: u16, reason: &str) -> &'static str {
+    let framing = [
+        "Content-Length",
+        "Transfer-Encoding",
+        "transfer coding",
+        "chunk",
+        "bare CR",
+    ];
+    if status == 414 || status == 431 || status == 413 {
+        "oversized"
+    } else if framing.iter().any(|w| reason.contains(w)) {
+        "smuggling"
+    } else if status == 408 {
+        "timeout"
+    } else {
+        "malformed"
+    }
 }
 
 impl ProxyError {
@@ -26,6 +48,7 @@ impl ProxyError {
             status,
             fault: Fault::Client,
             reason,
+            event: Some(client_event(status, reason)),
         }
     }
     pub fn upstream(status: u16, reason: &'static str) -> Self {
@@ -33,6 +56,7 @@ impl ProxyError {
             status,
             fault: Fault::Upstream,
             reason,
+            event: None,
         }
     }
     pub fn policy(status: u16, reason: &'static str) -> Self {
@@ -40,7 +64,13 @@ impl ProxyError {
             status,
             fault: Fault::Policy,
             reason,
+            event: None,
         }
+    }
+    /// Record this failure in the security log under `event`.
+    pub fn with_event(mut self, event: &'static str) -> Self {
+        self.event = Some(event);
+        self
     }
 }
 

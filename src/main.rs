@@ -102,7 +102,8 @@ fn run(path: PathBuf) -> ExitCode {
     // Block the shutdown signals before any shard thread exists, so they inherit the mask
     // and only this thread receives them, synchronously.
     let signals = edgeshard::runtime::block_signals();
-    let running = match edgeshard::shard::start(config.clone()) {
+    let log = edgeshard::log::LogWriter::start(&config.log);
+    let running = match edgeshard::shard::start(config.clone(), log.clone()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -134,7 +135,7 @@ fn run(path: PathBuf) -> ExitCode {
     if let Some(a) = &config.admin {
         tracing::info!(listen = %a.listen, "admin endpoint: GET /status");
     }
-    let sig = edgeshard::runtime::wait_for_shutdown(&signals);
+    let sig = edgeshard::runtime::wait_for_shutdown(&signals, || log.reopen());
     tracing::info!(signal = sig, drain = ?config.runtime.drain_timeout, "shutting down: no new connections, draining");
     running.stop();
     running.join();

@@ -9,6 +9,7 @@ use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
 use crate::http::write::{write_request_head, write_response_head, ClientFraming, Forwarded};
 use crate::http::{BodyKind, Buf, RequestInfo, ResponseInfo};
 use crate::io::{fill, respond_and_close, timeout, until, write_all};
+use crate::log::{AccessRecord, ConnectionRecord, SecurityRecord};
 use crate::relay::{relay_body, tunnel, RelayError};
 use crate::shard::Shard;
 use crate::upstream::{connect, ConnectError, UpstreamConn};
@@ -45,8 +46,8 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 enum HeadRead {
     /// A complete head is in the buffer.
     Ready,
-    /// The client closed, went idle past the timeout, or the shard is closing.
-    Closed,
+    /// The connection ends: why (client, idle_timeout, shutdown, error).
+    Closed(&'static str),
     Refuse(ProxyError),
 }
 
@@ -81,7 +82,7 @@ async fn read_head<S: AsyncRead + Unpin>(
         }
         let read = if buf.is_empty() {
             if shard.is_closing() {
-                return HeadRead::Closed;
+                return HeadRead::Closed("shutdown");
             }
             // Between requests: idle timeout, and give way to shutdown.
             let idle = timeout(vs.idle_timeout, fill(client, buf));
@@ -103,7 +104,14 @@ async fn read_head<S: AsyncRead + Unpin>(
             }
         };
         match read {
-            Ok(0) | Err(_) => return HeadRead::Closed,
+            Ok(0) => return HeadRead::Closed("client"),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return HeadRead::Closed("idle_timeout")
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return HeadRead::Closed("shutdown")
+            }
+            Err(_) => return HeadRead::Closed("error"),
             Ok(_) => {
                 if deadline.is_none() {
                     deadline = Some(Instant::now() + vs.request_timeout);
@@ -113,26 +121,139 @@ async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-/// The one place a failure becomes a response to the client (and a log line).
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut S,
+/// One client connection's facts and counters, for the three logs and the metrics.
+struct Conn<'a> {
+    shard: &'a Shard,
+    vs_idx: usize,
+    vs: &'a VirtualService,
     peer: SocketAddr,
-    vs: &VirtualService,
-    e: ProxyError,
-) {
-    match e.fault {
-        Fault::Client => {
-            tracing::info!(client = %peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
-        }
-        Fault::Upstream | Fault::Policy => {
-            tracing::warn!(client = %peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
+    tls: Option<&'static str>,
+    opened: Instant,
+    requests: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The current request: when its head was complete, and a copy of its host, method and
+    /// path (the head buffer moves on before the request is logged).
+    started: Instant,
+    meta: Vec<u8>,
+    meta_host: usize,
+    meta_method: usize,
+    sub_service: Option<usize>,
+}
+
+impl Conn<'_> {
+    fn remember(&mut self, host: Option<&[u8]>, method: &[u8], target: &[u8]) {
+        self.meta.clear();
+        self.meta.extend_from_slice(host.unwrap_or(b""));
+        self.meta_host = self.meta.len();
+        self.meta.extend_from_slice(method);
+        self.meta_method = self.meta.len();
+        self.meta.extend_from_slice(target);
+    }
+
+    fn host(&self) -> &[u8] {
+        &self.meta[..self.meta_host]
+    }
+
+    fn method(&self) -> &[u8] {
+        &self.meta[self.meta_host..self.meta_method]
+    }
+
+    fn path(&self) -> &[u8] {
+        &self.meta[self.meta_method..]
+    }
+
+    /// One request done: metrics and the user-access record.
+    fn finish(&mut self, status: u16, server: Option<ServerId>, bytes_in: u64, bytes_out: u64) {
+        self.requests += 1;
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+        let elapsed = self.started.elapsed();
+        let m = &self.shard.metrics;
+        m.request(
+            self.vs_idx,
+            server.map(|s| s.0),
+            status,
+            bytes_in,
+            bytes_out,
+            elapsed.as_micros() as u64,
+        );
+        if self.vs.logging.user_access {
+            let sub = self
+                .sub_service
+                .and_then(|i| self.vs.sub_services.get(i))
+                .map(|s| s.name.as_str());
+            self.shard.log.access(&AccessRecord {
+                client: self.peer,
+                service: &self.vs.name,
+                sub_service: sub,
+                host: self.host(),
+                method: self.method(),
+                path: self.path(),
+                status,
+                bytes_in,
+                bytes_out,
+                real_server: server.map(|s| self.shard.server(s).name.as_str()),
+                duration: elapsed,
+                tls: self.tls,
+            });
         }
     }
-    respond_and_close(client, error_response(e.status)).await;
+
+    fn connection_record(&self, event: &str, reason: Option<&str>) {
+        if self.vs.logging.connection {
+            self.shard.log.connection(&ConnectionRecord {
+                event,
+                client: self.peer,
+                service: &self.vs.name,
+                shard: self.shard.id,
+                duration: self.opened.elapsed(),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+                requests: self.requests,
+                reason,
+                tls: self.tls,
+            });
+        }
+    }
+}
+
+/// The one place a failure becomes a response to the client, a log line, a security record
+/// (for refusals) and an access record.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    conn: &mut Conn<'_>,
+    e: ProxyError,
+    head_len: u64,
+) {
+    let vs = conn.vs;
+    match e.fault {
+        Fault::Client => {
+            tracing::info!(client = %conn.peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
+        }
+        Fault::Upstream | Fault::Policy => {
+            tracing::warn!(client = %conn.peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
+        }
+    }
+    if let (Some(event), true) = (e.event, vs.logging.security) {
+        let has_meta = !conn.meta.is_empty();
+        conn.shard.log.security(&SecurityRecord {
+            client: conn.peer,
+            service: &vs.name,
+            event,
+            reason: e.reason,
+            status: Some(e.status),
+            host: has_meta.then(|| conn.host()),
+            path: has_meta.then(|| conn.path()),
+        });
+    }
+    let resp = error_response(e.status);
+    conn.finish(e.status, None, head_len, resp.len() as u64);
+    respond_and_close(client, resp).await;
 }
 
 /// Serve one client connection of virtual service `vs_idx` to its end, then close it
-/// gracefully (a TLS close_notify, a FIN).
+/// gracefully (a TLS close_notify, a FIN). Logs its open and close.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shard: Rc<Shard>,
     vs_idx: usize,
@@ -140,35 +261,77 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     proto: &'static str,
     sni: Option<String>,
-) {
-    serve_requests(shard, vs_idx, &mut client, peer, proto, sni.as_deref()).await;
-    let _ = timeout(Duration::from_secs(1), client.close()).await;
-}
-
-async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: Rc<Shard>,
-    vs_idx: usize,
-    client: &mut S,
-    peer: SocketAddr,
-    proto: &'static str,
-    sni: Option<&str>,
+    tls: Option<&'static str>,
 ) {
     let vs = &shard.config.services[vs_idx];
+    let now = Instant::now();
+    let mut conn = Conn {
+        shard: &shard,
+        vs_idx,
+        vs,
+        peer,
+        tls,
+        opened: now,
+        requests: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        started: now,
+        meta: Vec::new(),
+        meta_host: 0,
+        meta_method: 0,
+        sub_service: None,
+    };
+    let counters = &shard.metrics.services[vs_idx];
+    counters
+        .connections_active
+        .set(counters.connections_active.get() + 1);
+    counters
+        .connections_total
+        .set(counters.connections_total.get() + 1);
+    conn.connection_record("open", None);
+    let reason = serve_requests(&mut conn, &mut client, proto, sni.as_deref()).await;
+    let _ = timeout(Duration::from_secs(1), client.close()).await;
+    conn.connection_record("close", Some(reason));
+    counters
+        .connections_active
+        .set(counters.connections_active.get().saturating_sub(1));
+}
+
+/// The keep-alive loop; returns why the connection ends.
+async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<'_>,
+    client: &mut S,
+    proto: &'static str,
+    sni: Option<&str>,
+) -> &'static str {
+    let shard = conn.shard;
+    let vs = conn.vs;
+    let peer = conn.peer;
     let mut cbuf = Buf::new(vs.limits.max_header_size.max(16 * 1024));
     let mut req_out: Vec<u8> = Vec::with_capacity(2048);
     let mut resp_out: Vec<u8> = Vec::with_capacity(2048);
     // A persistence cookie to set on the response, rebuilt per request when one is due.
     let mut set_cookie: Vec<u8> = Vec::new();
+    // The normalised path, for ESP.
+    let mut scratch: Vec<u8> = Vec::new();
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
     };
     loop {
-        match read_head(&shard, vs, client, &mut cbuf).await {
+        conn.meta.clear();
+        conn.sub_service = None;
+        match read_head(shard, vs, client, &mut cbuf).await {
             HeadRead::Ready => {}
-            HeadRead::Closed => return,
-            HeadRead::Refuse(e) => return refuse(client, peer, vs, e).await,
+            HeadRead::Closed(why) => return why,
+            HeadRead::Refuse(e) => {
+                conn.started = Instant::now();
+                let n = cbuf.len() as u64;
+                refuse(client, conn, e, n).await;
+                return "error";
+            }
         }
+        conn.started = Instant::now();
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
         let mut wait_deadline: Option<Instant> = None;
@@ -195,9 +358,34 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                     Target::Origin(p) => p,
                     Target::Asterisk => "*",
                 };
+                conn.remember(host, req.method.as_bytes(), path.as_bytes());
                 let own_empty = shard.config.pools[vs.pool].servers.is_empty();
-                let pool = route(vs, own_empty, host, path)
+                let (pool, sub) = route(vs, own_empty, host, path)
                     .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
+                conn.sub_service = sub;
+                // ESP: the sub-service's rules, else the service's.
+                let esp = sub
+                    .and_then(|i| vs.sub_services[i].esp.as_ref())
+                    .or(vs.esp.as_ref());
+                if let Some(esp) = esp {
+                    if let Err(r) = crate::esp::check(esp, req.host, sni, path, &mut scratch) {
+                        let i = crate::esp::Refusal::ALL
+                            .iter()
+                            .position(|x| *x == r)
+                            .unwrap_or(0);
+                        let c = &shard.metrics.services[conn.vs_idx].esp_refusals[i];
+                        c.set(c.get() + 1);
+                        let event = match r {
+                            crate::esp::Refusal::Host | crate::esp::Refusal::HostSniMismatch => {
+                                "esp_host"
+                            }
+                            _ => "esp_directory",
+                        };
+                        return Err(
+                            ProxyError::policy(esp.refusal_status, r.reason()).with_event(event)
+                        );
+                    }
+                }
                 let server = match choose(&shard, pool, &req, peer, proto, &mut set_cookie) {
                     Err(e) if e.status == 503 => {
                         let sched = &shard.schedulers[pool];
@@ -250,21 +438,29 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 resp_out.extend_from_slice(b"\r\n");
                 cbuf.consume(info.head_len);
-                if write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT)
+                let ok = write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT)
                     .await
-                    .is_err()
-                    || !keep
-                {
-                    return;
+                    .is_ok();
+                let status = vs.redirect.map(|r| r.status).unwrap_or(301);
+                conn.finish(status, None, info.head_len as u64, resp_out.len() as u64);
+                if !ok {
+                    return "error";
+                }
+                if !keep {
+                    return "client";
                 }
                 continue;
             }
             Ok(Route::Wait(_)) => continue,
-            Err(e) => return refuse(client, peer, vs, e).await,
+            Err(e) => {
+                let n = cbuf.len() as u64;
+                refuse(client, conn, e, n).await;
+                return "error";
+            }
         };
         cbuf.consume(info.head_len);
         match exchange(
-            &shard,
+            shard,
             vs,
             client,
             &mut cbuf,
@@ -276,9 +472,25 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await
         {
-            Ok(true) => continue,
-            Ok(false) => return,
-            Err(e) => return refuse(client, peer, vs, e).await,
+            Ok(done) => {
+                conn.finish(
+                    done.status,
+                    Some(server),
+                    info.head_len as u64 + done.body_in,
+                    done.bytes_out,
+                );
+                if !done.keep {
+                    return if shard.is_closing() {
+                        "shutdown"
+                    } else {
+                        "client"
+                    };
+                }
+            }
+            Err(e) => {
+                refuse(client, conn, e, info.head_len as u64).await;
+                return "error";
+            }
         }
     }
 }
@@ -291,7 +503,7 @@ fn route(
     own_pool_empty: bool,
     host: Option<&[u8]>,
     path: &str,
-) -> Option<usize> {
+) -> Option<(usize, Option<usize>)> {
     let host = host.map(|h| {
         if h.starts_with(b"[") {
             h
@@ -313,15 +525,15 @@ fn route(
             })
     };
     let path = path.split('?').next().unwrap_or(path);
-    for sub in &vs.sub_services {
+    for (i, sub) in vs.sub_services.iter().enumerate() {
         let path_ok =
             sub.paths.is_empty() || sub.paths.iter().any(|p| path.starts_with(p.as_str()));
         if path_ok && host_matches(&sub.hosts) {
-            return Some(sub.pool);
+            return Some((sub.pool, Some(i)));
         }
     }
     if vs.sub_services.is_empty() || !own_pool_empty {
-        Some(vs.pool)
+        Some((vs.pool, None))
     } else {
         None
     }
@@ -479,7 +691,7 @@ enum Attempt {
 /// An Err means the client has seen nothing yet and gets an error response.
 #[allow(clippy::too_many_arguments)]
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: &Rc<Shard>,
+    shard: &Shard,
     vs: &VirtualService,
     client: &mut S,
     cbuf: &mut Buf,
@@ -488,7 +700,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     set_cookie: &[u8],
     info: RequestInfo,
     server: ServerId,
-) -> Result<bool, ProxyError> {
+) -> Result<Done, ProxyError> {
     let rs = shard.server(server);
     // Only a request we can send again byte for byte, and may, is retried.
     let replayable = info.body == BodyKind::None && info.method.is_idempotent() && !info.upgrade;
@@ -512,21 +724,25 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             {
                 Ok(c) => c,
-                Err(ConnectError::TimedOut) => {
-                    return Err(ProxyError::upstream(504, "real server connect timed out"))
-                }
-                Err(ConnectError::Refused(_)) => {
-                    return Err(ProxyError::upstream(
-                        502,
-                        "real server refused the connection",
-                    ))
-                }
-                Err(ConnectError::Tls(e)) => {
-                    tracing::warn!(service = %vs.name, real_server = %rs.name, "re-encryption to real server failed: {e}");
-                    return Err(ProxyError::upstream(
-                        502,
-                        "real server TLS handshake failed",
-                    ));
+                Err(e) => {
+                    let c = &shard.metrics.servers[server.0].connect_errors;
+                    c.set(c.get() + 1);
+                    return Err(match e {
+                        ConnectError::TimedOut => {
+                            ProxyError::upstream(504, "real server connect timed out")
+                        }
+                        ConnectError::Refused(_) => {
+                            ProxyError::upstream(502, "real server refused the connection")
+                        }
+                        ConnectError::Tls(e) => {
+                            tracing::warn!(service = %vs.name, real_server = %rs.name, "re-encryption to real server failed: {e}");
+                            ProxyError::upstream(
+                                502,
+                                "real server certificate or TLS handshake failed",
+                            )
+                            .with_event("upstream_certificate")
+                        }
+                    });
                 }
             },
         };
@@ -536,16 +752,23 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .is_err()
             {
-                return Ok(false);
+                return Ok(Done {
+                    keep: false,
+                    status: 100,
+                    bytes_out: 0,
+                    body_in: 0,
+                });
             }
             sent_continue = true;
         }
         match send_and_receive(vs, client, cbuf, &mut up, req_out, info).await {
-            Ok(resp) => {
-                return respond(
+            Ok((resp, body_in)) => {
+                let mut done = respond(
                     shard, vs, client, cbuf, up, resp_out, set_cookie, info, resp,
                 )
-                .await
+                .await?;
+                done.body_in += body_in;
+                return Ok(done);
             }
             Err(Attempt::Retry) if replayable && up.reused => {
                 fresh_only = true;
@@ -572,7 +795,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
     up: &mut UpstreamConn,
     req_out: &[u8],
     info: RequestInfo,
-) -> Result<ResponseInfo, Attempt> {
+) -> Result<(ResponseInfo, u64), Attempt> {
     let upstream_gone = |e: &io::Error| {
         matches!(
             e.kind(),
@@ -581,6 +804,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                 | io::ErrorKind::UnexpectedEof
         )
     };
+    let body_in;
     if let Err(e) = write_all(&mut up.stream, req_out, vs.response_timeout).await {
         return Err(if upstream_gone(&e) {
             Attempt::Retry
@@ -602,7 +826,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await
     {
-        Ok(_) => {}
+        Ok(n) => body_in = n,
         Err(RelayError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(Attempt::Fail(ProxyError::client(
                 408,
@@ -648,7 +872,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                 scanned = 0;
                 continue;
             }
-            return Ok(resp);
+            return Ok((resp, body_in));
         }
         scanned = up.buf.len().saturating_sub(2);
         if up.buf.is_full() {
@@ -688,7 +912,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
 /// Relay the response whose head is at the front of `up.buf` to the client.
 #[allow(clippy::too_many_arguments)]
 async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: &Rc<Shard>,
+    shard: &Shard,
     vs: &VirtualService,
     client: &mut S,
     cbuf: &mut Buf,
@@ -697,7 +921,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     set_cookie: &[u8],
     info: RequestInfo,
     resp: ResponseInfo,
-) -> Result<bool, ProxyError> {
+) -> Result<Done, ProxyError> {
     if resp.status == 101 && !info.upgrade {
         return Err(ProxyError::upstream(
             502,
@@ -738,15 +962,24 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             body = BodyKind::None;
         }
     }
+    let mut done = Done {
+        keep: false,
+        status: resp.status,
+        bytes_out: resp_out.len() as u64,
+        body_in: 0,
+    };
     if write_all(client, resp_out, CLIENT_WRITE_TIMEOUT)
         .await
         .is_err()
     {
-        return Ok(false);
+        return Ok(done);
     }
     if resp.status == 101 {
-        tunnel(client, cbuf, &mut up.stream, &mut up.buf, vs.idle_timeout).await;
-        return Ok(false);
+        let (up_bytes, down_bytes) =
+            tunnel(client, cbuf, &mut up.stream, &mut up.buf, vs.idle_timeout).await;
+        done.body_in += up_bytes;
+        done.bytes_out += down_bytes;
+        return Ok(done);
     }
     match relay_body(
         &mut up.stream,
@@ -759,18 +992,31 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await
     {
-        Ok(_) => {}
+        Ok(n) => done.bytes_out += n,
         Err(e) => {
             // The client has a partial response: all we can do is close (the truncation
             // tells it). The upstream connection is dropped, never pooled.
             tracing::warn!(service = %vs.name, "response relay failed: {e:?}");
-            return Ok(false);
+            return Ok(done);
         }
     }
     if resp.reusable && !shard.is_closing() {
         shard.pools.checkin(up, vs.pool_size);
     }
-    Ok(keep_alive)
+    done.keep = keep_alive;
+    Ok(done)
+}
+
+/// How a forwarded request ended (the client saw a response, whole or not).
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    /// The client connection stays open.
+    keep: bool,
+    status: u16,
+    /// Bytes written to the client.
+    bytes_out: u64,
+    /// Request body bytes read from the client (and tunnel bytes upstream).
+    body_in: u64,
 }
 
 #[cfg(test)]

@@ -53,13 +53,14 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
-/// Block until SIGTERM or SIGINT; returns its name.
-pub fn wait_for_shutdown(set: &libc::sigset_t) -> &'static str {
+/// Block until SIGTERM or SIGINT (returns its name); SIGUSR1 calls `reopen_logs` meanwhile.
+pub fn wait_for_shutdown(set: &libc::sigset_t, reopen_logs: impl Fn()) -> &'static str {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: sigwait on a set of blocked signals.
@@ -68,6 +69,10 @@ pub fn wait_for_shutdown(set: &libc::sigset_t) -> &'static str {
             return match sig {
                 libc::SIGTERM => "SIGTERM",
                 libc::SIGINT => "SIGINT",
+                libc::SIGUSR1 => {
+                    reopen_logs();
+                    continue;
+                }
                 _ => continue,
             };
         }

@@ -9,8 +9,50 @@ use toml::Spanned;
 pub struct FileConfig {
     pub runtime: Option<FileRuntime>,
     pub admin: Option<FileAdmin>,
+    pub log: Option<FileLog>,
     #[serde(default)]
     pub virtual_service: Vec<FileVirtualService>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// Where the three ESP logs go: a file path (relative to the config file) or "stdout".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub user_access: Option<Spanned<String>>,
+    pub security: Option<Spanned<String>>,
+    pub connection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEsp {
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Glob patterns on the normalised path; default everything ("/*").
+    pub allowed_directories: Option<Vec<String>>,
+    #[serde(default)]
+    pub excluded_directories: Vec<String>,
+    /// Status for refused requests (default 403).
+    pub refusal_status: Option<Spanned<u16>>,
+    pub logging: Option<FileEspLogging>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEspLogging {
+    pub user_access: Option<bool>,
+    pub security: Option<bool>,
+    pub connection: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -93,6 +135,8 @@ pub struct FileVirtualService {
     pub shard_steering: Option<Steering>,
     pub persistence: Option<FilePersistence>,
     pub health_check: Option<FileHealthCheck>,
+    /// Edge Security Pack: allowed hosts and directories, and which logs this service writes.
+    pub esp: Option<FileEsp>,
     #[serde(default)]
     pub sub_service: Vec<FileSubService>,
     #[serde(default)]
@@ -167,6 +211,8 @@ pub struct FileSubService {
     pub scheduling: Scheduling,
     pub persistence: Option<FilePersistence>,
     pub health_check: Option<FileHealthCheck>,
+    /// ESP rules of this sub-service (default: the virtual service's).
+    pub esp: Option<FileEsp>,
     #[serde(default)]
     pub real_server: Vec<FileRealServer>,
 }

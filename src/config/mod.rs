@@ -7,7 +7,7 @@ pub mod tls;
 mod units;
 
 use file::*;
-pub use file::{CheckType, Scheduling, Steering};
+pub use file::{CheckType, LogFormat, Scheduling, Steering};
 pub use units::{parse_duration, parse_size};
 
 use std::collections::HashSet;
@@ -53,6 +53,7 @@ pub struct ServerId(pub usize);
 pub struct Config {
     pub runtime: Runtime,
     pub admin: Option<Admin>,
+    pub log: LogConfig,
     pub services: Vec<VirtualService>,
     /// Every pool of real servers: each service's own, then its sub-services'.
     pub pools: Vec<Pool>,
@@ -113,6 +114,49 @@ pub struct HealthCheck {
     pub host: Option<String>,
 }
 
+/// Where the three ESP logs go.
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    pub user_access: Option<LogTarget>,
+    pub security: Option<LogTarget>,
+    pub connection: Option<LogTarget>,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// Edge Security Pack rules.
+#[derive(Debug, Clone)]
+pub struct Esp {
+    /// Lower-case host names; empty: any host.
+    pub allowed_hosts: Vec<String>,
+    pub allowed_directories: Vec<String>,
+    pub excluded_directories: Vec<String>,
+    pub refusal_status: u16,
+}
+
+/// Which ESP logs a virtual service writes (all on by default).
+#[derive(Debug, Clone, Copy)]
+pub struct EspLogging {
+    pub user_access: bool,
+    pub security: bool,
+    pub connection: bool,
+}
+
+impl Default for EspLogging {
+    fn default() -> Self {
+        EspLogging {
+            user_access: true,
+            security: true,
+            connection: true,
+        }
+    }
+}
+
 /// A LoadMaster SubVS.
 #[derive(Debug, Clone)]
 pub struct SubService {
@@ -121,6 +165,8 @@ pub struct SubService {
     pub hosts: Vec<String>,
     pub paths: Vec<String>,
     pub pool: usize,
+    /// Its own ESP rules (else the virtual service's).
+    pub esp: Option<Esp>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +195,8 @@ pub struct VirtualService {
     pub pool: usize,
     pub sub_services: Vec<SubService>,
     pub shard_steering: Steering,
+    pub esp: Option<Esp>,
+    pub logging: EspLogging,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -504,7 +552,12 @@ impl Validator<'_> {
                     spec,
                     reencrypting,
                 )?;
+                let sub_esp = match &sub.esp {
+                    Some(e) => Some(self.esp(e, &format!("{sp}.esp"))?),
+                    None => None,
+                };
                 sub_services.push(SubService {
+                    esp: sub_esp,
                     name: sub_name,
                     hosts,
                     paths: sub.paths.clone(),
@@ -519,7 +572,21 @@ impl Validator<'_> {
             } else {
                 vs.shard_steering.unwrap_or_default()
             };
+            let esp = match &vs.esp {
+                Some(e) => Some(self.esp(e, &format!("{p}.esp"))?),
+                None => None,
+            };
+            let logging = match vs.esp.as_ref().and_then(|e| e.logging.as_ref()) {
+                None => EspLogging::default(),
+                Some(l) => EspLogging {
+                    user_access: l.user_access.unwrap_or(true),
+                    security: l.security.unwrap_or(true),
+                    connection: l.connection.unwrap_or(true),
+                },
+            };
             services.push(VirtualService {
+                esp,
+                logging,
                 pool,
                 sub_services,
                 shard_steering,
@@ -563,7 +630,17 @@ impl Validator<'_> {
                 limits,
             });
         }
+        let log = match &file.log {
+            None => LogConfig::default(),
+            Some(l) => LogConfig {
+                user_access: self.log_target(&l.user_access, "log.user_access")?,
+                security: self.log_target(&l.security, "log.security")?,
+                connection: self.log_target(&l.connection, "log.connection")?,
+                format: l.format,
+            },
+        };
         Ok(Config {
+            log,
             runtime,
             admin,
             services,
@@ -639,6 +716,71 @@ impl Validator<'_> {
             health_check,
         });
         Ok(id)
+    }
+
+    fn log_target(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+    ) -> Result<Option<LogTarget>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        if v.get_ref() == "stdout" {
+            return Ok(Some(LogTarget::Stdout));
+        }
+        let path = self.path(v.get_ref());
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(self.err(
+                Some(v.span()),
+                field,
+                format!("directory {} does not exist", dir.display()),
+            ));
+        }
+        Ok(Some(LogTarget::File(path)))
+    }
+
+    fn esp(&self, e: &FileEsp, p: &str) -> Result<Esp, ConfigError> {
+        let status = match &e.refusal_status {
+            None => 403,
+            Some(s) if (400..=599).contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                return Err(self.err(
+                    Some(s.span()),
+                    &format!("{p}.refusal_status"),
+                    "must be a 4xx or 5xx status".into(),
+                ))
+            }
+        };
+        for d in e
+            .allowed_directories
+            .iter()
+            .flatten()
+            .chain(&e.excluded_directories)
+        {
+            if !(d.starts_with('/') || d.starts_with('*')) {
+                return Err(self.err(
+                    None,
+                    &format!("{p}.allowed_directories"),
+                    format!("{d:?} must start with / or *"),
+                ));
+            }
+        }
+        Ok(Esp {
+            allowed_hosts: e
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            allowed_directories: e
+                .allowed_directories
+                .clone()
+                .unwrap_or_else(|| vec!["/*".to_string()]),
+            excluded_directories: e.excluded_directories.clone(),
+            refusal_status: status,
+        })
     }
 
     fn persistence(&self, fp: &FilePersistence, p: &str) -> Result<Persistence, ConfigError> {

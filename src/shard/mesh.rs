@@ -11,6 +11,7 @@
 use super::{CheckResult, Shard};
 use crate::balance::Snapshot;
 use crate::config::ServerId;
+use crate::metrics::MetricsSnapshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::timer::Timer;
 use std::future::poll_fn;
@@ -40,6 +41,14 @@ pub enum MeshMsg {
     },
     /// Operator enable/disable of `server`.
     Enabled { server: usize, enabled: bool },
+    /// The admin shard asks every shard for its metrics.
+    MetricsQuery { from: usize, id: u64 },
+    /// A shard's metrics, for shard `to` (sent to all: mesh peer order is not shard order).
+    MetricsReply {
+        to: usize,
+        id: u64,
+        snap: Box<MetricsSnapshot>,
+    },
 }
 
 pub type Mesh = MeshBuilder<MeshMsg, Full>;
@@ -93,6 +102,27 @@ fn apply(shard: &Shard, msg: MeshMsg) {
             }
         }
         MeshMsg::Enabled { server, enabled } => shard.load.set_enabled(ServerId(server), enabled),
+        MeshMsg::MetricsQuery { from, id } => {
+            // answer from a task: the reply may wait for channel room
+            let snap = Box::new(shard.metrics_snapshot());
+            let outbox = shard.mesh.borrow().clone();
+            if let Some(o) = outbox {
+                glommio::spawn_local(async move {
+                    o.broadcast(|| MeshMsg::MetricsReply {
+                        to: from,
+                        id,
+                        snap: snap.clone(),
+                    })
+                    .await;
+                })
+                .detach();
+            }
+        }
+        MeshMsg::MetricsReply { to, id, snap } => {
+            if to == shard.id {
+                shard.metrics_reply(id, *snap);
+            }
+        }
     }
 }
 

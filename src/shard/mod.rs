@@ -8,6 +8,8 @@ use crate::admin;
 use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
 use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
+use crate::log::{Kind, LogWriter, ShardLog};
+use crate::metrics::{merge, Merged, MetricsSnapshot, ShardMetrics};
 use crate::net;
 use crate::proxy;
 use crate::tls::{self, TicketKeys};
@@ -55,6 +57,11 @@ pub struct Shard {
     upstream_names: Vec<Option<ServerName<'static>>>,
     /// Set once the mesh is joined: how to tell the other shards.
     pub mesh: RefCell<Option<Rc<mesh::Outbox>>>,
+    pub log: ShardLog,
+    pub metrics: ShardMetrics,
+    /// Metrics gathering on the admin shard: query id and the replies so far.
+    metrics_query: Cell<u64>,
+    metrics_replies: RefCell<Vec<MetricsSnapshot>>,
 }
 
 /// One health-check outcome, for /status.
@@ -66,7 +73,12 @@ pub struct CheckResult {
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>, secrets: &Secrets) -> Result<Shard, String> {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        secrets: &Secrets,
+        log: Arc<LogWriter>,
+    ) -> Result<Shard, String> {
         let mut acceptors = Vec::new();
         let mut connectors = Vec::new();
         for vs in &config.services {
@@ -125,6 +137,10 @@ impl Shard {
             peer_accepted: RefCell::new(vec![0; nr_shards]),
             started: Instant::now(),
             mesh: RefCell::new(None),
+            log: ShardLog::new(log),
+            metrics: ShardMetrics::new(&config),
+            metrics_query: Cell::new(0),
+            metrics_replies: RefCell::new(Vec::new()),
             config,
         })
     }
@@ -140,6 +156,36 @@ impl Shard {
 
     pub fn server(&self, id: ServerId) -> &RealServer {
         &self.config.servers[id.0]
+    }
+
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let dropped = Kind::ALL.map(|k| self.log.dropped(k));
+        self.metrics.snapshot(self.id, self.accepted.get(), dropped)
+    }
+
+    fn metrics_reply(&self, id: u64, snap: MetricsSnapshot) {
+        if id == self.metrics_query.get() {
+            self.metrics_replies.borrow_mut().push(snap);
+        }
+    }
+
+    /// Every shard's metrics, merged: own snapshot plus the peers' replies (those that answer
+    /// within a second).
+    pub async fn gather_metrics(&self) -> Merged {
+        let id = self.metrics_query.get() + 1;
+        self.metrics_query.set(id);
+        self.metrics_replies.borrow_mut().clear();
+        let me = self.id;
+        self.tell_peers(|| mesh::MeshMsg::MetricsQuery { from: me, id })
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.metrics_replies.borrow().len() + 1 < self.nr_shards && Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let mut all = std::mem::take(&mut *self.metrics_replies.borrow_mut());
+        all.push(self.metrics_snapshot());
+        merge(all)
     }
 
     /// Tell every other shard (no-op with one shard).
@@ -258,7 +304,7 @@ impl Running {
 
 /// Start one shard per configured core. Returns once every shard has bound its listeners,
 /// or with the first error (the caller exits: no half-working proxy).
-pub fn start(config: Arc<Config>) -> Result<Running, String> {
+pub fn start(config: Arc<Config>, log: Arc<LogWriter>) -> Result<Running, String> {
     let nr_shards = config.runtime.cores.len();
     let mesh = mesh::new_mesh(nr_shards);
     let secrets = Arc::new(Secrets::new(&config)?);
@@ -282,10 +328,11 @@ pub fn start(config: Arc<Config>) -> Result<Running, String> {
             ready_tx.clone(),
             secrets.clone(),
         );
+        let log = log.clone();
         let handle = builder
-            .spawn(
-                move || async move { run_shard(id, config, secrets, mesh, stop, ready_tx).await },
-            )
+            .spawn(move || async move {
+                run_shard(id, config, secrets, log, mesh, stop, ready_tx).await
+            })
             .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
         handles.push(handle);
     }
@@ -304,11 +351,12 @@ async fn run_shard(
     id: usize,
     config: Arc<Config>,
     secrets: Arc<Secrets>,
+    log: Arc<LogWriter>,
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
 ) {
-    let shard = match Shard::new(id, config.clone(), &secrets) {
+    let shard = match Shard::new(id, config.clone(), &secrets, log) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -356,6 +404,15 @@ async fn run_shard(
         glommio::spawn_local(accept_loop(shard.clone(), v, listener)).detach();
     }
     crate::health::start(&shard);
+    // Hand buffered log records to the writer regularly, not only when a buffer fills.
+    let flusher = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(crate::log::FLUSH_EVERY).await;
+            flusher.log.flush_all();
+        }
+    })
+    .detach();
     if let Some(l) = admin_listener {
         glommio::spawn_local(admin::accept_loop(shard.clone(), l)).detach();
     }
@@ -375,6 +432,7 @@ async fn run_shard(
             "drain time over: closing remaining connections"
         );
     }
+    shard.log.flush_all();
 }
 
 async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
@@ -403,23 +461,43 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             match shard.acceptors[vs].clone() {
-                None => proxy::serve(shard, vs, stream, peer, "http", None).await,
+                None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
                 Some(acceptor) => {
                     let limit = shard.config.services[vs]
                         .tls
                         .as_ref()
                         .map(|t| t.handshake_timeout);
                     let limit = limit.unwrap_or(Duration::from_secs(10));
+                    let counters = &shard.metrics.services[vs];
                     match crate::io::timeout(limit, acceptor.accept(stream)).await {
                         Ok(tls) => {
-                            let sni = tls.get_ref().1.server_name().map(str::to_owned);
-                            proxy::serve(shard, vs, tls, peer, "https", sni).await
+                            counters.tls_handshakes.set(counters.tls_handshakes.get() + 1);
+                            let session = tls.get_ref().1;
+                            let sni = session.server_name().map(str::to_owned);
+                            let version = match session.protocol_version() {
+                                Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+                                Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+                                _ => None,
+                            };
+                            proxy::serve(shard, vs, tls, peer, "https", sni, version).await
                         }
-                        Err(e) => tracing::info!(
-                            client = %peer,
-                            service = %shard.config.services[vs].name,
-                            "TLS handshake failed: {e}"
-                        ),
+                        Err(e) => {
+                            counters.tls_failures.set(counters.tls_failures.get() + 1);
+                            let service = &shard.config.services[vs];
+                            tracing::info!(client = %peer, service = %service.name, "TLS handshake failed: {e}");
+                            if service.logging.security {
+                                let reason = e.to_string();
+                                shard.log.security(&crate::log::SecurityRecord {
+                                    client: peer,
+                                    service: &service.name,
+                                    event: "tls_handshake",
+                                    reason: &reason,
+                                    status: None,
+                                    host: None,
+                                    path: None,
+                                });
+                            }
+                        }
                     }
                 }
             }

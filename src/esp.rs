@@ -1,0 +1,315 @@
+//! Edge Security Pack filtering: a pure verdict on a request's host (and SNI) and its path,
+//! normalised exactly as a real server would read it. Refused requests never reach a real
+//! server. No I/O, no allocation beyond the normalised path buffer the caller reuses.
+
+use crate::config::Esp;
+
+/// Why ESP refused a request (the security log's reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Host (or SNI) not among the allowed hosts, or no host at all.
+    Host,
+    /// Host and SNI name different hosts on a TLS service.
+    HostSniMismatch,
+    /// The normalised path is in no allowed directory.
+    Directory,
+    /// The path is in an excluded directory.
+    Excluded,
+    /// The path cannot be normalised safely (encoded slash or backslash, NUL, bad escapes,
+    /// dot segments above the root).
+    UnsafePath,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Host => "host not allowed",
+            Refusal::HostSniMismatch => "Host and SNI disagree",
+            Refusal::Directory => "directory not allowed",
+            Refusal::Excluded => "directory excluded",
+            Refusal::UnsafePath => "path cannot be normalised safely",
+        }
+    }
+
+    /// Short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Host => "host",
+            Refusal::HostSniMismatch => "host_sni_mismatch",
+            Refusal::Directory => "directory",
+            Refusal::Excluded => "excluded",
+            Refusal::UnsafePath => "unsafe_path",
+        }
+    }
+
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Host,
+        Refusal::HostSniMismatch,
+        Refusal::Directory,
+        Refusal::Excluded,
+        Refusal::UnsafePath,
+    ];
+}
+
+/// A host without its port, for comparison.
+pub fn host_only(h: &[u8]) -> &[u8] {
+    if h.starts_with(b"[") {
+        match h.iter().position(|&b| b == b']') {
+            Some(i) => &h[..=i],
+            None => h,
+        }
+    } else {
+        h.split(|&b| b == b':').next().unwrap_or(h)
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Normalise the path of a request target into `out` as a real server would interpret it:
+/// query dropped, unreserved percent-escapes decoded (others kept, upper-cased), duplicate
+/// slashes collapsed, `.` and `..` segments resolved. Anything a server might read two ways
+/// is refused: encoded `/` or `\`, a raw `\`, NUL or other controls, malformed escapes, and
+/// `..` above the root.
+pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
+    out.clear();
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return if path == "*" {
+            Ok(out.push(b'*'))
+        } else {
+            Err(Refusal::UnsafePath)
+        };
+    }
+    // Pass 1: decode into segments separated by '/', collapsing empty segments.
+    let mut decoded: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let (h, l) = match (
+                    bytes.get(i + 1).and_then(|&c| hex(c)),
+                    bytes.get(i + 2).and_then(|&c| hex(c)),
+                ) {
+                    (Some(h), Some(l)) => (h, l),
+                    _ => return Err(Refusal::UnsafePath),
+                };
+                let c = h * 16 + l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                } else if c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f || c == b'%' {
+                    return Err(Refusal::UnsafePath);
+                } else {
+                    decoded.extend_from_slice(&[
+                        b'%',
+                        b"0123456789ABCDEF"[h as usize],
+                        b"0123456789ABCDEF"[l as usize],
+                    ]);
+                }
+                i += 3;
+            }
+            b'\\' => return Err(Refusal::UnsafePath),
+            c if c < 0x20 || c == 0x7f => return Err(Refusal::UnsafePath),
+            c => {
+                decoded.push(c);
+                i += 1;
+            }
+        }
+    }
+    // Pass 2: resolve segments.
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let trailing_slash = decoded.ends_with(b"/");
+    for seg in decoded.split(|&c| c == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                if segments.pop().is_none() {
+                    return Err(Refusal::UnsafePath);
+                }
+            }
+            s => segments.push(s),
+        }
+    }
+    for s in &segments {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    let last_is_dot = decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
+    if out.is_empty() || ((trailing_slash || last_is_dot) && !segments.is_empty()) {
+        out.push(b'/');
+    }
+    Ok(())
+}
+
+/// Glob match: `*` any run of characters (slashes included), `?` one character; ASCII case
+/// is ignored, as IIS does.
+pub fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p].eq_ignore_ascii_case(&text[t])) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if let Some(s) = star {
+            p = s + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    while p < pattern.len() && pattern[p] == b'*' {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
+/// The verdict for one request. `host`: the Host field (or absolute-form authority); `sni`:
+/// the TLS server name, if any; `scratch` receives the normalised path.
+pub fn check(
+    esp: &Esp,
+    host: Option<&[u8]>,
+    sni: Option<&str>,
+    target: &str,
+    scratch: &mut Vec<u8>,
+) -> Result<(), Refusal> {
+    let host = host.map(host_only);
+    if let (Some(h), Some(s)) = (host, sni) {
+        if !h.eq_ignore_ascii_case(s.trim_end_matches('.').as_bytes()) {
+            return Err(Refusal::HostSniMismatch);
+        }
+    }
+    if !esp.allowed_hosts.is_empty() {
+        let name = host.or(sni.map(str::as_bytes)).ok_or(Refusal::Host)?;
+        let name = name.strip_suffix(b".").unwrap_or(name);
+        if !esp
+            .allowed_hosts
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
+        {
+            return Err(Refusal::Host);
+        }
+    }
+    normalise(target, scratch)?;
+    if !esp
+        .allowed_directories
+        .iter()
+        .any(|g| glob(g.as_bytes(), scratch))
+    {
+        return Err(Refusal::Directory);
+    }
+    if esp
+        .excluded_directories
+        .iter()
+        .any(|g| glob(g.as_bytes(), scratch))
+    {
+        return Err(Refusal::Excluded);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, Refusal> {
+        let mut out = Vec::new();
+        normalise(p, &mut out).map(|_| String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn normalises_like_a_server() {
+        assert_eq!(norm("/abs/../secret").unwrap(), "/secret");
+        assert_eq!(norm("/%61bs/x").unwrap(), "/abs/x");
+        assert_eq!(norm("//abs").unwrap(), "/abs");
+        assert_eq!(norm("/a/./b//c/").unwrap(), "/a/b/c/");
+        assert_eq!(norm("/a/b/..").unwrap(), "/a/");
+        assert_eq!(norm("/a/%2e%2e/b").unwrap(), "/b");
+        assert_eq!(norm("/a%20b?x=/../y").unwrap(), "/a%20b");
+        assert_eq!(norm("/a%c3%a9").unwrap(), "/a%C3%A9");
+        assert_eq!(norm("/").unwrap(), "/");
+        assert_eq!(norm("/..").unwrap_err(), Refusal::UnsafePath);
+        assert_eq!(norm("/a/../../etc").unwrap_err(), Refusal::UnsafePath);
+        for bad in [
+            "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "/a%", "/a%4", "/a%zz", "/a%25", "rel",
+            "/a\u{1}",
+        ] {
+            assert_eq!(norm(bad).unwrap_err(), Refusal::UnsafePath, "{bad}");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"/*", b"/anything/at/all"));
+        assert!(glob(b"/abs/*", b"/ABS/x"));
+        assert!(!glob(b"/abs/*", b"/absx"));
+        assert!(glob(b"/meet/?", b"/meet/1"));
+        assert!(!glob(b"/meet/?", b"/meet/12"));
+        assert!(glob(b"*.aspx", b"/a/b.aspx"));
+        assert!(!glob(b"/a", b"/a/b"));
+    }
+
+    fn esp() -> Esp {
+        Esp {
+            allowed_hosts: vec!["ws-ext.example".into(), "meet.example".into()],
+            allowed_directories: vec!["/abs/*".into(), "/meet/*".into()],
+            excluded_directories: vec!["/abs/secret*".into()],
+            refusal_status: 403,
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let e = esp();
+        let mut s = Vec::new();
+        let v = |host: Option<&str>, sni: Option<&str>, path: &str, s: &mut Vec<u8>| {
+            check(&e, host.map(str::as_bytes), sni, path, s)
+        };
+        assert_eq!(
+            v(Some("WS-EXT.example:443"), None, "/abs/x", &mut s),
+            Ok(())
+        );
+        assert_eq!(
+            v(Some("evil.example"), None, "/abs/x", &mut s),
+            Err(Refusal::Host)
+        );
+        assert_eq!(v(None, None, "/abs/x", &mut s), Err(Refusal::Host));
+        assert_eq!(v(None, Some("meet.example"), "/meet/x", &mut s), Ok(()));
+        assert_eq!(
+            v(
+                Some("meet.example"),
+                Some("ws-ext.example"),
+                "/meet/x",
+                &mut s
+            ),
+            Err(Refusal::HostSniMismatch)
+        );
+        assert_eq!(
+            v(Some("meet.example"), None, "/other", &mut s),
+            Err(Refusal::Directory)
+        );
+        assert_eq!(
+            v(Some("meet.example"), None, "/abs/../other", &mut s),
+            Err(Refusal::Directory)
+        );
+        assert_eq!(
+            v(Some("meet.example"), None, "/%61bs/secret/x", &mut s),
+            Err(Refusal::Excluded)
+        );
+        assert_eq!(
+            v(Some("meet.example"), None, "//abs//secret", &mut s),
+            Err(Refusal::Excluded)
+        );
+        assert_eq!(
+            v(Some("meet.example"), None, "/abs%2fsecret", &mut s),
+            Err(Refusal::UnsafePath)
+        );
+    }
+}

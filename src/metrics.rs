@@ -1,0 +1,520 @@
+//! Counters and latency histograms, per shard (plain `Cell`s: no atomics on the data path).
+//! The admin shard gathers every shard's snapshot over the mesh and merges them for
+//! `/metrics` (Prometheus text) and `/status`.
+
+use crate::config::Config;
+use hdrhistogram::Histogram;
+use std::cell::{Cell, RefCell};
+use std::fmt::Write;
+
+/// Latency is recorded in microseconds up to a minute.
+const LATENCY_MAX_US: u64 = 60_000_000;
+/// Prometheus buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn histogram() -> Histogram<u64> {
+    // 2 significant digits: ~1% error, a few KiB per histogram.
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 2)
+        .unwrap_or_else(|_| Histogram::new(2).expect("valid sigfig"))
+}
+
+#[derive(Default)]
+pub struct ServiceCounters {
+    pub requests: Cell<u64>,
+    /// Responses by status class 1xx..5xx.
+    pub responses: [Cell<u64>; 5],
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+    pub connections_active: Cell<u64>,
+    pub connections_total: Cell<u64>,
+    pub tls_handshakes: Cell<u64>,
+    pub tls_failures: Cell<u64>,
+    /// ESP refusals by `esp::Refusal::ALL` order.
+    pub esp_refusals: [Cell<u64>; 5],
+}
+
+#[derive(Default)]
+pub struct ServerCounters {
+    pub requests: Cell<u64>,
+    pub responses: [Cell<u64>; 5],
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+    pub connect_errors: Cell<u64>,
+}
+
+pub struct ShardMetrics {
+    pub services: Vec<ServiceCounters>,
+    pub servers: Vec<ServerCounters>,
+    latency: Vec<RefCell<Histogram<u64>>>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}
+
+impl ShardMetrics {
+    pub fn new(cfg: &Config) -> ShardMetrics {
+        ShardMetrics {
+            services: cfg
+                .services
+                .iter()
+                .map(|_| ServiceCounters::default())
+                .collect(),
+            servers: cfg
+                .servers
+                .iter()
+                .map(|_| ServerCounters::default())
+                .collect(),
+            latency: cfg
+                .services
+                .iter()
+                .map(|_| RefCell::new(histogram()))
+                .collect(),
+        }
+    }
+
+    /// One finished request of service `vs` (and real server `server`, if it got that far).
+    pub fn request(
+        &self,
+        vs: usize,
+        server: Option<usize>,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+        micros: u64,
+    ) {
+        let class = ((status / 100).clamp(1, 5) - 1) as usize;
+        if let Some(s) = self.services.get(vs) {
+            bump(&s.requests, 1);
+            bump(&s.responses[class], 1);
+            bump(&s.bytes_in, bytes_in);
+            bump(&s.bytes_out, bytes_out);
+        }
+        if let Some(r) = server.and_then(|i| self.servers.get(i)) {
+            bump(&r.requests, 1);
+            bump(&r.responses[class], 1);
+            bump(&r.bytes_in, bytes_in);
+            bump(&r.bytes_out, bytes_out);
+        }
+        if let Some(h) = self.latency.get(vs) {
+            let _ = h.borrow_mut().record(micros.clamp(1, LATENCY_MAX_US));
+        }
+    }
+
+    pub fn snapshot(&self, shard: usize, accepted: u64, log_dropped: [u64; 3]) -> MetricsSnapshot {
+        let get = |c: &Cell<u64>| c.get();
+        MetricsSnapshot {
+            shard,
+            accepted,
+            log_dropped,
+            services: self
+                .services
+                .iter()
+                .zip(&self.latency)
+                .map(|(s, h)| ServiceSnap {
+                    requests: s.requests.get(),
+                    responses: s.responses.each_ref().map(get),
+                    bytes_in: s.bytes_in.get(),
+                    bytes_out: s.bytes_out.get(),
+                    connections_active: s.connections_active.get(),
+                    connections_total: s.connections_total.get(),
+                    tls_handshakes: s.tls_handshakes.get(),
+                    tls_failures: s.tls_failures.get(),
+                    esp_refusals: s.esp_refusals.each_ref().map(get),
+                    latency: h.borrow().clone(),
+                })
+                .collect(),
+            servers: self
+                .servers
+                .iter()
+                .map(|r| ServerSnap {
+                    requests: r.requests.get(),
+                    responses: r.responses.each_ref().map(get),
+                    bytes_in: r.bytes_in.get(),
+                    bytes_out: r.bytes_out.get(),
+                    connect_errors: r.connect_errors.get(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One shard's counters, sendable over the mesh.
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    pub shard: usize,
+    pub accepted: u64,
+    pub log_dropped: [u64; 3],
+    pub services: Vec<ServiceSnap>,
+    pub servers: Vec<ServerSnap>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSnap {
+    pub requests: u64,
+    pub responses: [u64; 5],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connections_active: u64,
+    pub connections_total: u64,
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    pub esp_refusals: [u64; 5],
+    pub latency: Histogram<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ServerSnap {
+    pub requests: u64,
+    pub responses: [u64; 5],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connect_errors: u64,
+}
+
+/// Every shard's snapshot, merged.
+pub struct Merged {
+    pub per_shard: Vec<MetricsSnapshot>,
+    pub services: Vec<ServiceSnap>,
+    pub servers: Vec<ServerSnap>,
+    pub log_dropped: [u64; 3],
+}
+
+fn add5(a: &mut [u64; 5], b: &[u64; 5]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
+    shards.sort_by_key(|s| s.shard);
+    let mut services: Vec<ServiceSnap> = Vec::new();
+    let mut servers: Vec<ServerSnap> = Vec::new();
+    let mut log_dropped = [0u64; 3];
+    for s in &shards {
+        for (i, d) in s.log_dropped.iter().enumerate() {
+            log_dropped[i] += d;
+        }
+        for (i, v) in s.services.iter().enumerate() {
+            if services.len() <= i {
+                services.push(v.clone());
+                continue;
+            }
+            let m = &mut services[i];
+            m.requests += v.requests;
+            add5(&mut m.responses, &v.responses);
+            m.bytes_in += v.bytes_in;
+            m.bytes_out += v.bytes_out;
+            m.connections_active += v.connections_active;
+            m.connections_total += v.connections_total;
+            m.tls_handshakes += v.tls_handshakes;
+            m.tls_failures += v.tls_failures;
+            add5(&mut m.esp_refusals, &v.esp_refusals);
+            let _ = m.latency.add(&v.latency);
+        }
+        for (i, v) in s.servers.iter().enumerate() {
+            if servers.len() <= i {
+                servers.push(v.clone());
+                continue;
+            }
+            let m = &mut servers[i];
+            m.requests += v.requests;
+            add5(&mut m.responses, &v.responses);
+            m.bytes_in += v.bytes_in;
+            m.bytes_out += v.bytes_out;
+            m.connect_errors += v.connect_errors;
+        }
+    }
+    Merged {
+        per_shard: shards,
+        services,
+        servers,
+        log_dropped,
+    }
+}
+
+/// Prometheus text exposition of the merged metrics. `health(i)`: 1 up, 0 down, per server;
+/// `active(i)`: appliance-wide active upstream connections.
+pub fn prometheus(
+    cfg: &Config,
+    m: &Merged,
+    health: impl Fn(usize) -> u8,
+    active: impl Fn(usize) -> u32,
+) -> String {
+    let mut o = String::with_capacity(8192);
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+    family(
+        &mut o,
+        "edgeshard_requests_total",
+        "counter",
+        "Requests answered, per virtual service.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        let v = m.services.get(i).map(|s| s.requests).unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "edgeshard_requests_total{{service=\"{}\"}} {v}",
+            esc(&vs.name)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_responses_total",
+        "counter",
+        "Responses by status class, per virtual service.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        for (c, class) in classes.iter().enumerate() {
+            let v = m.services.get(i).map(|s| s.responses[c]).unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "edgeshard_responses_total{{service=\"{}\",class=\"{class}\"}} {v}",
+                esc(&vs.name)
+            );
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "edgeshard_received_bytes_total",
+            "Bytes received from clients.",
+            0,
+        ),
+        ("edgeshard_sent_bytes_total", "Bytes sent to clients.", 1),
+        (
+            "edgeshard_connections_total",
+            "Client connections accepted.",
+            2,
+        ),
+        (
+            "edgeshard_tls_handshakes_total",
+            "Completed TLS handshakes.",
+            3,
+        ),
+        (
+            "edgeshard_tls_handshake_failures_total",
+            "Failed TLS handshakes.",
+            4,
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        for (i, vs) in cfg.services.iter().enumerate() {
+            let v = m
+                .services
+                .get(i)
+                .map(|s| {
+                    [
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.connections_total,
+                        s.tls_handshakes,
+                        s.tls_failures,
+                    ][pick]
+                })
+                .unwrap_or(0);
+            let _ = writeln!(o, "{name}{{service=\"{}\"}} {v}", esc(&vs.name));
+        }
+    }
+    family(
+        &mut o,
+        "edgeshard_connections_active",
+        "gauge",
+        "Open client connections.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        let v = m.services.get(i).map(|s| s.connections_active).unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "edgeshard_connections_active{{service=\"{}\"}} {v}",
+            esc(&vs.name)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_esp_refusals_total",
+        "counter",
+        "Requests refused by ESP, by reason.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        for (r, refusal) in crate::esp::Refusal::ALL.iter().enumerate() {
+            let v = m.services.get(i).map(|s| s.esp_refusals[r]).unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "edgeshard_esp_refusals_total{{service=\"{}\",reason=\"{}\"}} {v}",
+                esc(&vs.name),
+                refusal.label()
+            );
+        }
+    }
+    family(
+        &mut o,
+        "edgeshard_request_duration_seconds",
+        "histogram",
+        "Request latency, per virtual service.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        let Some(s) = m.services.get(i) else { continue };
+        let name = esc(&vs.name);
+        for b in BUCKETS {
+            let upto = (b * 1e6) as u64;
+            let count: u64 = s
+                .latency
+                .iter_recorded()
+                .filter(|v| v.value_iterated_to() <= upto)
+                .map(|v| v.count_at_value())
+                .sum();
+            let _ = writeln!(o, "edgeshard_request_duration_seconds_bucket{{service=\"{name}\",le=\"{b}\"}} {count}");
+        }
+        let total = s.latency.len();
+        let sum: f64 = s
+            .latency
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum::<f64>()
+            / 1e6;
+        let _ = writeln!(
+            o,
+            "edgeshard_request_duration_seconds_bucket{{service=\"{name}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            o,
+            "edgeshard_request_duration_seconds_sum{{service=\"{name}\"}} {sum}"
+        );
+        let _ = writeln!(
+            o,
+            "edgeshard_request_duration_seconds_count{{service=\"{name}\"}} {total}"
+        );
+    }
+
+    let rs_label = |i: usize| {
+        let rs = &cfg.servers[i];
+        let pool = &cfg.pools[rs.pool];
+        format!(
+            "service=\"{}\",pool=\"{}\",real_server=\"{}\"",
+            esc(&cfg.services[pool.service].name),
+            esc(&pool.name),
+            esc(&rs.name)
+        )
+    };
+    family(
+        &mut o,
+        "edgeshard_real_server_requests_total",
+        "counter",
+        "Requests sent to each real server.",
+    );
+    for i in 0..cfg.servers.len() {
+        let v = m.servers.get(i).map(|s| s.requests).unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "edgeshard_real_server_requests_total{{{}}} {v}",
+            rs_label(i)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_real_server_responses_total",
+        "counter",
+        "Responses from each real server by status class.",
+    );
+    for i in 0..cfg.servers.len() {
+        for (c, class) in classes.iter().enumerate() {
+            let v = m.servers.get(i).map(|s| s.responses[c]).unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "edgeshard_real_server_responses_total{{{},class=\"{class}\"}} {v}",
+                rs_label(i)
+            );
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "edgeshard_real_server_received_bytes_total",
+            "Bytes received from clients for each real server.",
+            0,
+        ),
+        (
+            "edgeshard_real_server_sent_bytes_total",
+            "Bytes sent to clients from each real server.",
+            1,
+        ),
+        (
+            "edgeshard_real_server_connect_errors_total",
+            "Failed connections to each real server.",
+            2,
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        for i in 0..cfg.servers.len() {
+            let v = m
+                .servers
+                .get(i)
+                .map(|s| [s.bytes_in, s.bytes_out, s.connect_errors][pick])
+                .unwrap_or(0);
+            let _ = writeln!(o, "{name}{{{}}} {v}", rs_label(i));
+        }
+    }
+    family(
+        &mut o,
+        "edgeshard_real_server_up",
+        "gauge",
+        "1 when the real server is healthy and enabled.",
+    );
+    for i in 0..cfg.servers.len() {
+        let _ = writeln!(
+            o,
+            "edgeshard_real_server_up{{{}}} {}",
+            rs_label(i),
+            health(i)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_real_server_active_connections",
+        "gauge",
+        "Active upstream connections, appliance-wide.",
+    );
+    for i in 0..cfg.servers.len() {
+        let _ = writeln!(
+            o,
+            "edgeshard_real_server_active_connections{{{}}} {}",
+            rs_label(i),
+            active(i)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_shard_accepted_connections_total",
+        "counter",
+        "Client connections accepted per shard (SO_REUSEPORT balance).",
+    );
+    for s in &m.per_shard {
+        let _ = writeln!(
+            o,
+            "edgeshard_shard_accepted_connections_total{{shard=\"{}\",core=\"{}\"}} {}",
+            s.shard,
+            cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
+            s.accepted
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_log_records_dropped_total",
+        "counter",
+        "Log records dropped because the writer could not keep up.",
+    );
+    for k in crate::log::Kind::ALL {
+        let _ = writeln!(
+            o,
+            "edgeshard_log_records_dropped_total{{log=\"{}\"}} {}",
+            k.name(),
+            m.log_dropped[k as usize]
+        );
+    }
+    o
+}
