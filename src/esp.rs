@@ -77,11 +77,11 @@ pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
     let path = target.split(['?', '#']).next().unwrap_or("");
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
-        return if path == "*" {
-            Ok(out.push(b'*'))
-        } else {
-            Err(Refusal::UnsafePath)
-        };
+        if path != "*" {
+            return Err(Refusal::UnsafePath);
+        }
+        out.push(b'*');
+        return Ok(());
     }
     // Pass 1: decode into segments separated by '/', collapsing empty segments.
     let mut decoded: Vec<u8> = Vec::with_capacity(bytes.len());

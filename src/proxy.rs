@@ -386,7 +386,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                         );
                     }
                 }
-                let server = match choose(&shard, pool, &req, peer, proto, &mut set_cookie) {
+                let server = match choose(shard, pool, &req, peer, proto, &mut set_cookie) {
                     Err(e) if e.status == 503 => {
                         let sched = &shard.schedulers[pool];
                         if sched.awaiting_ack(&shard.load) {
