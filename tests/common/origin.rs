@@ -81,6 +81,8 @@ impl Origin {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).unwrap();
+                        // handlers write responses in pieces: no Nagle stalls
+                        stream.set_nodelay(true).unwrap();
                         let id = c2.fetch_add(1, Ordering::SeqCst);
                         let (seen, handler, open) = (s2.clone(), handler.clone(), o2.clone());
                         open.fetch_add(1, Ordering::SeqCst);
