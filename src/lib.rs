@@ -15,6 +15,7 @@ pub mod esp;
 pub mod health;
 pub mod http;
 pub mod io;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod net;

@@ -99,6 +99,10 @@ fn run(path: PathBuf) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
+    let nofile = edgeshard::runtime::raise_nofile();
+    if nofile < 4096 {
+        tracing::warn!(limit = nofile, "open-files limit is low: raise LimitNOFILE / ulimit -n for many connections");
+    }
     // Block the shutdown signals before any shard thread exists, so they inherit the mask
     // and only this thread receives them, synchronously.
     let signals = edgeshard::runtime::block_signals();

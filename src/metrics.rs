@@ -33,6 +33,8 @@ pub struct ServiceCounters {
     pub tls_failures: Cell<u64>,
     /// ESP refusals by `esp::Refusal::ALL` order.
     pub esp_refusals: [Cell<u64>; 5],
+    /// Limit refusals by `limits::Limit::ALL` order.
+    pub limit_refusals: [Cell<u64>; 5],
 }
 
 #[derive(Default)]
@@ -123,6 +125,7 @@ impl ShardMetrics {
                     tls_handshakes: s.tls_handshakes.get(),
                     tls_failures: s.tls_failures.get(),
                     esp_refusals: s.esp_refusals.each_ref().map(get),
+                    limit_refusals: s.limit_refusals.each_ref().map(get),
                     latency: h.borrow().clone(),
                 })
                 .collect(),
@@ -162,6 +165,7 @@ pub struct ServiceSnap {
     pub tls_handshakes: u64,
     pub tls_failures: u64,
     pub esp_refusals: [u64; 5],
+    pub limit_refusals: [u64; 5],
     pub latency: Histogram<u64>,
 }
 
@@ -212,6 +216,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.tls_handshakes += v.tls_handshakes;
             m.tls_failures += v.tls_failures;
             add5(&mut m.esp_refusals, &v.esp_refusals);
+            add5(&mut m.limit_refusals, &v.limit_refusals);
             let _ = m.latency.add(&v.latency);
         }
         for (i, v) in s.servers.iter().enumerate() {
@@ -349,6 +354,23 @@ pub fn prometheus(
                 "edgeshard_esp_refusals_total{{service=\"{}\",reason=\"{}\"}} {v}",
                 esc(&vs.name),
                 refusal.label()
+            );
+        }
+    }
+    family(
+        &mut o,
+        "edgeshard_limit_refusals_total",
+        "counter",
+        "Connections and requests refused by limits, by limit.",
+    );
+    for (i, vs) in cfg.services.iter().enumerate() {
+        for (r, limit) in crate::limits::Limit::ALL.iter().enumerate() {
+            let v = m.services.get(i).map(|s| s.limit_refusals[r]).unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "edgeshard_limit_refusals_total{{service=\"{}\",limit=\"{}\"}} {v}",
+                esc(&vs.name),
+                limit.label()
             );
         }
     }

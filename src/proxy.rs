@@ -2,7 +2,7 @@
 //! read head → parse → pick real server → upstream checkout → send head and body →
 //! read response head → send response head and body → pool the upstream → next request.
 
-use crate::config::{Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
+use crate::config::{LimitAction, Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
 use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
@@ -326,6 +326,17 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             HeadRead::Closed(why) => return why,
             HeadRead::Refuse(e) => {
                 conn.started = Instant::now();
+        if let Err((limit, action)) = shard.admit_request(conn.vs_idx, peer) {
+            shard.limit_refused(conn.vs_idx, peer, limit);
+            let status = match action {
+                LimitAction::TooManyRequests => 429,
+                LimitAction::Unavailable => 503,
+                LimitAction::Drop => return "error",
+            };
+            let n = cbuf.len() as u64;
+            refuse(client, conn, ProxyError::policy(status, limit.reason()), n).await;
+            return "error";
+        }
                 let n = cbuf.len() as u64;
                 refuse(client, conn, e, n).await;
                 return "error";
@@ -348,6 +359,11 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
                     Err(e) => return Err(ProxyError::client(e.status, e.reason)),
                 };
+                if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
+                    if n > vs.max_body_size {
+                        return Err(ProxyError::client(413, "request body too large"));
+                    }
+                }
                 if let Some(r) = vs.redirect {
                     resp_out.clear();
                     write_redirect(&req, r, &mut resp_out)?;
@@ -821,12 +837,16 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
         &mut up.stream,
         info.body,
         false,
-        vs.request_timeout,
+        vs.client_body_timeout,
         vs.response_timeout,
+        vs.max_body_size,
     )
     .await
     {
         Ok(n) => body_in = n,
+        Err(RelayError::TooLarge) => {
+            return Err(Attempt::Fail(ProxyError::client(413, "request body too large")))
+        }
         Err(RelayError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(Attempt::Fail(ProxyError::client(
                 408,
@@ -976,7 +996,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if resp.status == 101 {
         let (up_bytes, down_bytes) =
-            tunnel(client, cbuf, &mut up.stream, &mut up.buf, vs.idle_timeout).await;
+            tunnel(client, cbuf, &mut up.stream, &mut up.buf, vs.tunnel_idle_timeout).await;
         done.body_in += up_bytes;
         done.bytes_out += down_bytes;
         return Ok(done);
@@ -987,8 +1007,9 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         client,
         body,
         dechunk,
-        vs.response_timeout,
+        vs.upstream_body_timeout,
         CLIENT_WRITE_TIMEOUT,
+        0,
     )
     .await
     {

@@ -19,6 +19,8 @@ pub enum RelayError {
     Sink(io::Error),
     /// The chunked framing was invalid.
     Framing(ChunkError),
+    /// The body exceeded the size limit.
+    TooLarge,
 }
 
 /// Forward one body of `kind` from `src` (whose already-read bytes are in `buf`) to `dst`.
@@ -32,11 +34,14 @@ pub async fn relay_body<R, W>(
     dechunk: bool,
     read_timeout: Duration,
     write_timeout: Duration,
+    max: u64,
 ) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // `max` (0: none) bounds the bytes relayed, chunk framing included.
+    let over = |n: u64| max > 0 && n > max;
     let mut sent = 0u64;
     match kind {
         BodyKind::None => {}
@@ -84,6 +89,9 @@ where
                     }
                 } else {
                     let (n, done) = dec.advance(buf.filled()).map_err(RelayError::Framing)?;
+                    if over(sent + n as u64) {
+                        return Err(RelayError::TooLarge);
+                    }
                     write_all(dst, &buf.filled()[..n], write_timeout)
                         .await
                         .map_err(RelayError::Sink)?;

@@ -73,6 +73,8 @@ pub struct FileRuntime {
     pub spin_before_park: Option<Spanned<String>>,
     /// Listener backlog per shard and virtual service.
     pub backlog: Option<Spanned<u32>>,
+    /// Client connections the appliance holds at once (0: no limit; each shard takes its share).
+    pub max_connections: Option<u32>,
     /// Secret (64 hex digits) that signs persistence cookies; the same on every appliance that
     /// must honour the others' cookies. Default: random at start-up.
     pub persistence_key: Option<Spanned<String>>,
@@ -109,6 +111,18 @@ pub struct FileVirtualService {
     pub response_timeout: Option<Spanned<String>>,
     /// Time a client has to send a whole request head once it started one.
     pub request_timeout: Option<Spanned<String>>,
+    /// Longest wait for the next piece of a request body.
+    pub client_body_timeout: Option<Spanned<String>>,
+    /// Longest wait for the next piece of a response body from a real server.
+    pub upstream_body_timeout: Option<Spanned<String>>,
+    /// A WebSocket (or other upgraded) tunnel idle this long is closed.
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
+    /// Largest request body accepted (413 beyond); 0 or absent: no limit.
+    pub max_body_size: Option<Spanned<String>>,
+    /// Client connections this service holds at once, across shards (0: no limit).
+    pub max_connections: Option<u32>,
+    /// Per client address limits (LoadMaster's per-client limits).
+    pub client_limits: Option<FileClientLimits>,
     /// When every real server is at its connection limit: how long a request may wait for
     /// room before 503 (0: answer 503 at once), and how many may wait per shard.
     pub queue_timeout: Option<Spanned<String>>,
@@ -259,4 +273,34 @@ pub struct FileRealServer {
     pub weight: Option<Spanned<u32>>,
     #[serde(default)]
     pub connection_limit: u32,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitAction {
+    /// Answer 429 Too Many Requests (then close).
+    #[default]
+    #[serde(rename = "429")]
+    TooManyRequests,
+    /// Answer 503 Service Unavailable (then close).
+    #[serde(rename = "503")]
+    Unavailable,
+    /// Close the connection without a word.
+    Drop,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileClientLimits {
+    /// Concurrent connections from one address (0: none).
+    #[serde(default)]
+    pub max_connections: u32,
+    /// New connections per second from one address (0: none).
+    #[serde(default)]
+    pub connections_per_second: u32,
+    /// Requests per second from one address (0: none).
+    #[serde(default)]
+    pub requests_per_second: u32,
+    #[serde(default)]
+    pub action: LimitAction,
 }

@@ -7,7 +7,7 @@ pub mod tls;
 mod units;
 
 use file::*;
-pub use file::{CheckType, LogFormat, Scheduling, Steering};
+pub use file::{CheckType, LimitAction, LogFormat, Scheduling, Steering};
 pub use units::{parse_duration, parse_size};
 
 use std::collections::HashSet;
@@ -114,6 +114,15 @@ pub struct HealthCheck {
     pub host: Option<String>,
 }
 
+/// Per client address limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    pub max_connections: u32,
+    pub connections_per_second: u32,
+    pub requests_per_second: u32,
+    pub action: LimitAction,
+}
+
 /// Where the three ESP logs go.
 #[derive(Debug, Clone, Default)]
 pub struct LogConfig {
@@ -178,6 +187,8 @@ pub struct Runtime {
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
     pub backlog: u32,
+    /// Client connections at once (0: none), enforced per shard as its share.
+    pub max_connections: u32,
     /// Signs persistence cookies; None: a random key chosen at start-up.
     pub persistence_key: Option<[u8; 32]>,
 }
@@ -203,6 +214,14 @@ pub struct VirtualService {
     pub request_timeout: Duration,
     pub pool_size: usize,
     pub pool_idle_timeout: Duration,
+    pub client_body_timeout: Duration,
+    pub upstream_body_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    /// 0: no limit.
+    pub max_body_size: u64,
+    /// Client connections at once, appliance-wide (0: no limit; enforced per shard as its share).
+    pub max_connections: u32,
+    pub client_limits: Option<ClientLimits>,
     /// Wait for room under connection limits (zero: 503 at once).
     pub queue_timeout: Duration,
     /// Requests that may wait for room, per shard.
@@ -567,6 +586,8 @@ impl Validator<'_> {
             let source_ip = std::iter::once(pool)
                 .chain(sub_services.iter().map(|s| s.pool))
                 .any(|p| matches!(pools[p].persistence, Persistence::SourceIp { .. }));
+            // Per-client limits are counted on the client's one shard.
+            let source_ip = source_ip || vs.client_limits.is_some();
             let shard_steering = if source_ip {
                 Steering::SourceIp
             } else {
@@ -622,6 +643,32 @@ impl Validator<'_> {
                         .map_err(|m| self.err(Some(q.span()), &format!("{p}.queue_timeout"), m))?,
                 },
                 queue_size: vs.queue_size.unwrap_or(128),
+                client_body_timeout: self.duration(
+                    &vs.client_body_timeout,
+                    &format!("{p}.client_body_timeout"),
+                    Duration::from_secs(30),
+                )?,
+                upstream_body_timeout: self.duration(
+                    &vs.upstream_body_timeout,
+                    &format!("{p}.upstream_body_timeout"),
+                    Duration::from_secs(60),
+                )?,
+                tunnel_idle_timeout: self.duration(
+                    &vs.tunnel_idle_timeout,
+                    &format!("{p}.tunnel_idle_timeout"),
+                    Duration::from_secs(1800),
+                )?,
+                max_body_size: match &vs.max_body_size {
+                    None => 0,
+                    Some(_) => self.size(&vs.max_body_size, &format!("{p}.max_body_size"), 0)? as u64,
+                },
+                max_connections: vs.max_connections.unwrap_or(0),
+                client_limits: vs.client_limits.as_ref().map(|c| ClientLimits {
+                    max_connections: c.max_connections,
+                    connections_per_second: c.connections_per_second,
+                    requests_per_second: c.requests_per_second,
+                    action: c.action,
+                }),
                 pool_idle_timeout: self.duration(
                     &vs.pool_idle_timeout,
                     &format!("{p}.pool_idle_timeout"),
@@ -1079,6 +1126,7 @@ impl Validator<'_> {
             io_memory,
             spin_before_park,
             backlog: rt.backlog.map(|b| *b.get_ref()).unwrap_or(1024),
+            max_connections: rt.max_connections.unwrap_or(0),
             persistence_key: match &rt.persistence_key {
                 None => None,
                 Some(k) => Some(parse_key(k.get_ref()).ok_or_else(|| {

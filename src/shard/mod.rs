@@ -8,7 +8,10 @@ use crate::admin;
 use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
 use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
+use crate::config::LimitAction;
+use crate::limits::{ClientTable, Limit};
 use crate::log::{Kind, LogWriter, ShardLog};
+use std::net::{IpAddr, SocketAddr};
 use crate::metrics::{merge, Merged, MetricsSnapshot, ShardMetrics};
 use crate::net;
 use crate::proxy;
@@ -46,6 +49,10 @@ pub struct Shard {
     /// Closed (never signalled) at shutdown: every waiter wakes at once.
     close_signal: Semaphore,
     nr_clients: Cell<usize>,
+    /// Client connections per virtual service.
+    vs_conns: Vec<Cell<u32>>,
+    /// Per virtual service with client limits: this shard's clients.
+    clients: Vec<Option<RefCell<ClientTable>>>,
     accepted: Cell<u64>,
     peer_accepted: RefCell<Vec<u64>>,
     pub started: Instant,
@@ -133,6 +140,12 @@ impl Shard {
             closing: Cell::new(false),
             close_signal: Semaphore::new(0),
             nr_clients: Cell::new(0),
+            vs_conns: config.services.iter().map(|_| Cell::new(0)).collect(),
+            clients: config
+                .services
+                .iter()
+                .map(|vs| vs.client_limits.map(|_| RefCell::new(ClientTable::new(100_000))))
+                .collect(),
             accepted: Cell::new(0),
             peer_accepted: RefCell::new(vec![0; nr_shards]),
             started: Instant::now(),
@@ -238,21 +251,88 @@ impl Shard {
 }
 
 /// Counts a client connection for the drain at shutdown.
-struct ClientGuard(Rc<Shard>);
-
-impl ClientGuard {
-    fn new(shard: &Rc<Shard>) -> ClientGuard {
-        shard.nr_clients.set(shard.nr_clients.get() + 1);
-        shard.accepted.set(shard.accepted.get() + 1);
-        ClientGuard(shard.clone())
-    }
+/// Counts an admitted client connection (for the drain, the connection limits and the
+/// per-client limits) until it ends.
+struct ClientGuard {
+    shard: Rc<Shard>,
+    vs: usize,
+    ip: IpAddr,
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0
-            .nr_clients
-            .set(self.0.nr_clients.get().saturating_sub(1));
+        let s = &self.shard;
+        s.nr_clients.set(s.nr_clients.get().saturating_sub(1));
+        s.vs_conns[self.vs].set(s.vs_conns[self.vs].get().saturating_sub(1));
+        if let Some(t) = &s.clients[self.vs] {
+            t.borrow_mut().disconnect(self.ip);
+        }
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// This shard's share of an appliance-wide limit (0: none).
+fn share(limit: u32, shards: usize) -> u32 {
+    if limit == 0 {
+        0
+    } else {
+        limit.div_ceil(shards as u32).max(1)
+    }
+}
+
+impl Shard {
+    /// Admit a new client connection of service `vs` from `peer`, or say which limit refuses it.
+    fn admit(self: &Rc<Self>, vs: usize, peer: SocketAddr) -> Result<ClientGuard, (Limit, LimitAction)> {
+        let svc = &self.config.services[vs];
+        let appliance = share(self.config.runtime.max_connections, self.nr_shards);
+        if appliance > 0 && self.nr_clients.get() as u32 >= appliance {
+            return Err((Limit::ApplianceConnections, LimitAction::Unavailable));
+        }
+        let service = share(svc.max_connections, self.nr_shards);
+        if service > 0 && self.vs_conns[vs].get() >= service {
+            return Err((Limit::ServiceConnections, LimitAction::Unavailable));
+        }
+        if let (Some(l), Some(t)) = (&svc.client_limits, &self.clients[vs]) {
+            t.borrow_mut().connect(peer.ip(), unix_secs(), l).map_err(|e| (e, l.action))?;
+        }
+        self.nr_clients.set(self.nr_clients.get() + 1);
+        self.vs_conns[vs].set(self.vs_conns[vs].get() + 1);
+        Ok(ClientGuard { shard: self.clone(), vs, ip: peer.ip() })
+    }
+
+    /// Count one more request from `peer` against its request rate.
+    pub fn admit_request(&self, vs: usize, peer: SocketAddr) -> Result<(), (Limit, LimitAction)> {
+        let svc = &self.config.services[vs];
+        match (&svc.client_limits, &self.clients[vs]) {
+            (Some(l), Some(t)) => t.borrow_mut().request(peer.ip(), unix_secs(), l).map_err(|e| (e, l.action)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Count a limit refusal, and put it in the security log once per client per interval.
+    pub fn limit_refused(&self, vs: usize, peer: SocketAddr, limit: Limit) {
+        let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        let c = &self.metrics.services[vs].limit_refusals[i];
+        c.set(c.get() + 1);
+        let svc = &self.config.services[vs];
+        let log_now = match &self.clients[vs] {
+            Some(t) => t.borrow_mut().should_log(peer.ip(), unix_secs()),
+            None => true,
+        };
+        if log_now && svc.logging.security {
+            self.log.security(&crate::log::SecurityRecord {
+                client: peer,
+                service: &svc.name,
+                event: "limit",
+                reason: limit.reason(),
+                status: None,
+                host: None,
+                path: None,
+            });
+        }
     }
 }
 
@@ -457,7 +537,27 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
             Err(_) => continue,
         };
         let _ = stream.set_nodelay(true);
-        let guard = ClientGuard::new(&shard);
+        shard.accepted.set(shard.accepted.get() + 1);
+        let guard = match shard.admit(vs, peer) {
+            Ok(g) => g,
+            Err((limit, action)) => {
+                shard.limit_refused(vs, peer, limit);
+                // A plain-HTTP client is told why (unless told to drop); a TLS one is closed.
+                let status = match action {
+                    LimitAction::TooManyRequests => Some(429),
+                    LimitAction::Unavailable => Some(503),
+                    LimitAction::Drop => None,
+                };
+                if let (Some(status), None) = (status, &shard.acceptors[vs]) {
+                    glommio::spawn_local(async move {
+                        let mut stream = stream;
+                        crate::io::respond_and_close(&mut stream, crate::http::canned::error_response(status)).await;
+                    })
+                    .detach();
+                }
+                continue;
+            }
+        };
         let shard = shard.clone();
         glommio::spawn_local(async move {
             match shard.acceptors[vs].clone() {
