@@ -69,7 +69,10 @@ pub const LOG_INTERVAL_SECS: u64 = 10;
 
 impl ClientTable {
     pub fn new(max_entries: usize) -> ClientTable {
-        ClientTable { clients: HashMap::new(), max_entries: max_entries.max(16) }
+        ClientTable {
+            clients: HashMap::new(),
+            max_entries: max_entries.max(16),
+        }
     }
 
     fn entry(&mut self, ip: IpAddr) -> &mut Client {
@@ -148,7 +151,12 @@ mod tests {
     use crate::config::LimitAction;
 
     fn limits(c: u32, cps: u32, rps: u32) -> ClientLimits {
-        ClientLimits { max_connections: c, connections_per_second: cps, requests_per_second: rps, action: LimitAction::Drop }
+        ClientLimits {
+            max_connections: c,
+            connections_per_second: cps,
+            requests_per_second: rps,
+            action: LimitAction::Drop,
+        }
     }
 
     #[test]
@@ -160,7 +168,10 @@ mod tests {
         assert!(t.connect(ip, 10, &l).is_ok());
         assert_eq!(t.connect(ip, 10, &l), Err(Limit::ClientConnections));
         t.disconnect(ip);
-        assert!(t.connect(ip, 10, &l).is_ok(), "third new connection this second");
+        assert!(
+            t.connect(ip, 10, &l).is_ok(),
+            "third new connection this second"
+        );
         t.disconnect(ip);
         assert_eq!(t.connect(ip, 10, &l), Err(Limit::ClientConnectionRate));
         assert!(t.connect(ip, 11, &l).is_ok(), "a new second");

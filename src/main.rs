@@ -101,7 +101,10 @@ fn run(path: PathBuf) -> ExitCode {
     }
     let nofile = edgeshard::runtime::raise_nofile();
     if nofile < 4096 {
-        tracing::warn!(limit = nofile, "open-files limit is low: raise LimitNOFILE / ulimit -n for many connections");
+        tracing::warn!(
+            limit = nofile,
+            "open-files limit is low: raise LimitNOFILE / ulimit -n for many connections"
+        );
     }
     // Block the shutdown signals before any shard thread exists, so they inherit the mask
     // and only this thread receives them, synchronously.

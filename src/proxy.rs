@@ -2,7 +2,9 @@
 //! read head → parse → pick real server → upstream checkout → send head and body →
 //! read response head → send response head and body → pool the upstream → next request.
 
-use crate::config::{LimitAction, Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING};
+use crate::config::{
+    LimitAction, Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING,
+};
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
 use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
@@ -10,7 +12,7 @@ use crate::http::write::{write_request_head, write_response_head, ClientFraming,
 use crate::http::{BodyKind, Buf, RequestInfo, ResponseInfo};
 use crate::io::{fill, respond_and_close, timeout, until, write_all};
 use crate::log::{AccessRecord, ConnectionRecord, SecurityRecord};
-use crate::relay::{relay_body, tunnel, RelayError};
+use crate::relay::{relay_body, tunnel, Bounds, RelayError};
 use crate::shard::Shard;
 use crate::upstream::{connect, ConnectError, UpstreamConn};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -151,16 +153,26 @@ impl Conn<'_> {
         self.meta.extend_from_slice(target);
     }
 
+    /// Forget the previous request (nothing known yet about the next one).
+    fn forget(&mut self) {
+        self.meta.clear();
+        self.meta_host = 0;
+        self.meta_method = 0;
+        self.sub_service = None;
+    }
+
     fn host(&self) -> &[u8] {
-        &self.meta[..self.meta_host]
+        self.meta.get(..self.meta_host).unwrap_or(b"")
     }
 
     fn method(&self) -> &[u8] {
-        &self.meta[self.meta_host..self.meta_method]
+        self.meta
+            .get(self.meta_host..self.meta_method)
+            .unwrap_or(b"")
     }
 
     fn path(&self) -> &[u8] {
-        &self.meta[self.meta_method..]
+        self.meta.get(self.meta_method..).unwrap_or(b"")
     }
 
     /// One request done: metrics and the user-access record.
@@ -319,13 +331,18 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         proto,
     };
     loop {
-        conn.meta.clear();
-        conn.sub_service = None;
+        conn.forget();
         match read_head(shard, vs, client, &mut cbuf).await {
             HeadRead::Ready => {}
             HeadRead::Closed(why) => return why,
             HeadRead::Refuse(e) => {
                 conn.started = Instant::now();
+                let n = cbuf.len() as u64;
+                refuse(client, conn, e, n).await;
+                return "error";
+            }
+        }
+        conn.started = Instant::now();
         if let Err((limit, action)) = shard.admit_request(conn.vs_idx, peer) {
             shard.limit_refused(conn.vs_idx, peer, limit);
             let status = match action {
@@ -337,12 +354,6 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             refuse(client, conn, ProxyError::policy(status, limit.reason()), n).await;
             return "error";
         }
-                let n = cbuf.len() as u64;
-                refuse(client, conn, e, n).await;
-                return "error";
-            }
-        }
-        conn.started = Instant::now();
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
         let mut wait_deadline: Option<Instant> = None;
@@ -837,15 +848,20 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
         &mut up.stream,
         info.body,
         false,
-        vs.client_body_timeout,
-        vs.response_timeout,
-        vs.max_body_size,
+        Bounds {
+            read_timeout: vs.client_body_timeout,
+            write_timeout: vs.response_timeout,
+            max: vs.max_body_size,
+        },
     )
     .await
     {
         Ok(n) => body_in = n,
         Err(RelayError::TooLarge) => {
-            return Err(Attempt::Fail(ProxyError::client(413, "request body too large")))
+            return Err(Attempt::Fail(ProxyError::client(
+                413,
+                "request body too large",
+            )))
         }
         Err(RelayError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(Attempt::Fail(ProxyError::client(
@@ -995,8 +1011,14 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(done);
     }
     if resp.status == 101 {
-        let (up_bytes, down_bytes) =
-            tunnel(client, cbuf, &mut up.stream, &mut up.buf, vs.tunnel_idle_timeout).await;
+        let (up_bytes, down_bytes) = tunnel(
+            client,
+            cbuf,
+            &mut up.stream,
+            &mut up.buf,
+            vs.tunnel_idle_timeout,
+        )
+        .await;
         done.body_in += up_bytes;
         done.bytes_out += down_bytes;
         return Ok(done);
@@ -1007,9 +1029,11 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         client,
         body,
         dechunk,
-        vs.upstream_body_timeout,
-        CLIENT_WRITE_TIMEOUT,
-        0,
+        Bounds {
+            read_timeout: vs.upstream_body_timeout,
+            write_timeout: CLIENT_WRITE_TIMEOUT,
+            max: 0,
+        },
     )
     .await
     {

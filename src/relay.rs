@@ -23,6 +23,17 @@ pub enum RelayError {
     TooLarge,
 }
 
+/// Time and size bounds of one body relay.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Longest wait for the next bytes from the sender.
+    pub read_timeout: Duration,
+    /// Longest wait for the receiver to take bytes.
+    pub write_timeout: Duration,
+    /// Most bytes relayed, chunk framing included (0: no limit).
+    pub max: u64,
+}
+
 /// Forward one body of `kind` from `src` (whose already-read bytes are in `buf`) to `dst`.
 /// With `dechunk`, a chunked body is sent as plain data (for HTTP/1.0 clients). Bytes after
 /// the body stay in `buf`. Returns the bytes written.
@@ -32,14 +43,17 @@ pub async fn relay_body<R, W>(
     dst: &mut W,
     kind: BodyKind,
     dechunk: bool,
-    read_timeout: Duration,
-    write_timeout: Duration,
-    max: u64,
+    bounds: Bounds,
 ) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Bounds {
+        read_timeout,
+        write_timeout,
+        max,
+    } = bounds;
     // `max` (0: none) bounds the bytes relayed, chunk framing included.
     let over = |n: u64| max > 0 && n > max;
     let mut sent = 0u64;

@@ -177,3 +177,35 @@ fn idle_client_is_closed_after_idle_timeout() {
         "closed after {waited:?}"
     );
 }
+
+#[test]
+fn a_refusal_after_good_requests_on_one_connection_is_answered_and_harms_nothing() {
+    // Regression: a refusal after a served request once indexed the previous request's
+    // log fields and panicked the shard.
+    let o = Origin::ok("ok");
+    let listen = local(free_port());
+    let p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost a\r\n\r\n"[..],
+        b"BAD\r\n\r\n",
+        b"GET /x HTTP/1.1\r\n\r\n",
+    ] {
+        let mut c = Client::connect(listen);
+        assert_eq!(
+            c.request(b"GET /first HTTP/1.1\r\nHost: some.example\r\n\r\n")
+                .status,
+            200
+        );
+        c.send(bad);
+        assert_eq!(c.read(false).unwrap().status, 400);
+    }
+    for _ in 0..10 {
+        let mut c = Client::connect(listen);
+        assert_eq!(
+            c.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200,
+            "every shard still serves"
+        );
+    }
+    assert!(!p.log().contains("panicked"), "{}", p.log());
+}

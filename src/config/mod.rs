@@ -660,7 +660,9 @@ impl Validator<'_> {
                 )?,
                 max_body_size: match &vs.max_body_size {
                     None => 0,
-                    Some(_) => self.size(&vs.max_body_size, &format!("{p}.max_body_size"), 0)? as u64,
+                    Some(_) => {
+                        self.size(&vs.max_body_size, &format!("{p}.max_body_size"), 0)? as u64
+                    }
                 },
                 max_connections: vs.max_connections.unwrap_or(0),
                 client_limits: vs.client_limits.as_ref().map(|c| ClientLimits {

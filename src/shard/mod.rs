@@ -7,11 +7,10 @@ pub mod mesh;
 use crate::admin;
 use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
-use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
 use crate::config::LimitAction;
+use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
 use crate::limits::{ClientTable, Limit};
 use crate::log::{Kind, LogWriter, ShardLog};
-use std::net::{IpAddr, SocketAddr};
 use crate::metrics::{merge, Merged, MetricsSnapshot, ShardMetrics};
 use crate::net;
 use crate::proxy;
@@ -23,6 +22,7 @@ use glommio::sync::Semaphore;
 use glommio::{LocalExecutorBuilder, Placement};
 use rustls_pki_types::ServerName;
 use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -144,7 +144,10 @@ impl Shard {
             clients: config
                 .services
                 .iter()
-                .map(|vs| vs.client_limits.map(|_| RefCell::new(ClientTable::new(100_000))))
+                .map(|vs| {
+                    vs.client_limits
+                        .map(|_| RefCell::new(ClientTable::new(100_000)))
+                })
                 .collect(),
             accepted: Cell::new(0),
             peer_accepted: RefCell::new(vec![0; nr_shards]),
@@ -271,7 +274,10 @@ impl Drop for ClientGuard {
 }
 
 fn unix_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// This shard's share of an appliance-wide limit (0: none).
@@ -285,7 +291,11 @@ fn share(limit: u32, shards: usize) -> u32 {
 
 impl Shard {
     /// Admit a new client connection of service `vs` from `peer`, or say which limit refuses it.
-    fn admit(self: &Rc<Self>, vs: usize, peer: SocketAddr) -> Result<ClientGuard, (Limit, LimitAction)> {
+    fn admit(
+        self: &Rc<Self>,
+        vs: usize,
+        peer: SocketAddr,
+    ) -> Result<ClientGuard, (Limit, LimitAction)> {
         let svc = &self.config.services[vs];
         let appliance = share(self.config.runtime.max_connections, self.nr_shards);
         if appliance > 0 && self.nr_clients.get() as u32 >= appliance {
@@ -296,18 +306,27 @@ impl Shard {
             return Err((Limit::ServiceConnections, LimitAction::Unavailable));
         }
         if let (Some(l), Some(t)) = (&svc.client_limits, &self.clients[vs]) {
-            t.borrow_mut().connect(peer.ip(), unix_secs(), l).map_err(|e| (e, l.action))?;
+            t.borrow_mut()
+                .connect(peer.ip(), unix_secs(), l)
+                .map_err(|e| (e, l.action))?;
         }
         self.nr_clients.set(self.nr_clients.get() + 1);
         self.vs_conns[vs].set(self.vs_conns[vs].get() + 1);
-        Ok(ClientGuard { shard: self.clone(), vs, ip: peer.ip() })
+        Ok(ClientGuard {
+            shard: self.clone(),
+            vs,
+            ip: peer.ip(),
+        })
     }
 
     /// Count one more request from `peer` against its request rate.
     pub fn admit_request(&self, vs: usize, peer: SocketAddr) -> Result<(), (Limit, LimitAction)> {
         let svc = &self.config.services[vs];
         match (&svc.client_limits, &self.clients[vs]) {
-            (Some(l), Some(t)) => t.borrow_mut().request(peer.ip(), unix_secs(), l).map_err(|e| (e, l.action)),
+            (Some(l), Some(t)) => t
+                .borrow_mut()
+                .request(peer.ip(), unix_secs(), l)
+                .map_err(|e| (e, l.action)),
             _ => Ok(()),
         }
     }
@@ -551,7 +570,11 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
                 if let (Some(status), None) = (status, &shard.acceptors[vs]) {
                     glommio::spawn_local(async move {
                         let mut stream = stream;
-                        crate::io::respond_and_close(&mut stream, crate::http::canned::error_response(status)).await;
+                        crate::io::respond_and_close(
+                            &mut stream,
+                            crate::http::canned::error_response(status),
+                        )
+                        .await;
                     })
                     .detach();
                 }
@@ -559,7 +582,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
             }
         };
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        let task = async move {
             match shard.acceptors[vs].clone() {
                 None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
                 Some(acceptor) => {
@@ -571,7 +594,9 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
                     let counters = &shard.metrics.services[vs];
                     match crate::io::timeout(limit, acceptor.accept(stream)).await {
                         Ok(tls) => {
-                            counters.tls_handshakes.set(counters.tls_handshakes.get() + 1);
+                            counters
+                                .tls_handshakes
+                                .set(counters.tls_handshakes.get() + 1);
                             let session = tls.get_ref().1;
                             let sni = session.server_name().map(str::to_owned);
                             let version = match session.protocol_version() {
@@ -602,6 +627,13 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
                 }
             }
             drop(guard);
+        };
+        // Defence in depth: a bug that panics must cost one connection, not the shard.
+        glommio::spawn_local(async move {
+            use futures_lite::FutureExt;
+            if std::panic::AssertUnwindSafe(task).catch_unwind().await.is_err() {
+                tracing::error!(client = %peer, "connection task panicked (bug): connection dropped");
+            }
         })
         .detach();
     }

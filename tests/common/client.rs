@@ -69,6 +69,14 @@ impl Client {
         self.read(bytes.starts_with(b"HEAD ")).unwrap()
     }
 
+    /// Send a request and return its status, or None if the connection was closed.
+    pub fn request_checked(&mut self, bytes: &[u8]) -> Option<u16> {
+        if self.w.write_all(bytes).is_err() {
+            return None;
+        }
+        self.read(false).ok().map(|r| r.status)
+    }
+
     /// True once the server has closed (EOF) within the read timeout.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
