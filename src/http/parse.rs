@@ -767,3 +767,191 @@ mod tests {
         }
     }
 }
+
+/// A bounded, seeded "never panics, never accepts ambiguity" test: mutated requests and
+/// responses go through the parsers, and whatever is accepted is checked against an
+/// independent reading of the raw head.
+#[cfg(test)]
+mod random_input {
+    use super::*;
+    use crate::http::chunked::ChunkedDecoder;
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    const SEEDS: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET http://h/p HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    ];
+    const BITS: &[&[u8]] = &[
+        b"Content-Length: 5\r\n",
+        b"Content-Length: 6\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: gzip\r\n",
+        b"transfer-encoding: chunked, identity\r\n",
+        b"Host: b\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b" ",
+        b"\t",
+        b":",
+        b"\0",
+        b",",
+        b"chunked",
+        b"HTTP/1.0",
+        b"Expect: 100-continue\r\n",
+        b"Connection: close, Upgrade\r\nUpgrade: x\r\n",
+        b"\x80\xff",
+    ];
+
+    fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+        let mut v = base.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(v.len() + 1);
+            match rng.below(4) {
+                0 => {
+                    let bit = BITS[rng.below(BITS.len())];
+                    v.splice(at..at, bit.iter().copied());
+                }
+                1 if !v.is_empty() => {
+                    let end = (at + 1 + rng.below(8)).min(v.len());
+                    v.drain(at.min(end)..end);
+                }
+                2 if !v.is_empty() => {
+                    let i = rng.below(v.len());
+                    v[i] = rng.next() as u8;
+                }
+                _ => {
+                    let bit = BITS[rng.below(BITS.len())];
+                    v.extend_from_slice(bit);
+                }
+            }
+        }
+        v
+    }
+
+    /// Header lines of an accepted head, read without httparse.
+    fn fields(head: &[u8]) -> Vec<(String, String)> {
+        let text = String::from_utf8_lossy(head);
+        text.split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_ascii_lowercase()))
+            .collect()
+    }
+
+    fn check_unambiguous(head: &[u8], body: BodyKind, minor: u8, is_request: bool) {
+        let what = String::from_utf8_lossy(head).into_owned();
+        assert!(!head.contains(&0), "NUL accepted: {what:?}");
+        for (i, &b) in head.iter().enumerate() {
+            if b == b'\n' {
+                assert!(i > 0 && head[i - 1] == b'\r', "bare LF accepted: {what:?}");
+            }
+            if b == b'\r' {
+                assert_eq!(head.get(i + 1), Some(&b'\n'), "bare CR accepted: {what:?}");
+            }
+        }
+        let f = fields(head);
+        let cl = f.iter().filter(|(k, _)| k == "content-length").count();
+        let te: Vec<&String> = f
+            .iter()
+            .filter(|(k, _)| k == "transfer-encoding")
+            .map(|(_, v)| v)
+            .collect();
+        assert!(cl <= 1, "repeated Content-Length accepted: {what:?}");
+        assert!(
+            !(cl == 1 && !te.is_empty()),
+            "CL with TE accepted: {what:?}"
+        );
+        if !te.is_empty() {
+            let all = te.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+            let last = all
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .last();
+            assert_eq!(
+                last,
+                Some("chunked"),
+                "TE not ending in chunked accepted: {what:?}"
+            );
+            assert!(
+                body == BodyKind::Chunked || body == BodyKind::None,
+                "{what:?}"
+            );
+        }
+        if is_request && minor == 1 {
+            assert_eq!(
+                f.iter().filter(|(k, _)| k == "host").count(),
+                1,
+                "Host count: {what:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mutated_requests_never_panic_nor_pass_ambiguity() {
+        let limits = HeadLimits::default();
+        let mut accepted = 0;
+        for seed in 1..=4u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for _ in 0..12_000 {
+                let base = SEEDS[rng.below(SEEDS.len())];
+                let input = mutate(&mut rng, base);
+                let mut h = [httparse::EMPTY_HEADER; 64];
+                if let Ok(Some(r)) = parse_request(&input, &mut h, &limits) {
+                    accepted += 1;
+                    check_unambiguous(&input[..r.info.head_len], r.info.body, r.info.minor, true);
+                }
+                let mut h = [httparse::EMPTY_HEADER; 64];
+                let as_response = [
+                    &b"HTTP/1.1 200 OK\r\n"[..],
+                    &input[input.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1)..],
+                ]
+                .concat();
+                if let Ok(Some(r)) = parse_response(&as_response, &mut h, Method::Get, 16384) {
+                    check_unambiguous(
+                        &as_response[..r.info.head_len],
+                        r.info.body,
+                        r.info.minor,
+                        false,
+                    );
+                }
+                // the chunked decoder on whatever follows the head
+                let mut d = ChunkedDecoder::new();
+                let mut off = 0;
+                while off < input.len() {
+                    match d.step(&input[off..]) {
+                        Ok(s) => {
+                            assert!(s.consumed <= input.len() - off);
+                            if s.consumed == 0 || s.done {
+                                break;
+                            }
+                            off += s.consumed;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "the mutations still exercise accepted paths ({accepted})"
+        );
+    }
+}
