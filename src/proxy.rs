@@ -44,6 +44,55 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Read buffer size of a virtual service's client connections.
+fn buf_size(vs: &VirtualService) -> usize {
+    vs.limits.max_header_size.max(crate::shard::BUF_SIZE)
+}
+
+/// Wait for an idle client without holding a buffer: the read lands in the shard's scratch
+/// space (borrowed only while polling, never across a wait) and is copied into pooled
+/// storage once there is something to keep.
+async fn idle_read<S: AsyncRead + Unpin>(
+    shard: &Shard,
+    vs: &VirtualService,
+    client: &mut S,
+    buf: &mut Buf,
+) -> io::Result<usize> {
+    let n = std::future::poll_fn(|cx| {
+        let mut scratch = shard.scratch.borrow_mut();
+        std::pin::Pin::new(&mut *client).poll_read(cx, &mut scratch[..])
+    })
+    .await?;
+    if n > 0 {
+        if buf.is_detached() {
+            buf.attach(shard.take_storage(buf_size(vs)));
+        }
+        let scratch = shard.scratch.borrow();
+        let spare = buf.spare();
+        let k = n.min(spare.len()).min(scratch.len());
+        spare[..k].copy_from_slice(&scratch[..k]);
+        buf.advance(k);
+    }
+    Ok(n)
+}
+
+/// Per-connection working memory, given back while the connection idles.
+#[derive(Default)]
+struct Workspace {
+    req_out: Vec<u8>,
+    resp_out: Vec<u8>,
+    /// A persistence cookie to set on the response, rebuilt per request when one is due.
+    set_cookie: Vec<u8>,
+    /// The normalised path, for ESP.
+    path: Vec<u8>,
+}
+
+impl Workspace {
+    fn release(&mut self) {
+        *self = Workspace::default();
+    }
+}
+
 /// How reading the next request head ended.
 enum HeadRead {
     /// A complete head is in the buffer.
@@ -60,6 +109,7 @@ async fn read_head<S: AsyncRead + Unpin>(
     vs: &VirtualService,
     client: &mut S,
     buf: &mut Buf,
+    ws: &mut Workspace,
 ) -> HeadRead {
     let mut scanned = 0;
     let mut deadline: Option<Instant> = None;
@@ -86,8 +136,23 @@ async fn read_head<S: AsyncRead + Unpin>(
             if shard.is_closing() {
                 return HeadRead::Closed("shutdown");
             }
-            // Between requests: idle timeout, and give way to shutdown.
-            let idle = timeout(vs.idle_timeout, fill(client, buf));
+            // Between requests. A client with its next request already there keeps its
+            // buffers; one that goes idle gives them back to the shard's pool until it speaks.
+            if buf.is_detached() {
+                buf.attach(shard.take_storage(buf_size(vs)));
+            }
+            if let Some(r) = futures_lite::future::poll_once(fill(client, buf)).await {
+                match r {
+                    Ok(0) => return HeadRead::Closed("client"),
+                    Ok(_) => continue,
+                    Err(_) => return HeadRead::Closed("error"),
+                }
+            }
+            if let Some(storage) = buf.detach() {
+                shard.give_storage(storage);
+            }
+            ws.release();
+            let idle = timeout(vs.idle_timeout, idle_read(shard, vs, client, buf));
             futures_lite::future::or(idle, async {
                 shard.closed().await;
                 Err(io::Error::new(io::ErrorKind::Interrupted, "shutdown"))
@@ -319,20 +384,22 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
     let shard = conn.shard;
     let vs = conn.vs;
     let peer = conn.peer;
-    let mut cbuf = Buf::new(vs.limits.max_header_size.max(16 * 1024));
-    let mut req_out: Vec<u8> = Vec::with_capacity(2048);
-    let mut resp_out: Vec<u8> = Vec::with_capacity(2048);
-    // A persistence cookie to set on the response, rebuilt per request when one is due.
-    let mut set_cookie: Vec<u8> = Vec::new();
-    // The normalised path, for ESP.
-    let mut scratch: Vec<u8> = Vec::new();
+    let mut cbuf = Buf::detached();
+    let mut ws = Workspace::default();
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
     };
     loop {
         conn.forget();
-        match read_head(shard, vs, client, &mut cbuf).await {
+        let head = read_head(shard, vs, client, &mut cbuf, &mut ws).await;
+        let Workspace {
+            req_out,
+            resp_out,
+            set_cookie,
+            path: scratch,
+        } = &mut ws;
+        match head {
             HeadRead::Ready => {}
             HeadRead::Closed(why) => return why,
             HeadRead::Refuse(e) => {
@@ -359,78 +426,77 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         let mut wait_deadline: Option<Instant> = None;
         let parsed = loop {
             let gen = shard.load.capacity_gen();
-            let parsed: Result<Route, ProxyError> = (|| {
-                let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-                let req = match parse_request(
-                    cbuf.filled(),
-                    &mut hdrs[..vs.limits.max_headers],
-                    &vs.limits,
-                ) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
-                    Err(e) => return Err(ProxyError::client(e.status, e.reason)),
-                };
-                if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
-                    if n > vs.max_body_size {
-                        return Err(ProxyError::client(413, "request body too large"));
+            let parsed: Result<Route, ProxyError> =
+                (|| {
+                    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+                    let req = match parse_request(
+                        cbuf.filled(),
+                        &mut hdrs[..vs.limits.max_headers],
+                        &vs.limits,
+                    ) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
+                        Err(e) => return Err(ProxyError::client(e.status, e.reason)),
+                    };
+                    if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
+                        if n > vs.max_body_size {
+                            return Err(ProxyError::client(413, "request body too large"));
+                        }
                     }
-                }
-                if let Some(r) = vs.redirect {
-                    resp_out.clear();
-                    write_redirect(&req, r, &mut resp_out)?;
-                    return Ok(Route::Redirect(req.info));
-                }
-                let host = req.host.or(sni.map(str::as_bytes));
-                let path = match req.target {
-                    Target::Origin(p) => p,
-                    Target::Asterisk => "*",
-                };
-                conn.remember(host, req.method.as_bytes(), path.as_bytes());
-                let own_empty = shard.config.pools[vs.pool].servers.is_empty();
-                let (pool, sub) = route(vs, own_empty, host, path)
-                    .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
-                conn.sub_service = sub;
-                // ESP: the sub-service's rules, else the service's.
-                let esp = sub
-                    .and_then(|i| vs.sub_services[i].esp.as_ref())
-                    .or(vs.esp.as_ref());
-                if let Some(esp) = esp {
-                    if let Err(r) = crate::esp::check(esp, req.host, sni, path, &mut scratch) {
-                        let i = crate::esp::Refusal::ALL
-                            .iter()
-                            .position(|x| *x == r)
-                            .unwrap_or(0);
-                        let c = &shard.metrics.services[conn.vs_idx].esp_refusals[i];
-                        c.set(c.get() + 1);
-                        let event = match r {
-                            crate::esp::Refusal::Host | crate::esp::Refusal::HostSniMismatch => {
-                                "esp_host"
+                    if let Some(r) = vs.redirect {
+                        resp_out.clear();
+                        write_redirect(&req, r, resp_out)?;
+                        return Ok(Route::Redirect(req.info));
+                    }
+                    let host = req.host.or(sni.map(str::as_bytes));
+                    let path = match req.target {
+                        Target::Origin(p) => p,
+                        Target::Asterisk => "*",
+                    };
+                    conn.remember(host, req.method.as_bytes(), path.as_bytes());
+                    let own_empty = shard.config.pools[vs.pool].servers.is_empty();
+                    let (pool, sub) = route(vs, own_empty, host, path)
+                        .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
+                    conn.sub_service = sub;
+                    // ESP: the sub-service's rules, else the service's.
+                    let esp = sub
+                        .and_then(|i| vs.sub_services[i].esp.as_ref())
+                        .or(vs.esp.as_ref());
+                    if let Some(esp) = esp {
+                        if let Err(r) = crate::esp::check(esp, req.host, sni, path, scratch) {
+                            let i = crate::esp::Refusal::ALL
+                                .iter()
+                                .position(|x| *x == r)
+                                .unwrap_or(0);
+                            let c = &shard.metrics.services[conn.vs_idx].esp_refusals[i];
+                            c.set(c.get() + 1);
+                            let event = match r {
+                                crate::esp::Refusal::Host
+                                | crate::esp::Refusal::HostSniMismatch => "esp_host",
+                                _ => "esp_directory",
+                            };
+                            return Err(ProxyError::policy(esp.refusal_status, r.reason())
+                                .with_event(event));
+                        }
+                    }
+                    let server = match choose(shard, pool, &req, peer, proto, set_cookie) {
+                        Err(e) if e.status == 503 => {
+                            let sched = &shard.schedulers[pool];
+                            if sched.awaiting_ack(&shard.load) {
+                                return Ok(Route::Wait(ACK_WAIT));
                             }
-                            _ => "esp_directory",
-                        };
-                        return Err(
-                            ProxyError::policy(esp.refusal_status, r.reason()).with_event(event)
-                        );
-                    }
-                }
-                let server = match choose(shard, pool, &req, peer, proto, &mut set_cookie) {
-                    Err(e) if e.status == 503 => {
-                        let sched = &shard.schedulers[pool];
-                        if sched.awaiting_ack(&shard.load) {
-                            return Ok(Route::Wait(ACK_WAIT));
+                            if !vs.queue_timeout.is_zero() && sched.any_usable(&shard.load) {
+                                return Ok(Route::Wait(vs.queue_timeout));
+                            }
+                            return Err(e);
                         }
-                        if !vs.queue_timeout.is_zero() && sched.any_usable(&shard.load) {
-                            return Ok(Route::Wait(vs.queue_timeout));
-                        }
-                        return Err(e);
-                    }
-                    r => r?,
-                };
-                let rs = shard.server(server);
-                req_out.clear();
-                write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, &mut req_out);
-                Ok(Route::Forward(req.info, server))
-            })();
+                        r => r?,
+                    };
+                    let rs = shard.server(server);
+                    req_out.clear();
+                    write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, req_out);
+                    Ok(Route::Forward(req.info, server))
+                })();
             if let Ok(Route::Wait(limit)) = parsed {
                 let first = wait_deadline.is_none();
                 let d = *wait_deadline.get_or_insert_with(|| Instant::now() + limit);
@@ -465,7 +531,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 resp_out.extend_from_slice(b"\r\n");
                 cbuf.consume(info.head_len);
-                let ok = write_all(client, &resp_out, CLIENT_WRITE_TIMEOUT)
+                let ok = write_all(client, resp_out, CLIENT_WRITE_TIMEOUT)
                     .await
                     .is_ok();
                 let status = vs.redirect.map(|r| r.status).unwrap_or(301);
@@ -487,15 +553,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         };
         cbuf.consume(info.head_len);
         match exchange(
-            shard,
-            vs,
-            client,
-            &mut cbuf,
-            &req_out,
-            &mut resp_out,
-            &set_cookie,
-            info,
-            server,
+            shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server,
         )
         .await
         {

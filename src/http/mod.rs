@@ -75,6 +75,34 @@ impl Buf {
         self.start = 0;
         self.end = 0;
     }
+
+    /// A buffer with no storage (no allocation): an idle connection holds one of these.
+    pub fn detached() -> Buf {
+        Buf {
+            data: Box::default(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn is_detached(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Give up the storage of an empty buffer (to a pool), leaving it detached.
+    pub fn detach(&mut self) -> Option<Box<[u8]>> {
+        if !self.is_empty() || self.is_detached() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.data))
+    }
+
+    /// Give a detached buffer storage again.
+    pub fn attach(&mut self, storage: Box<[u8]>) {
+        self.data = storage;
+        self.start = 0;
+        self.end = 0;
+    }
 }
 
 #[cfg(test)]

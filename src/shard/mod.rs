@@ -28,6 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+/// Client read buffer size (a request head must fit; bodies stream through it).
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Idle buffers a shard keeps for reuse.
+const STORAGE_POOL: usize = 1024;
+
 /// Everything one shard owns. `!Send`: it never leaves its executor.
 pub struct Shard {
     pub id: usize,
@@ -43,6 +48,10 @@ pub struct Shard {
     pub cookies: CookieSigner,
     /// Latest health-check result per server, as reported over the mesh.
     pub checks: RefCell<Vec<Option<CheckResult>>>,
+    /// Read-buffer storage of connections that went idle, for the next busy one.
+    storage: RefCell<Vec<Box<[u8]>>>,
+    /// Where idle connections' first bytes land (borrowed only within a poll).
+    pub scratch: RefCell<Box<[u8]>>,
     /// Requests waiting for room under connection limits.
     pub queued: Cell<usize>,
     closing: Cell<bool>,
@@ -137,6 +146,8 @@ impl Shard {
             cookies: CookieSigner::new(&secrets.cookie_key),
             checks: RefCell::new(vec![None; config.nr_servers]),
             queued: Cell::new(0),
+            storage: RefCell::new(Vec::new()),
+            scratch: RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice()),
             closing: Cell::new(false),
             close_signal: Semaphore::new(0),
             nr_clients: Cell::new(0),
@@ -202,6 +213,24 @@ impl Shard {
         let mut all = std::mem::take(&mut *self.metrics_replies.borrow_mut());
         all.push(self.metrics_snapshot());
         merge(all)
+    }
+
+    /// Buffer storage of `size` bytes: pooled when it is the standard size.
+    pub fn take_storage(&self, size: usize) -> Box<[u8]> {
+        if size == BUF_SIZE {
+            if let Some(s) = self.storage.borrow_mut().pop() {
+                return s;
+            }
+        }
+        vec![0u8; size].into_boxed_slice()
+    }
+
+    /// Return storage to the pool (bounded: beyond it, memory goes back to the allocator).
+    pub fn give_storage(&self, s: Box<[u8]>) {
+        let mut pool = self.storage.borrow_mut();
+        if s.len() == BUF_SIZE && pool.len() < STORAGE_POOL {
+            pool.push(s);
+        }
     }
 
     /// Tell every other shard (no-op with one shard).
