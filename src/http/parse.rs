@@ -874,16 +874,10 @@ mod random_input {
             .map(|(_, v)| v)
             .collect();
         assert!(cl <= 1, "repeated Content-Length accepted: {what:?}");
-        assert!(
-            cl == 0 || te.is_empty(),
-            "CL with TE accepted: {what:?}"
-        );
+        assert!(cl == 0 || te.is_empty(), "CL with TE accepted: {what:?}");
         if !te.is_empty() {
             let all = te.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
-            let last = all
-                .split(',')
-                .map(str::trim)
-                .rfind(|s| !s.is_empty());
+            let last = all.split(',').map(str::trim).rfind(|s| !s.is_empty());
             assert_eq!(
                 last,
                 Some("chunked"),

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Scenario E (part): the proxy's resident memory per idle keep-alive client connection.
+
+Starts a small keep-alive origin and `edgeshard run` (one shard), opens N client connections
+that each complete one request and then stay idle, and reports the proxy's RSS growth per
+connection (from /proc/PID/status). Bounded: it stops everything it started.
+
+    python3 bench/idle_rss.py --binary target/release/edgeshard --connections 10000
+"""
+import argparse, http.server, os, resource, socket, socketserver, subprocess, sys, tempfile, threading, time
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", default="target/release/edgeshard")
+    ap.add_argument("--connections", type=int, default=10000)
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.connections + 1000), hard))
+    origin = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    origin.daemon_threads = True
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    listen = free_port()
+    cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    cfg.write(f'[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = "127.0.0.1:{listen}"\n'
+              f'[[virtual_service.real_server]]\naddress = "127.0.0.1:{origin.server_address[1]}"\n')
+    cfg.close()
+    proxy = subprocess.Popen([args.binary, "run", "--config", cfg.name], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", listen), timeout=1).close(); break
+            except OSError:
+                if time.time() > deadline: sys.exit("proxy did not start")
+                time.sleep(0.05)
+        time.sleep(0.5)
+        before = rss_kib(proxy.pid)
+        conns = []
+        req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+        for i in range(args.connections):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            s.sendall(req)
+            got = b""
+            while not got.endswith(b"ok"):
+                chunk = s.recv(4096)
+                if not chunk: sys.exit("connection closed early")
+                got += chunk
+            conns.append(s)
+        time.sleep(1.0)
+        after = rss_kib(proxy.pid)
+        per = (after - before) * 1024 / args.connections
+        print(f"idle plain connections: {args.connections}, proxy RSS {before} KiB -> {after} KiB, "
+              f"{per:.0f} bytes per idle connection")
+        for s in conns: s.close()
+    finally:
+        proxy.terminate()
+        try: proxy.wait(10)
+        except subprocess.TimeoutExpired: proxy.kill()
+        origin.shutdown()
+        os.unlink(cfg.name)
+
+if __name__ == "__main__":
+    main()
