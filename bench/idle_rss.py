@@ -18,6 +18,7 @@ def rss_kib(pid):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the response goes out in two writes
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", "2")

@@ -64,7 +64,8 @@ pub async fn respond_and_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, res
     }
     let _ = timeout(Duration::from_secs(1), s.close()).await;
     let deadline = Instant::now() + Duration::from_millis(500);
-    let mut scratch = [0u8; 4096];
+    // on the heap: this rare path must not grow every connection's task
+    let mut scratch = vec![0u8; 4096];
     let mut drained = 0usize;
     while drained < 256 * 1024 {
         match until(deadline, s.read(&mut scratch)).await {

@@ -552,9 +552,11 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         cbuf.consume(info.head_len);
-        match exchange(
+        // The exchange's state is only needed while a request is in flight: boxed, it does not
+        // weigh on every idle connection's task.
+        match Box::pin(exchange(
             shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server,
-        )
+        ))
         .await
         {
             Ok(done) => {

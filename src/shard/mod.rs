@@ -62,6 +62,8 @@ pub struct Shard {
     vs_conns: Vec<Cell<u32>>,
     /// Per virtual service with client limits: this shard's clients.
     clients: Vec<Option<RefCell<ClientTable>>>,
+    /// When each address was last security-logged for a service/appliance limit.
+    limit_log: RefCell<ClientTable>,
     accepted: Cell<u64>,
     peer_accepted: RefCell<Vec<u64>>,
     pub started: Instant,
@@ -160,6 +162,7 @@ impl Shard {
                         .map(|_| RefCell::new(ClientTable::new(100_000)))
                 })
                 .collect(),
+            limit_log: RefCell::new(ClientTable::new(10_000)),
             accepted: Cell::new(0),
             peer_accepted: RefCell::new(vec![0; nr_shards]),
             started: Instant::now(),
@@ -368,7 +371,10 @@ impl Shard {
         let svc = &self.config.services[vs];
         let log_now = match &self.clients[vs] {
             Some(t) => t.borrow_mut().should_log(peer.ip(), unix_secs()),
-            None => true,
+            None => self
+                .limit_log
+                .borrow_mut()
+                .should_log(peer.ip(), unix_secs()),
         };
         if log_now && svc.logging.security {
             self.log.security(&crate::log::SecurityRecord {
@@ -614,46 +620,8 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let task = async move {
             match shard.acceptors[vs].clone() {
                 None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
-                Some(acceptor) => {
-                    let limit = shard.config.services[vs]
-                        .tls
-                        .as_ref()
-                        .map(|t| t.handshake_timeout);
-                    let limit = limit.unwrap_or(Duration::from_secs(10));
-                    let counters = &shard.metrics.services[vs];
-                    match crate::io::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(tls) => {
-                            counters
-                                .tls_handshakes
-                                .set(counters.tls_handshakes.get() + 1);
-                            let session = tls.get_ref().1;
-                            let sni = session.server_name().map(str::to_owned);
-                            let version = match session.protocol_version() {
-                                Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
-                                Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
-                                _ => None,
-                            };
-                            proxy::serve(shard, vs, tls, peer, "https", sni, version).await
-                        }
-                        Err(e) => {
-                            counters.tls_failures.set(counters.tls_failures.get() + 1);
-                            let service = &shard.config.services[vs];
-                            tracing::info!(client = %peer, service = %service.name, "TLS handshake failed: {e}");
-                            if service.logging.security {
-                                let reason = e.to_string();
-                                shard.log.security(&crate::log::SecurityRecord {
-                                    client: peer,
-                                    service: &service.name,
-                                    event: "tls_handshake",
-                                    reason: &reason,
-                                    status: None,
-                                    host: None,
-                                    path: None,
-                                });
-                            }
-                        }
-                    }
-                }
+                // TLS state lives in its own allocation: plain connections stay small.
+                Some(acceptor) => Box::pin(serve_tls(shard, vs, acceptor, stream, peer)).await,
             }
             drop(guard);
         };
@@ -665,5 +633,53 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
             }
         })
         .detach();
+    }
+}
+
+/// Complete a TLS handshake (bounded), then serve the connection.
+async fn serve_tls(
+    shard: Rc<Shard>,
+    vs: usize,
+    acceptor: TlsAcceptor,
+    stream: glommio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let limit = shard.config.services[vs]
+        .tls
+        .as_ref()
+        .map(|t| t.handshake_timeout);
+    let limit = limit.unwrap_or(Duration::from_secs(10));
+    let counters = &shard.metrics.services[vs];
+    match crate::io::timeout(limit, acceptor.accept(stream)).await {
+        Ok(tls) => {
+            counters
+                .tls_handshakes
+                .set(counters.tls_handshakes.get() + 1);
+            let session = tls.get_ref().1;
+            let sni = session.server_name().map(str::to_owned);
+            let version = match session.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+                Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+                _ => None,
+            };
+            proxy::serve(shard, vs, tls, peer, "https", sni, version).await
+        }
+        Err(e) => {
+            counters.tls_failures.set(counters.tls_failures.get() + 1);
+            let service = &shard.config.services[vs];
+            tracing::info!(client = %peer, service = %service.name, "TLS handshake failed: {e}");
+            if service.logging.security {
+                let reason = e.to_string();
+                shard.log.security(&crate::log::SecurityRecord {
+                    client: peer,
+                    service: &service.name,
+                    event: "tls_handshake",
+                    reason: &reason,
+                    status: None,
+                    host: None,
+                    path: None,
+                });
+            }
+        }
     }
 }
