@@ -5,9 +5,9 @@ Starts a small keep-alive origin and `edgeshard run` (one shard), opens N client
 that each complete one request and then stay idle, and reports the proxy's RSS growth per
 connection (from /proc/PID/status). Bounded: it stops everything it started.
 
-    python3 bench/idle_rss.py --binary target/release/edgeshard --connections 10000
+    python3 bench/idle_rss.py --binary target/release/edgeshard --connections 10000 [--tls]
 """
-import argparse, http.server, os, resource, socket, socketserver, subprocess, sys, tempfile, threading, time
+import argparse, http.server, os, resource, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time
 
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
@@ -34,6 +34,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", default="target/release/edgeshard")
     ap.add_argument("--connections", type=int, default=10000)
+    ap.add_argument("--tls", action="store_true", help="TLS to the proxy (a certificate made with openssl)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.connections + 1000), hard))
@@ -42,7 +43,18 @@ def main():
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     listen = free_port()
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    cfg.write(f'[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = "127.0.0.1:{listen}"\n'
+    tls_cfg, ctx = "", None
+    if args.tls:
+        d = tempfile.mkdtemp()
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2", "-subj", "/CN=bench.example", "-addext",
+                        "subjectAltName=DNS:bench.example", "-keyout", f"{d}/k.pem", "-out", f"{d}/c.pem"],
+                       check=True, capture_output=True)
+        tls_cfg = f'[virtual_service.tls]\ncertificates = [{{ cert = "{d}/c.pem", key = "{d}/k.pem" }}]\n'
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cfg.write(f'[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = "127.0.0.1:{listen}"\n{tls_cfg}'
               f'[[virtual_service.real_server]]\naddress = "127.0.0.1:{origin.server_address[1]}"\n')
     cfg.close()
     proxy = subprocess.Popen([args.binary, "run", "--config", cfg.name], stderr=subprocess.DEVNULL)
@@ -60,6 +72,8 @@ def main():
         req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
         for i in range(args.connections):
             s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            if ctx:
+                s = ctx.wrap_socket(s, server_hostname="bench.example")
             s.sendall(req)
             got = b""
             while not got.endswith(b"ok"):
@@ -70,7 +84,8 @@ def main():
         time.sleep(1.0)
         after = rss_kib(proxy.pid)
         per = (after - before) * 1024 / args.connections
-        print(f"idle plain connections: {args.connections}, proxy RSS {before} KiB -> {after} KiB, "
+        kind = "TLS" if args.tls else "plain"
+        print(f"idle {kind} connections: {args.connections}, proxy RSS {before} KiB -> {after} KiB, "
               f"{per:.0f} bytes per idle connection")
         for s in conns: s.close()
     finally:
