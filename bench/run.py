@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""The scenario runner: edgeshard, HAProxy and nginx side by side, same pinning, same origins.
+
+    python3 bench/run.py                      # all scenarios, 3 rounds of 2 s slices
+    python3 bench/run.py --smoke              # a few seconds: CI's check that it works
+    python3 bench/run.py --scenarios A,D --rounds 5 --slice 3
+
+Every system runs at once on its own ports, pinned to the proxy core(s); origins and the load
+generator run on the other cores. The load moves between the systems in short slices, their
+order rotated every round, so a machine whose speed drifts affects all alike. The figure that
+holds on a noisy box is the proxy's CPU time per request (from /proc), reported with
+throughput and latency as the median and spread of the rounds, with ratios against HAProxy and
+nginx. Results: bench/results/latest.{md,json} and one SVG latency plot per scenario.
+Scenarios: A plain keep-alive; B TLS both sides keep-alive (the Lync path); C a new TLS
+connection per request, re-encrypting; D 1 MiB responses; E idle connections' RSS (plain and
+TLS); F open-loop latency near HAProxy's capacity.
+"""
+import argparse, json, os, shutil, signal, socket, ssl, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+
+def sh(*a, **k):
+    return subprocess.run(list(a), check=True, **k)
+
+def port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+def wait_port(p, t=20, proc=None):
+    end = time.time() + t
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", p), timeout=1).close(); return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    logs = ""
+    if proc is not None:
+        logs = f" ({' '.join(proc.args)} exited {proc.poll()})"
+    raise SystemExit(f"nothing listens on {p}{logs}")
+
+def cpu_ticks(pids):
+    t = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            t += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return t
+
+def rss_kib(pids):
+    t = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        t += int(line.split()[1])
+        except OSError:
+            pass
+    return t
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+    except OSError:
+        return []
+
+def ensure(pkg, binary):
+    if shutil.which(binary):
+        return True
+    print(f"{binary} is missing: installing Debian's {pkg} with apt-get", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", pkg], env=env, capture_output=True)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", pkg], env=env, capture_output=True)
+    ok = shutil.which(binary) is not None
+    if not ok:
+        print(f"  could not install {pkg}: {binary} left out of the comparison", flush=True)
+    return ok
+
+class Systems:
+    """Origins and the proxies under test, all started at once, all stopped at the end."""
+    def __init__(self, a, tmp):
+        self.procs, self.tmp, self.a = [], tmp, a
+        pc, lc = a.proxy_cores, a.load_cores
+        cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-days", "2", "-subj", "/CN=bench.example", "-addext", "subjectAltName=DNS:bench.example",
+           "-keyout", key, "-out", cert, capture_output=True)
+        with open(os.path.join(tmp, "both.pem"), "w") as f:
+            f.write(open(cert).read() + open(key).read())
+        self.cert, self.key = cert, key
+        self.o_small, self.o_tls, self.o_big = port(), port(), port()
+        ob = os.path.join(BIN, "edgeshard-bench")
+        self.spawn([ob, "origin", "--listen", f"127.0.0.1:{self.o_small}", "--cores", lc])
+        self.spawn([ob, "origin", "--listen", f"127.0.0.1:{self.o_tls}", "--cores", lc, "--tls-cert", cert, "--tls-key", key])
+        self.spawn([ob, "origin", "--listen", f"127.0.0.1:{self.o_big}", "--cores", lc, "--body-size", str(1 << 20)])
+        for p in (self.o_small, self.o_tls, self.o_big):
+            wait_port(p)
+        self.ports = {}   # system -> {"plain", "tls", "big"}
+        self.pids = {}    # system -> [pids]
+        self.start_edgeshard()
+        if not a.no_haproxy and ensure("haproxy", "haproxy"):
+            self.start_haproxy()
+        if not a.no_nginx and ensure("nginx-light", "nginx"):
+            self.start_nginx()
+        self.ports["direct"] = {"plain": self.o_small, "tls": self.o_tls, "big": self.o_big}
+
+    def spawn(self, argv, **k):
+        log = open(os.path.join(self.tmp, f"{os.path.basename(argv[0])}-{len(self.procs)}.log"), "w")
+        p = subprocess.Popen(argv, stdout=log, stderr=log, **k)
+        self.procs.append(p)
+        return p
+
+    def start_edgeshard(self):
+        p = {"plain": port(), "tls": port(), "big": port()}
+        cores = ", ".join(self.a.proxy_cores.split(","))
+        cfg = f'''[runtime]
+cores = [{cores}]
+[[virtual_service]]
+name = "plain"
+listen = "127.0.0.1:{p["plain"]}"
+[[virtual_service.real_server]]
+address = "127.0.0.1:{self.o_small}"
+[[virtual_service]]
+name = "tls"
+listen = "127.0.0.1:{p["tls"]}"
+[virtual_service.tls]
+certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
+[virtual_service.reencrypt]
+insecure_skip_verify = true
+[[virtual_service.real_server]]
+address = "127.0.0.1:{self.o_tls}"
+[[virtual_service]]
+name = "big"
+listen = "127.0.0.1:{p["big"]}"
+[[virtual_service.real_server]]
+address = "127.0.0.1:{self.o_big}"
+'''
+        path = os.path.join(self.tmp, "edgeshard.toml")
+        open(path, "w").write(cfg)
+        proc = self.spawn([os.path.join(BIN, "edgeshard"), "run", "--config", path])
+        for x in p.values():
+            wait_port(x, proc=proc)
+        self.ports["edgeshard"], self.pids["edgeshard"] = p, [proc.pid]
+
+    def start_haproxy(self):
+        p = {"plain": port(), "tls": port(), "big": port()}
+        n = len(self.a.proxy_cores.split(","))
+        cpu_map = "\n".join(f"  cpu-map 1/{i + 1} {c}" for i, c in enumerate(self.a.proxy_cores.split(",")))
+        cfg = f'''global
+  nbthread {n}
+{cpu_map}
+  maxconn 9000
+  tune.ssl.default-dh-param 2048
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend plain
+  bind 127.0.0.1:{p["plain"]}
+  default_backend plain
+backend plain
+  server s 127.0.0.1:{self.o_small}
+frontend tls
+  bind 127.0.0.1:{p["tls"]} ssl crt {os.path.join(self.tmp, "both.pem")} alpn http/1.1
+  default_backend tls
+backend tls
+  server s 127.0.0.1:{self.o_tls} ssl verify none sni str(bench.example)
+frontend big
+  bind 127.0.0.1:{p["big"]}
+  default_backend big
+backend big
+  server s 127.0.0.1:{self.o_big}
+'''
+        path = os.path.join(self.tmp, "haproxy.cfg")
+        open(path, "w").write(cfg)
+        proc = self.spawn(["haproxy", "-f", path])
+        for x in p.values():
+            wait_port(x, proc=proc)
+        self.ports["haproxy"], self.pids["haproxy"] = p, [proc.pid]
+
+    def start_nginx(self):
+        p = {"plain": port(), "tls": port(), "big": port()}
+        cores = self.a.proxy_cores.split(",")
+        ncpu = os.cpu_count() or 1
+        masks = " ".join("".join("1" if i == int(c) else "0" for i in reversed(range(ncpu))) for c in cores)
+        up = lambda name, o: f"upstream {name} {{ server 127.0.0.1:{o}; keepalive 64; }}"
+        loc = lambda scheme, name: (f"location / {{ proxy_pass {scheme}://{name}; proxy_http_version 1.1; "
+                                    f"proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; "
+                                    f"proxy_ssl_server_name on; proxy_ssl_name bench.example; }}")
+        cfg = f'''worker_processes {len(cores)};
+worker_cpu_affinity {masks};
+worker_rlimit_nofile 65536;
+daemon off;
+pid {self.tmp}/nginx.pid;
+error_log {self.tmp}/nginx-error.log;
+events {{ worker_connections 40000; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  {up("plain", self.o_small)}
+  {up("tls", self.o_tls)}
+  {up("big", self.o_big)}
+  server {{ listen 127.0.0.1:{p["plain"]}; {loc("http", "plain")} }}
+  server {{ listen 127.0.0.1:{p["tls"]} ssl; ssl_certificate {self.cert}; ssl_certificate_key {self.key};
+           ssl_session_cache shared:S:10m; {loc("https", "tls")} }}
+  server {{ listen 127.0.0.1:{p["big"]}; {loc("http", "big")} }}
+}}
+'''
+        path = os.path.join(self.tmp, "nginx.conf")
+        open(path, "w").write(cfg)
+        proc = self.spawn(["nginx", "-c", path])
+        for x in p.values():
+            wait_port(x, proc=proc)
+        time.sleep(0.2)
+        self.ports["nginx"], self.pids["nginx"] = p, [proc.pid] + children(proc.pid)
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+def load(a, url, seconds, extra=()):
+    out = os.path.join(a.tmp, "load.json")
+    argv = [os.path.join(BIN, "edgeshard-bench"), "load", "--url", url, "--duration", str(seconds),
+            "--cores", a.load_cores, "--quiet", "--json", out, *extra]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return json.load(open(out))
+
+SCEN = {
+    "A": ("plain HTTP/1.1 keep-alive, small bodies", "plain", "http", ["--connections", "32"]),
+    "B": ("TLS both sides, keep-alive (the Lync path)", "tls", "https", ["--connections", "32", "--sni", "bench.example"]),
+    "C": ("a new TLS connection per request, re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--sni", "bench.example"]),
+    "D": ("1 MiB responses", "big", "http", ["--connections", "8"]),
+}
+
+def run_throughput(a, sysm, key, results):
+    title, kind, scheme, extra = SCEN[key]
+    names = [n for n in ("edgeshard", "haproxy", "nginx", "direct") if n in sysm.ports]
+    rounds = {n: [] for n in names}
+    for r in range(a.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            url = f"{scheme}://127.0.0.1:{sysm.ports[n][kind]}/"
+            pids = sysm.pids.get(n, [])
+            t0 = cpu_ticks(pids)
+            v = load(a, url, a.slice, extra)
+            t1 = cpu_ticks(pids)
+            hz = os.sysconf("SC_CLK_TCK")
+            cpu_s = (t1 - t0) / hz
+            unit = (1 << 20) if key == "D" else 1
+            per = cpu_s * 1e6 / max(v["requests"], 1)
+            rounds[n].append({"rps": v["rps"], "cpu_us_per_req": per if pids else None,
+                              "p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"], "p999": v["latency_ms"]["p99_9"],
+                              "errors": sum(v["errors"].values()), "hist": v["histogram_us"]})
+    results[key] = {"title": title, "systems": rounds}
+
+def run_open_loop(a, sysm, results):
+    # a rate near HAProxy's capacity (else edgeshard's), measured on scenario A
+    base = results.get("A", {}).get("systems", {})
+    ref = base.get("haproxy") or base.get("edgeshard") or [{"rps": 5000}]
+    rate = 0.8 * statistics.median(x["rps"] for x in ref)
+    names = [n for n in ("edgeshard", "haproxy", "nginx") if n in sysm.ports]
+    rounds = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            v = load(a, f"http://127.0.0.1:{sysm.ports[n]['plain']}/", a.slice, ["--connections", "32", "--rate", str(rate)])
+            rounds[n].append({"rps": v["rps"], "p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"],
+                              "p999": v["latency_ms"]["p99_9"], "errors": sum(v["errors"].values()), "hist": v["histogram_us"],
+                              "cpu_us_per_req": None})
+    results["F"] = {"title": f"open-loop latency at {rate:.0f} req/s (80% of HAProxy's A throughput)", "systems": rounds}
+
+def run_idle(a, sysm, results):
+    n = a.idle
+    out = {}
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    for name in [x for x in ("edgeshard", "haproxy", "nginx") if x in sysm.ports]:
+        for kind in ("plain", "tls"):
+            pids = sysm.pids[name] + (children(sysm.pids[name][0]) if name == "nginx" else [])
+            before = rss_kib(pids)
+            conns = []
+            for _ in range(n):
+                s = socket.create_connection(("127.0.0.1", sysm.ports[name][kind]), timeout=10)
+                if kind == "tls":
+                    s = ctx.wrap_socket(s, server_hostname="bench.example")
+                s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                got = b""
+                while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + 13:
+                    c = s.recv(4096)
+                    if not c: break
+                    got += c
+                conns.append(s)
+            time.sleep(0.5)
+            after = rss_kib(pids)
+            out.setdefault(name, {})[kind] = (after - before) * 1024 / n
+            for s in conns: s.close()
+            time.sleep(0.5)
+    results["E"] = {"title": f"RSS per idle connection ({n} connections, bytes)", "idle": out}
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+def spread(xs):
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else (None, None)
+
+def fmt(x, d=1):
+    return "–" if x is None else f"{x:.{d}f}"
+
+def report(a, results, meta):
+    lines = [f"# edgeshard bench — {meta['date']}", "", f"Machine: {meta['machine']}. Proxy cores {a.proxy_cores}, load and origins on {a.load_cores}. "
+             f"{a.rounds} rounds of {a.slice} s slices per system, order rotated. Versions: {meta['versions']}.", "",
+             f"Command: `{meta['command']}`", ""]
+    for key in ("A", "B", "C", "D", "F"):
+        if key not in results: continue
+        r = results[key]
+        lines += [f"## {key}: {r['title']}", "", "| system | req/s (median, min–max) | CPU µs per request | p50 ms | p99 ms | p99.9 ms | errors |", "|---|---|---|---|---|---|---|"]
+        for name, rounds in r["systems"].items():
+            lo, hi = spread([x["rps"] for x in rounds])
+            cpu = med([x["cpu_us_per_req"] for x in rounds])
+            if key == "D" and cpu is not None: cpu = cpu  # per 1 MiB response = per MiB moved
+            lines.append(f"| {name} | {fmt(med([x['rps'] for x in rounds]), 0)} ({fmt(lo, 0)}–{fmt(hi, 0)}) | {fmt(cpu)} | "
+                         f"{fmt(med([x['p50'] for x in rounds]), 3)} | {fmt(med([x['p99'] for x in rounds]), 3)} | {fmt(med([x['p999'] for x in rounds]), 3)} | {sum(x['errors'] for x in rounds)} |")
+        es = med([x["cpu_us_per_req"] for x in r["systems"].get("edgeshard", [])])
+        for other in ("haproxy", "nginx"):
+            o = med([x["cpu_us_per_req"] for x in r["systems"].get(other, [])])
+            if es and o:
+                lines.append(f"\nedgeshard / {other} CPU per request: **{es / o:.2f}×**")
+            if key == "F" and other in r["systems"] and "edgeshard" in r["systems"]:
+                e99, o99 = med([x["p99"] for x in r["systems"]["edgeshard"]]), med([x["p99"] for x in r["systems"][other]])
+                lines.append(f"\nedgeshard / {other} p99: **{e99 / o99:.2f}×**")
+        lines.append("")
+    if "E" in results:
+        lines += [f"## E: {results['E']['title']}", "", "| system | plain | TLS |", "|---|---|---|"]
+        for name, v in results["E"]["idle"].items():
+            lines.append(f"| {name} | {v.get('plain', 0):.0f} | {v.get('tls', 0):.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+def svg(key, r, path):
+    # latency percentile curves (log ms) per system
+    W, H, L, B = 640, 320, 60, 40
+    colors = {"edgeshard": "#1f77b4", "haproxy": "#d62728", "nginx": "#2ca02c", "direct": "#7f7f7f"}
+    curves = {n: rounds[len(rounds) // 2]["hist"] for n, rounds in r["systems"].items() if rounds}
+    vals = [v for h in curves.values() for v in h if v > 0]
+    if not vals: return
+    import math
+    lo, hi = math.log10(min(vals)), math.log10(max(vals) * 1.1)
+    y = lambda v: B + (H - 2 * B) * (1 - (math.log10(max(v, 1)) - lo) / max(hi - lo, 1e-9))
+    x = lambda i: L + (W - L - 20) * i / 99
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+             f'<text x="{L}" y="20">{key}: {r["title"]} — latency by percentile (ms, log)</text>',
+             f'<line x1="{L}" y1="{H-B}" x2="{W-20}" y2="{H-B}" stroke="#999"/><line x1="{L}" y1="{B}" x2="{L}" y2="{H-B}" stroke="#999"/>']
+    for k in range(int(lo), int(hi) + 1):
+        v = 10 ** k
+        if lo <= k <= hi:
+            parts.append(f'<text x="5" y="{y(v)+4:.0f}">{v/1000:g}</text>')
+    for p in (0, 50, 90, 99):
+        parts.append(f'<text x="{x(p-1 if p else 0):.0f}" y="{H-B+15}">p{p}</text>')
+    for i, (n, h) in enumerate(curves.items()):
+        pts = " ".join(f"{x(j):.1f},{y(v):.1f}" for j, v in enumerate(h))
+        parts.append(f'<polyline fill="none" stroke="{colors.get(n, "#000")}" stroke-width="1.5" points="{pts}"/>')
+        parts.append(f'<text x="{W-120}" y="{B+14*i}" fill="{colors.get(n, "#000")}">{n}</text>')
+    parts.append("</svg>")
+    open(path, "w").write("\n".join(parts))
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--slice", type=float, default=2.0, help="seconds of load per system per round")
+    ap.add_argument("--idle", type=int, default=10000, help="idle connections for scenario E")
+    ap.add_argument("--proxy-cores", default="0")
+    ap.add_argument("--load-cores", default=None, help="default: every other CPU")
+    ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks the runner works")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    a = ap.parse_args()
+    if a.smoke:
+        a.rounds, a.slice, a.idle = 1, 0.5, 200
+    ncpu = os.cpu_count() or 1
+    proxy = [int(c) for c in a.proxy_cores.split(",")]
+    a.load_cores = a.load_cores or ",".join(str(c) for c in range(ncpu) if c not in proxy) or "0"
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
+    a.tmp = tempfile.mkdtemp(prefix="edgeshard-bench-")
+    print(f"work directory (configs, logs): {a.tmp}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    sysm = Systems(a, a.tmp)
+    results = {}
+    try:
+        for key in a.scenarios.split(","):
+            print(f"scenario {key} …", flush=True)
+            if key in SCEN: run_throughput(a, sysm, key, results)
+            elif key == "F": run_open_loop(a, sysm, results)
+            elif key == "E": run_idle(a, sysm, results)
+    finally:
+        sysm.stop()
+    ver = lambda argv: (subprocess.run(argv, capture_output=True, text=True).stdout + subprocess.run(argv, capture_output=True, text=True).stderr).strip().splitlines()[0] if shutil.which(argv[0]) else "absent"
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{ncpu} CPUs, {open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip() if 'model name' in open('/proc/cpuinfo').read() else 'unknown CPU'}, kernel {os.uname().release}",
+            "versions": f"edgeshard {ver([os.path.join(BIN, 'edgeshard'), '--version'])}; {ver(['haproxy', '-v'])}; {ver(['nginx', '-v'])}",
+            "command": " ".join(["python3", "bench/run.py"] + sys.argv[1:])}
+    md = report(a, results, meta)
+    open(os.path.join(a.out, "latest.md"), "w").write(md)
+    json.dump({"meta": meta, "results": results}, open(os.path.join(a.out, "latest.json"), "w"), indent=1)
+    for key in ("A", "B", "C", "D", "F"):
+        if key in results: svg(key, results[key], os.path.join(a.out, f"latency-{key}.svg"))
+    print(md)
+    shutil.rmtree(a.tmp, ignore_errors=True)
+
+if __name__ == "__main__":
+    main()
