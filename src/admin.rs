@@ -236,15 +236,17 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
         })
         .collect();
     let mut accepted = shard.accepted_per_shard();
+    let mut cpu = vec![None; accepted.len()];
     for snap in &merged.per_shard {
         if let Some(a) = accepted.get_mut(snap.shard) {
             *a = snap.accepted;
+            cpu[snap.shard] = Some(snap.cpu_seconds);
         }
     }
     let shards: Vec<_> = accepted
         .iter()
         .enumerate()
-        .map(|(i, a)| json!({ "id": i, "core": cfg.runtime.cores[i], "accepted_connections": a }))
+        .map(|(i, a)| json!({ "id": i, "core": cfg.runtime.cores[i], "accepted_connections": a, "busy_seconds": cpu[i] }))
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -110,6 +110,7 @@ impl ShardMetrics {
         MetricsSnapshot {
             shard,
             accepted,
+            cpu_seconds: thread_cpu_seconds(),
             log_dropped,
             services: self
                 .services
@@ -144,11 +145,26 @@ impl ShardMetrics {
     }
 }
 
+/// CPU time of the calling thread (a shard's busy time, kernel work on its behalf included).
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// One shard's counters, sendable over the mesh.
 #[derive(Debug, Clone)]
 pub struct MetricsSnapshot {
     pub shard: usize,
     pub accepted: u64,
+    /// CPU time the shard's thread has used (user + system), seconds.
+    pub cpu_seconds: f64,
     pub log_dropped: [u64; 3],
     pub services: Vec<ServiceSnap>,
     pub servers: Vec<ServerSnap>,
@@ -522,6 +538,19 @@ pub fn prometheus(
             s.shard,
             cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
             s.accepted
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_shard_cpu_seconds_total",
+        "counter",
+        "CPU time used by each shard's thread (busy time).",
+    );
+    for s in &m.per_shard {
+        let _ = writeln!(
+            o,
+            "edgeshard_shard_cpu_seconds_total{{shard=\"{}\"}} {:.6}",
+            s.shard, s.cpu_seconds
         );
     }
     family(

@@ -80,6 +80,12 @@ fn status_sums_active_connections_across_shards() {
         per_shard.iter().all(|&n| n > 0),
         "both shards carry load: {per_shard:?}"
     );
+    // busy time per shard too (the shard thread's CPU time)
+    assert!(last["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["busy_seconds"].as_f64().is_some_and(|b| b > 0.0)));
     // accepted counts per shard come over the mesh too
     let accepted: u64 = last["shards"]
         .as_array()
