@@ -23,6 +23,21 @@ pub enum RelayError {
     TooLarge,
 }
 
+/// Read more of a body that has not ended: EOF here is an error.
+async fn refill<R: AsyncRead + Unpin>(
+    src: &mut R,
+    buf: &mut Buf,
+    read_timeout: Duration,
+) -> Result<(), RelayError> {
+    let n = timeout(read_timeout, fill(src, buf))
+        .await
+        .map_err(RelayError::Source)?;
+    if n == 0 {
+        return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
 /// Time and size bounds of one body relay.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -62,12 +77,7 @@ where
         BodyKind::Length(mut remaining) => {
             while remaining > 0 {
                 if buf.is_empty() {
-                    let n = timeout(read_timeout, fill(src, buf))
-                        .await
-                        .map_err(RelayError::Source)?;
-                    if n == 0 {
-                        return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
-                    }
+                    refill(src, buf, read_timeout).await?;
                 }
                 let take = (buf.len() as u64).min(remaining) as usize;
                 write_all(dst, &buf.filled()[..take], write_timeout)
@@ -82,12 +92,7 @@ where
             let mut dec = ChunkedDecoder::new();
             loop {
                 if buf.is_empty() {
-                    let n = timeout(read_timeout, fill(src, buf))
-                        .await
-                        .map_err(RelayError::Source)?;
-                    if n == 0 {
-                        return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
-                    }
+                    refill(src, buf, read_timeout).await?;
                 }
                 if dechunk {
                     let step = dec.step(buf.filled()).map_err(RelayError::Framing)?;

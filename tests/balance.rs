@@ -11,21 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn named(name: &'static str) -> Origin {
-    Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
-        let _ = write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
-            name.len(),
-            name
-        );
-        Next::KeepAlive
-    }))
-}
-
 #[test]
 fn round_robin_alternates_between_two_real_servers() {
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
     let listen = local(free_port());
     let _p = Proxy::start(
         &simple_config(
@@ -44,7 +32,7 @@ fn round_robin_alternates_between_two_real_servers() {
 
 #[test]
 fn weighted_round_robin_follows_weights() {
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
     let listen = local(free_port());
     let cfg = format!(
         "[runtime]\nshards = 1\n[[virtual_service]]\nlisten = \"{listen}\"\nscheduling = \"weighted-round-robin\"\n\

@@ -209,18 +209,6 @@ fn connection_limit_overshoot_stays_within_shards_minus_one() {
     }
 }
 
-fn named(name: &'static str) -> Origin {
-    Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
-        let _ = write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
-            name.len(),
-            name
-        );
-        Next::KeepAlive
-    }))
-}
-
 fn cookie_of(r: &common::client::Response, name: &str) -> String {
     let sc = r
         .header("set-cookie")
@@ -246,7 +234,7 @@ fn get_with_cookie(addr: SocketAddr, cookie: Option<&str>) -> common::client::Re
 
 #[test]
 fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_servers() {
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
     let listen = local(free_port());
     let admin = local(free_port());
     let cfg = simple_config(
@@ -331,7 +319,7 @@ fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_s
 
 #[test]
 fn source_ip_persistence_holds_across_shards() {
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
     let listen = local(free_port());
     let admin = local(free_port());
     let cfg = simple_config(
@@ -455,7 +443,11 @@ fn health_checks_take_servers_down_and_up() {
 
 #[test]
 fn sub_services_route_by_host_sni_and_path() {
-    let (fe, dir, media) = (named("front-end"), named("director"), named("media"));
+    let (fe, dir, media) = (
+        Origin::named("front-end"),
+        Origin::named("director"),
+        Origin::named("media"),
+    );
     let listen = local(free_port());
     let cfg = format!(
         "[runtime]\nshards = 2\noversubscribe = true\n[[virtual_service]]\nlisten = \"{listen}\"\n\
@@ -500,7 +492,7 @@ fn sub_service_by_sni_and_404_without_a_default_pool() {
     let (cert, key) = ca
         .leaf(&["meet.example", "ws-ext.example"], false)
         .write(&dir, "c");
-    let director = named("director");
+    let director = Origin::named("director");
     let listen = local(free_port());
     let cfg = format!(
         "[runtime]\nshards = 1\n[[virtual_service]]\nlisten = \"{listen}\"\n\

@@ -107,6 +107,11 @@ impl Origin {
         }
     }
 
+    /// An origin answering 200 with its `name` as the body to everything.
+    pub fn named(name: &'static str) -> Origin {
+        Origin::ok(name)
+    }
+
     /// An origin answering 200 with `body` to everything.
     pub fn ok(body: &'static str) -> Origin {
         Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
