@@ -22,6 +22,12 @@ pub fn check_memlock(config: &Config) -> Result<(), String> {
         return Ok(());
     }
     let nr = config.runtime.cores.len() as u64;
+    let io_total: u64 = config
+        .runtime
+        .shards
+        .iter()
+        .map(|s| s.io_memory as u64)
+        .sum();
     if cur < MIN_MEMLOCK {
         return Err(format!(
             "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB; io_uring needs at least {} KiB. \
@@ -29,11 +35,11 @@ pub fn check_memlock(config: &Config) -> Result<(), String> {
              or a memlock line in /etc/security/limits.conf (see tuning/).",
             cur / 1024,
             MIN_MEMLOCK / 1024,
-            (nr * config.runtime.io_memory as u64 + MIN_MEMLOCK) / 1024,
-            (nr * config.runtime.io_memory as u64 + MIN_MEMLOCK) / 1024,
+            (io_total + MIN_MEMLOCK) / 1024,
+            (io_total + MIN_MEMLOCK) / 1024,
         ));
     }
-    let want = nr * config.runtime.io_memory as u64;
+    let want = io_total;
     if cur < want {
         tracing::warn!(
             limit_kib = cur / 1024,

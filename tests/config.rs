@@ -183,3 +183,34 @@ fn shipped_configs_load() {
         }
     }
 }
+
+#[test]
+fn per_core_settings_are_validated() {
+    refused(
+        &format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 1\n{VS}"),
+        4,
+        "runtime.shard[0].core",
+        "no shard runs on CPU 1",
+    );
+    refused(
+        &format!(
+            "[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nservices = [\"nope\"]\n{VS}"
+        ),
+        5,
+        "runtime.shard[0].services",
+        "no virtual service named",
+    );
+    refused(
+        &format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 100\n{VS}"),
+        5,
+        "runtime.shard[0].ring_depth",
+        "power of two",
+    );
+    let (ok, text, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nspin_before_park = \"20us\"\n{VS}"));
+    assert!(
+        !ok && text.contains("unknown unit"),
+        "microseconds are not a unit: {text}"
+    );
+    let (ok, _, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nio_memory = \"2MiB\"\nbacklog = 4096\nmax_connections = 1000\n{VS}"));
+    assert!(ok);
+}

@@ -121,3 +121,40 @@ fn admin_answers_404_for_unknown_paths() {
         404
     );
 }
+
+#[test]
+fn a_service_can_be_served_by_chosen_cores_only() {
+    let o = Origin::ok("ok");
+    let only = local(free_port());
+    let both = local(free_port());
+    let admin = local(free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n[runtime]\ncores = [0, 1]\n\
+         [[runtime.shard]]\ncore = 0\nservices = [\"both\"]\n\
+         [[runtime.shard]]\ncore = 1\nservices = [\"only\", \"both\"]\nring_depth = 128\nbacklog = 64\n\
+         [[virtual_service]]\nname = \"only\"\nlisten = \"{only}\"\n[[virtual_service.real_server]]\naddress = \"{a}\"\n\
+         [[virtual_service]]\nname = \"both\"\nlisten = \"{both}\"\n[[virtual_service.real_server]]\naddress = \"{a}\"\n",
+        a = o.addr
+    );
+    let _p = Proxy::start(&cfg, only);
+    let accepted = || -> Vec<u64> {
+        status(admin)["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["accepted_connections"].as_u64().unwrap())
+            .collect()
+    };
+    let before = accepted();
+    for _ in 0..12 {
+        assert_eq!(one(only, &get("/")).status, 200);
+    }
+    let after = accepted();
+    assert_eq!(
+        after[0], before[0],
+        "shard 0 (core 0) does not serve \"only\""
+    );
+    assert_eq!(after[1], before[1] + 12);
+    // the other service is served by both shards as usual
+    assert_eq!(one(both, &get("/")).status, 200);
+}

@@ -78,6 +78,24 @@ pub struct FileRuntime {
     /// Secret (64 hex digits) that signs persistence cookies; the same on every appliance that
     /// must honour the others' cookies. Default: random at start-up.
     pub persistence_key: Option<Spanned<String>>,
+    /// Per-core settings: what the shard(s) on that core do and how.
+    #[serde(default)]
+    pub shard: Vec<FileShard>,
+}
+
+/// Overrides for the shard(s) on one core.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileShard {
+    pub core: Spanned<usize>,
+    pub ring_depth: Option<Spanned<usize>>,
+    pub io_memory: Option<Spanned<String>>,
+    pub spin_before_park: Option<Spanned<String>>,
+    pub backlog: Option<u32>,
+    /// Client connections this shard holds at once (default: its share of the appliance's).
+    pub max_connections: Option<u32>,
+    /// Only these virtual services (by name) are served on this core (default: all).
+    pub services: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -191,6 +191,32 @@ pub struct Runtime {
     pub max_connections: u32,
     /// Signs persistence cookies; None: a random key chosen at start-up.
     pub persistence_key: Option<[u8; 32]>,
+    /// Each shard's settings, in shard order (defaults above, per-core overrides applied).
+    pub shards: Vec<ShardSettings>,
+}
+
+/// What one shard does and how.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    pub core: usize,
+    pub ring_depth: usize,
+    pub io_memory: usize,
+    pub spin_before_park: Option<Duration>,
+    pub backlog: u32,
+    /// 0: its share of `runtime.max_connections`.
+    pub max_connections: u32,
+    /// Indices of the virtual services it serves (all by default).
+    pub services: Vec<usize>,
+}
+
+impl Runtime {
+    /// How many shards serve virtual service `vs`.
+    pub fn shards_serving(&self, vs: usize) -> usize {
+        self.shards
+            .iter()
+            .filter(|s| s.services.contains(&vs))
+            .count()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -397,7 +423,8 @@ impl Validator<'_> {
     }
 
     fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
-        let runtime = self.runtime(file.runtime.unwrap_or_default())?;
+        let file_runtime = file.runtime.unwrap_or_default();
+        let mut runtime = self.runtime(&file_runtime)?;
         let admin = match &file.admin {
             Some(a) => Some(Admin {
                 listen: self.socket_addr(&a.listen, "admin.listen")?,
@@ -679,6 +706,7 @@ impl Validator<'_> {
                 limits,
             });
         }
+        runtime.shards = self.shards(&file_runtime, &runtime, &services)?;
         let log = match &file.log {
             None => LogConfig::default(),
             Some(l) => LogConfig {
@@ -1035,7 +1063,126 @@ impl Validator<'_> {
         })
     }
 
-    fn runtime(&self, rt: FileRuntime) -> Result<Runtime, ConfigError> {
+    /// Each shard's settings: the runtime defaults, then the `[[runtime.shard]]` for its core.
+    fn shards(
+        &self,
+        rt: &FileRuntime,
+        runtime: &Runtime,
+        services: &[VirtualService],
+    ) -> Result<Vec<ShardSettings>, ConfigError> {
+        let all: Vec<usize> = (0..services.len()).collect();
+        let mut shards: Vec<ShardSettings> = runtime
+            .cores
+            .iter()
+            .map(|&core| ShardSettings {
+                core,
+                ring_depth: runtime.ring_depth,
+                io_memory: runtime.io_memory,
+                spin_before_park: runtime.spin_before_park,
+                backlog: runtime.backlog,
+                max_connections: 0,
+                services: all.clone(),
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for (i, o) in rt.shard.iter().enumerate() {
+            let p = format!("runtime.shard[{i}]");
+            let core = *o.core.get_ref();
+            if !runtime.cores.contains(&core) {
+                return Err(self.err(
+                    Some(o.core.span()),
+                    &format!("{p}.core"),
+                    format!(
+                        "no shard runs on CPU {core} (runtime cores: {:?})",
+                        runtime.cores
+                    ),
+                ));
+            }
+            if !seen.insert(core) {
+                return Err(self.err(
+                    Some(o.core.span()),
+                    &format!("{p}.core"),
+                    format!("CPU {core} has two [[runtime.shard]] entries"),
+                ));
+            }
+            let ring_depth = match &o.ring_depth {
+                None => None,
+                Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => {
+                    Some(*d.get_ref())
+                }
+                Some(d) => {
+                    return Err(self.err(
+                        Some(d.span()),
+                        &format!("{p}.ring_depth"),
+                        "must be a power of two between 8 and 4096".into(),
+                    ))
+                }
+            };
+            let io_memory = match &o.io_memory {
+                None => None,
+                Some(_) => Some(self.size(&o.io_memory, &format!("{p}.io_memory"), 0)?),
+            };
+            let spin = match &o.spin_before_park {
+                None => None,
+                Some(s) => Some(match parse_duration(s.get_ref()) {
+                    Ok(d) if d.is_zero() => None,
+                    Ok(d) => Some(d),
+                    Err(m) => {
+                        return Err(self.err(Some(s.span()), &format!("{p}.spin_before_park"), m))
+                    }
+                }),
+            };
+            let only = match &o.services {
+                None => None,
+                Some(names) => {
+                    let mut idx = Vec::new();
+                    for n in names.get_ref() {
+                        match services.iter().position(|v| &v.name == n) {
+                            Some(i) => idx.push(i),
+                            None => {
+                                return Err(self.err(
+                                    Some(names.span()),
+                                    &format!("{p}.services"),
+                                    format!("no virtual service named {n:?}"),
+                                ))
+                            }
+                        }
+                    }
+                    Some(idx)
+                }
+            };
+            for s in shards.iter_mut().filter(|s| s.core == core) {
+                if let Some(d) = ring_depth {
+                    s.ring_depth = d;
+                }
+                if let Some(m) = io_memory {
+                    s.io_memory = m;
+                }
+                if let Some(sp) = spin {
+                    s.spin_before_park = sp;
+                }
+                if let Some(b) = o.backlog {
+                    s.backlog = b;
+                }
+                s.max_connections = o.max_connections.unwrap_or(0);
+                if let Some(only) = &only {
+                    s.services = only.clone();
+                }
+            }
+        }
+        for (i, vs) in services.iter().enumerate() {
+            if !shards.iter().any(|s| s.services.contains(&i)) {
+                return Err(self.err(
+                    None,
+                    "runtime.shard",
+                    format!("no shard serves virtual service {:?}", vs.name),
+                ));
+            }
+        }
+        Ok(shards)
+    }
+
+    fn runtime(&self, rt: &FileRuntime) -> Result<Runtime, ConfigError> {
         let online = online_cpus();
         let cores: Vec<usize> = match (&rt.cores, &rt.shards) {
             (Some(c), Some(s)) if c.get_ref().len() != *s.get_ref() => {
@@ -1127,7 +1274,8 @@ impl Validator<'_> {
             ring_depth,
             io_memory,
             spin_before_park,
-            backlog: rt.backlog.map(|b| *b.get_ref()).unwrap_or(1024),
+            shards: Vec::new(),
+            backlog: rt.backlog.as_ref().map(|b| *b.get_ref()).unwrap_or(1024),
             max_connections: rt.max_connections.unwrap_or(0),
             persistence_key: match &rt.persistence_key {
                 None => None,

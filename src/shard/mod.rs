@@ -329,7 +329,12 @@ impl Shard {
         peer: SocketAddr,
     ) -> Result<ClientGuard, (Limit, LimitAction)> {
         let svc = &self.config.services[vs];
-        let appliance = share(self.config.runtime.max_connections, self.nr_shards);
+        let own = self.config.runtime.shards[self.id].max_connections;
+        let appliance = if own > 0 {
+            own
+        } else {
+            share(self.config.runtime.max_connections, self.nr_shards)
+        };
         if appliance > 0 && self.nr_clients.get() as u32 >= appliance {
             return Err((Limit::ApplianceConnections, LimitAction::Unavailable));
         }
@@ -446,15 +451,15 @@ pub fn start(config: Arc<Config>, log: Arc<LogWriter>) -> Result<Running, String
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
     for id in 0..nr_shards {
-        let rt = &config.runtime;
-        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(rt.cores[id]))
+        let settings = &config.runtime.shards[id];
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(settings.core))
             .name(&format!("shard-{id}"))
-            .io_memory(rt.io_memory)
-            .ring_depth(rt.ring_depth);
-        if let Some(spin) = rt.spin_before_park {
+            .io_memory(settings.io_memory)
+            .ring_depth(settings.ring_depth);
+        if let Some(spin) = settings.spin_before_park {
             builder = builder.spin_before_park(spin);
         }
-        let core = rt.cores[id];
+        let core = settings.core;
         let (config, mesh, stop, ready_tx, secrets) = (
             config.clone(),
             mesh.clone(),
@@ -499,12 +504,17 @@ async fn run_shard(
     };
     // Bind everything first: a failure is reported before anything serves.
     let mut listeners: Vec<(usize, TcpListener)> = Vec::new();
+    let settings = &config.runtime.shards[id];
     for (v, vs) in config.services.iter().enumerate() {
+        if !settings.services.contains(&v) {
+            continue; // this core does not serve it
+        }
+        // the BPF program picks among the sockets of the shards that serve this service
         let steer = match vs.shard_steering {
-            Steering::SourceIp => Some(config.runtime.cores.len() as u32),
+            Steering::SourceIp => Some(config.runtime.shards_serving(v) as u32),
             Steering::Kernel => None,
         };
-        match net::bind(vs.listen, config.runtime.backlog, steer) {
+        match net::bind(vs.listen, settings.backlog, steer) {
             Ok(l) => listeners.push((v, l)),
             Err(e) => {
                 let _ = ready.send(Err(format!(
