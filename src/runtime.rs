@@ -21,7 +21,6 @@ pub fn check_memlock(config: &Config) -> Result<(), String> {
     if cur == libc::RLIM_INFINITY {
         return Ok(());
     }
-    let nr = config.runtime.cores.len() as u64;
     let io_total: u64 = config
         .runtime
         .shards
