@@ -194,3 +194,43 @@ fn no_real_server_gives_503() {
     let _p = Proxy::start(&simple_config(listen, &[], "", ""), listen);
     assert_eq!(one(listen, &get("/")).status, 503);
 }
+
+#[test]
+fn a_body_after_a_head_response_is_not_forwarded_and_the_connection_is_not_reused() {
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.request_line.starts_with("HEAD") {
+            // a misbehaving server: a body after a response to HEAD
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSMUGG");
+        } else {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext");
+        }
+        Next::KeepAlive
+    }));
+    let listen = local(free_port());
+    let _p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
+    let mut c = Client::connect(listen);
+    let r = c.request(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("5")));
+    // the stray bytes never reach the client: the next response is the real one
+    let r = c.request(&get("/after"));
+    assert_eq!(r.body, b"next");
+    assert_eq!(
+        o.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the dirty upstream connection was discarded"
+    );
+}
+
+#[test]
+fn interim_responses_are_absorbed_before_the_final_one() {
+    let o = Origin::start(Arc::new(|_s: &Seen, w: &mut TcpStream| {
+        let _ = w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal");
+        Next::KeepAlive
+    }));
+    let listen = local(free_port());
+    let _p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
+    let mut c = Client::connect(listen);
+    let r = c.request(&get("/"));
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"final"[..]));
+    assert_eq!(c.request(&get("/again")).body, b"final");
+}
