@@ -2,7 +2,7 @@
 //! kernel spreads connections over shards. No HTTP here.
 
 use glommio::net::TcpListener;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket as RawSocket, Type};
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
@@ -69,7 +69,7 @@ pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Re
     } else {
         Domain::IPV4
     };
-    let sk = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let sk = RawSocket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     sk.set_reuse_address(true)?;
     sk.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -88,4 +88,63 @@ pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Re
     }
     // SAFETY: the fd is a freshly bound, listening TCP socket whose ownership moves here.
     Ok(unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) })
+}
+
+/// A shard's TCP stream. Reads try a plain non-blocking `recv` first and only fall back to
+/// glommio's readiness wait when nothing is there: glommio arms an io_uring poll after every
+/// partial read, and each such poll's completion interrupts the busy shard (task work, an IPI),
+/// which costs more than the read itself. Writes go straight to glommio (a direct `send`).
+pub struct Socket(pub glommio::net::TcpStream);
+
+impl Socket {
+    pub fn get_ref(&self) -> &glommio::net::TcpStream {
+        &self.0
+    }
+}
+
+impl std::os::unix::io::AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl futures_lite::AsyncRead for Socket {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::os::unix::io::AsRawFd;
+        let this = self.get_mut();
+        if !buf.is_empty() {
+            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
+            let rc = unsafe {
+                libc::recv(this.0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+            };
+            if rc >= 0 {
+                return std::task::Poll::Ready(Ok(rc as usize));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                return std::task::Poll::Ready(Err(e));
+            }
+        }
+        std::pin::Pin::new(&mut this.0).poll_read(cx, buf)
+    }
+}
+
+impl futures_lite::AsyncWrite for Socket {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_close(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_close(cx)
+    }
 }

@@ -6,6 +6,7 @@ use crate::http::Buf;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
+use crate::net::Socket;
 use glommio::net::TcpStream;
 use rustls_pki_types::ServerName;
 use std::cell::RefCell;
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 /// A connection to a real server: plain, or re-encrypted.
 pub enum UpStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Socket),
+    Tls(Box<TlsStream<Socket>>),
 }
 
 impl UpStream {
@@ -108,9 +109,9 @@ pub async fn connect(
     })?;
     let _ = tcp.set_nodelay(true);
     let stream = match tls {
-        None => UpStream::Plain(tcp),
+        None => UpStream::Plain(Socket(tcp)),
         Some((connector, name)) => {
-            match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
+            match crate::io::until(deadline, connector.connect(name.clone(), Socket(tcp))).await {
                 Ok(s) => UpStream::Tls(Box::new(s)),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err(ConnectError::TimedOut)

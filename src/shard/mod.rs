@@ -629,7 +629,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let shard = shard.clone();
         let task = async move {
             match shard.acceptors[vs].clone() {
-                None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
+                None => proxy::serve(shard, vs, net::Socket(stream), peer, "http", None, None).await,
                 // TLS state lives in its own allocation: plain connections stay small.
                 Some(acceptor) => Box::pin(serve_tls(shard, vs, acceptor, stream, peer)).await,
             }
@@ -660,7 +660,7 @@ async fn serve_tls(
         .map(|t| t.handshake_timeout);
     let limit = limit.unwrap_or(Duration::from_secs(10));
     let counters = &shard.metrics.services[vs];
-    match crate::io::timeout(limit, acceptor.accept(stream)).await {
+    match crate::io::timeout(limit, acceptor.accept(net::Socket(stream))).await {
         Ok(tls) => {
             counters
                 .tls_handshakes
