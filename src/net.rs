@@ -119,7 +119,12 @@ impl futures_lite::AsyncRead for Socket {
         if !buf.is_empty() {
             // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
             let rc = unsafe {
-                libc::recv(this.0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    this.0.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if rc >= 0 {
                 return std::task::Poll::Ready(Ok(rc as usize));
@@ -141,10 +146,16 @@ impl futures_lite::AsyncWrite for Socket {
     ) -> std::task::Poll<io::Result<usize>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
-    fn poll_close(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_close(cx)
     }
 }

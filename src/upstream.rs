@@ -3,10 +3,10 @@
 
 use crate::config::ServerId;
 use crate::http::Buf;
+use crate::net::Socket;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
-use crate::net::Socket;
 use glommio::net::TcpStream;
 use rustls_pki_types::ServerName;
 use std::cell::RefCell;

@@ -629,7 +629,9 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let shard = shard.clone();
         let task = async move {
             match shard.acceptors[vs].clone() {
-                None => proxy::serve(shard, vs, net::Socket(stream), peer, "http", None, None).await,
+                None => {
+                    proxy::serve(shard, vs, net::Socket(stream), peer, "http", None, None).await
+                }
                 // TLS state lives in its own allocation: plain connections stay small.
                 Some(acceptor) => Box::pin(serve_tls(shard, vs, acceptor, stream, peer)).await,
             }
