@@ -272,20 +272,34 @@ def run_throughput(a, sysm, key, results):
                               "errors": sum(v["errors"].values()), "hist": v["histogram_us"]})
     results[key] = {"title": title, "systems": rounds}
 
-def run_open_loop(a, sysm, results):
-    # a rate near HAProxy's capacity (else edgeshard's), measured on scenario A
-    base = results.get("A", {}).get("systems", {})
-    ref = base.get("haproxy") or base.get("edgeshard") or [{"rps": 5000}]
-    rate = 0.8 * statistics.median(x["rps"] for x in ref)
+def open_loop(a, sysm, rate):
     names = [n for n in ("edgeshard", "haproxy", "nginx") if n in sysm.ports]
     rounds = {n: [] for n in names}
+    hz = os.sysconf("SC_CLK_TCK")
     for r in range(a.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            pids = sysm.pids.get(n, [])
+            t0 = cpu_ticks(pids)
             v = load(a, f"http://127.0.0.1:{sysm.ports[n]['plain']}/", a.slice, ["--connections", "32", "--rate", str(rate)])
+            cpu = (cpu_ticks(pids) - t0) / hz * 1e6 / max(v["requests"], 1)
             rounds[n].append({"rps": v["rps"], "p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"],
                               "p999": v["latency_ms"]["p99_9"], "errors": sum(v["errors"].values()), "hist": v["histogram_us"],
-                              "cpu_us_per_req": None})
-    results["F"] = {"title": f"open-loop latency at {rate:.0f} req/s (80% of HAProxy's A throughput)", "systems": rounds}
+                              "cpu_us_per_req": cpu})
+    return rounds
+
+def run_open_loop(a, sysm, results):
+    base = results.get("A", {}).get("systems", {})
+    # F: a rate near HAProxy's capacity (else edgeshard's), measured on scenario A
+    ref = base.get("haproxy") or base.get("edgeshard") or [{"rps": 5000}]
+    rate = 0.8 * statistics.median(x["rps"] for x in ref)
+    results["F"] = {"title": f"open-loop latency at {rate:.0f} req/s (80% of HAProxy's A throughput)",
+                    "systems": open_loop(a, sysm, rate)}
+    # F2: every system at the same rate, half the slowest one's capacity: CPU per request
+    # without the bias a faster system gets from a busier load core (fewer wake-ups)
+    caps = [statistics.median(x["rps"] for x in v) for n, v in base.items() if n != "direct" and v]
+    rate2 = 0.5 * min(caps) if caps else 5000
+    results["F2"] = {"title": f"plain keep-alive at the same open-loop rate for all, {rate2:.0f} req/s",
+                     "systems": open_loop(a, sysm, rate2)}
 
 def run_idle(a, sysm, results):
     n = a.idle
@@ -333,7 +347,7 @@ def report(a, results, meta):
     lines = [f"# edgeshard bench — {meta['date']}", "", f"Machine: {meta['machine']}. Proxy cores {a.proxy_cores}, load and origins on {a.load_cores}. "
              f"{a.rounds} rounds of {a.slice} s slices per system, order rotated. Versions: {meta['versions']}.", "",
              f"Command: `{meta['command']}`", ""]
-    for key in ("A", "B", "C", "D", "F"):
+    for key in ("A", "B", "C", "D", "F", "F2"):
         if key not in results: continue
         r = results[key]
         lines += [f"## {key}: {r['title']}", "", "| system | req/s (median, min–max) | CPU µs per request | p50 ms | p99 ms | p99.9 ms | errors |", "|---|---|---|---|---|---|---|"]
@@ -348,7 +362,7 @@ def report(a, results, meta):
             o = med([x["cpu_us_per_req"] for x in r["systems"].get(other, [])])
             if es and o:
                 lines.append(f"\nedgeshard / {other} CPU per request: **{es / o:.2f}×**")
-            if key == "F" and other in r["systems"] and "edgeshard" in r["systems"]:
+            if key in ("F", "F2") and other in r["systems"] and "edgeshard" in r["systems"]:
                 e99, o99 = med([x["p99"] for x in r["systems"]["edgeshard"]]), med([x["p99"] for x in r["systems"][other]])
                 lines.append(f"\nedgeshard / {other} p99: **{e99 / o99:.2f}×**")
         lines.append("")
@@ -429,7 +443,7 @@ def main():
     md = report(a, results, meta)
     open(os.path.join(a.out, "latest.md"), "w").write(md)
     json.dump({"meta": meta, "results": results}, open(os.path.join(a.out, "latest.json"), "w"), indent=1)
-    for key in ("A", "B", "C", "D", "F"):
+    for key in ("A", "B", "C", "D", "F", "F2"):
         if key in results: svg(key, results[key], os.path.join(a.out, f"latency-{key}.svg"))
     print(md)
     shutil.rmtree(a.tmp, ignore_errors=True)
