@@ -1063,6 +1063,40 @@ impl Validator<'_> {
         })
     }
 
+    /// An io_uring depth, if given: a power of two between 8 and 4096.
+    fn ring_depth(
+        &self,
+        v: &Option<Spanned<usize>>,
+        field: &str,
+    ) -> Result<Option<usize>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => {
+                Ok(Some(*d.get_ref()))
+            }
+            Some(d) => Err(self.err(
+                Some(d.span()),
+                field,
+                "must be a power of two between 8 and 4096".into(),
+            )),
+        }
+    }
+
+    /// A spin-before-park time, if given (`Some(None)`: given as zero, i.e. never spin).
+    fn spin(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+    ) -> Result<Option<Option<Duration>>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) => Ok(Some((!d.is_zero()).then_some(d))),
+                Err(m) => Err(self.err(Some(s.span()), field, m)),
+            },
+        }
+    }
+
     /// Each shard's settings: the runtime defaults, then the `[[runtime.shard]]` for its core.
     fn shards(
         &self,
@@ -1105,33 +1139,12 @@ impl Validator<'_> {
                     format!("CPU {core} has two [[runtime.shard]] entries"),
                 ));
             }
-            let ring_depth = match &o.ring_depth {
-                None => None,
-                Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => {
-                    Some(*d.get_ref())
-                }
-                Some(d) => {
-                    return Err(self.err(
-                        Some(d.span()),
-                        &format!("{p}.ring_depth"),
-                        "must be a power of two between 8 and 4096".into(),
-                    ))
-                }
-            };
+            let ring_depth = self.ring_depth(&o.ring_depth, &format!("{p}.ring_depth"))?;
             let io_memory = match &o.io_memory {
                 None => None,
                 Some(_) => Some(self.size(&o.io_memory, &format!("{p}.io_memory"), 0)?),
             };
-            let spin = match &o.spin_before_park {
-                None => None,
-                Some(s) => Some(match parse_duration(s.get_ref()) {
-                    Ok(d) if d.is_zero() => None,
-                    Ok(d) => Some(d),
-                    Err(m) => {
-                        return Err(self.err(Some(s.span()), &format!("{p}.spin_before_park"), m))
-                    }
-                }),
-            };
+            let spin = self.spin(&o.spin_before_park, &format!("{p}.spin_before_park"))?;
             let only = match &o.services {
                 None => None,
                 Some(names) => {
@@ -1243,27 +1256,12 @@ impl Validator<'_> {
             (None, None) => online.clone(),
         };
         let io_memory = self.size(&rt.io_memory, "runtime.io_memory", 1 << 20)?;
-        let ring_depth = match &rt.ring_depth {
-            None => 256,
-            Some(d) if d.get_ref().is_power_of_two() && (8..=4096).contains(d.get_ref()) => {
-                *d.get_ref()
-            }
-            Some(d) => {
-                return Err(self.err(
-                    Some(d.span()),
-                    "runtime.ring_depth",
-                    "must be a power of two between 8 and 4096".into(),
-                ))
-            }
-        };
-        let spin_before_park = match &rt.spin_before_park {
-            None => None,
-            Some(s) => match parse_duration(s.get_ref()) {
-                Ok(d) if d.is_zero() => None,
-                Ok(d) => Some(d),
-                Err(m) => return Err(self.err(Some(s.span()), "runtime.spin_before_park", m)),
-            },
-        };
+        let ring_depth = self
+            .ring_depth(&rt.ring_depth, "runtime.ring_depth")?
+            .unwrap_or(256);
+        let spin_before_park = self
+            .spin(&rt.spin_before_park, "runtime.spin_before_park")?
+            .flatten();
         Ok(Runtime {
             cores,
             drain_timeout: self.duration(
