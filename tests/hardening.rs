@@ -328,20 +328,24 @@ fn per_client_limits_refuse_only_that_client_and_log_once() {
 #[test]
 fn a_connection_flood_does_not_stop_a_normal_request() {
     // 2,000 idle and 200 half-sent connections, within the limits
-    let lim = libc::rlimit {
-        rlim_cur: 8192,
-        rlim_max: 8192,
-    };
     let mut cur = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
-        if cur.rlim_max >= 8192 {
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+        let want = libc::rlimit {
+            rlim_cur: cur.rlim_max.min(8192),
+            rlim_max: cur.rlim_max,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &want);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
     }
+    assert!(
+        cur.rlim_cur >= 4600,
+        "open-files limit {} is too low for this test: raise `ulimit -Hn`",
+        cur.rlim_cur
+    );
     let o = Origin::ok("ok");
     let listen = local(free_port());
     let _p = Proxy::start(
