@@ -288,7 +288,7 @@ function pool(p,prev,dt){
   return h+'</table>';
 }
 function render(s,prev,dt){
-  document.getElementById("meta").textContent="version "+s.version+" · up "+s.uptime_seconds+" s · "+s.shards.length+" shards · accepted per shard: "+s.shards.map(x=>x.accepted_connections).join(" / ");
+  document.getElementById("meta").textContent="version "+s.version+" · up "+s.uptime_seconds+" s · "+s.shards.length+" shards · accepted per shard: "+s.shards.map(x=>x.accepted_connections).join(" / ")+" · busy seconds per shard: "+s.shards.map(x=>x.busy_seconds==null?"–":x.busy_seconds.toFixed(1)).join(" / ");
   let h="";
   for(const [i,v] of s.virtual_services.entries()){
     const pv=prev&&prev.virtual_services[i];
