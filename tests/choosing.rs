@@ -559,3 +559,77 @@ fn a_bounded_queue_waits_for_room_under_the_limit() {
     );
     assert_eq!(max.load(Ordering::SeqCst), 1, "never beyond the limit");
 }
+
+#[test]
+fn tcp_and_https_health_checks() {
+    use common::pki::{write_pem, Ca};
+    use common::tlsio::TlsOrigin;
+    let ca = Ca::new("Internal CA");
+    let rogue = Ca::new("Rogue CA");
+    let dir = tmpdir("hc-https");
+    let ca_path = write_pem(&dir, "ca.pem", &ca.pem());
+    let good = TlsOrigin::start(
+        ca.leaf(&["fe.example"], false).server_config(),
+        "good",
+        false,
+    );
+    let bad = TlsOrigin::start(
+        rogue.leaf(&["fe.example"], false).server_config(),
+        "bad",
+        false,
+    );
+    let plain = Origin::named("plain");
+    let listen = local(free_port());
+    let listen2 = local(free_port());
+    let admin = local(free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n[runtime]\nshards = 1\n\
+         [[virtual_service]]\nname = \"https\"\nlisten = \"{listen}\"\n\
+         [virtual_service.reencrypt]\nca = \"{}\"\nserver_name = \"fe.example\"\n\
+         [virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\nfall = 1\n\
+         [[virtual_service.real_server]]\naddress = \"{}\"\n[[virtual_service.real_server]]\naddress = \"{}\"\n\
+         [[virtual_service]]\nname = \"tcp\"\nlisten = \"{listen2}\"\n\
+         [virtual_service.health_check]\ntype = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nfall = 1\n\
+         [[virtual_service.real_server]]\naddress = \"{}\"\n",
+        ca_path.display(),
+        good.addr,
+        bad.addr,
+        plain.addr
+    );
+    let _p = Proxy::start(&cfg, listen);
+    let check =
+        |vs: usize, i: usize| status(admin)["virtual_services"][vs]["real_servers"][i].clone();
+    wait_until(Duration::from_secs(5), "https checks done", || {
+        check(0, 0)["last_check"]["ok"] == true && check(0, 1)["status"] == "down"
+    });
+    assert_eq!(check(0, 0)["last_check"]["detail"], "HTTP 200");
+    assert!(check(0, 1)["last_check"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("TLS handshake failed"));
+    assert!(good
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.starts_with("GET /healthcheck.html")));
+    // every request goes to the healthy one
+    for _ in 0..4 {
+        assert_eq!(
+            one(listen, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+            "good"
+        );
+    }
+    // TCP check: up while it accepts, down once it stops
+    wait_until(Duration::from_secs(5), "tcp check ok", || {
+        check(1, 0)["last_check"]["detail"] == "TCP connect succeeded"
+    });
+    plain.shut();
+    wait_until(Duration::from_secs(5), "tcp check down", || {
+        check(1, 0)["status"] == "down"
+    });
+    assert_eq!(
+        one(listen2, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        503
+    );
+}
