@@ -154,7 +154,8 @@ fn a_service_can_be_served_by_chosen_cores_only() {
         after[0], before[0],
         "shard 0 (core 0) does not serve \"only\""
     );
-    assert_eq!(after[1], before[1] + 12);
+    // (at least: the start-up probe's connection may be counted late)
+    assert!(after[1] >= before[1] + 12, "{before:?} -> {after:?}");
     // the other service is served by both shards as usual
     assert_eq!(one(both, &get("/")).status, 200);
 }
