@@ -196,8 +196,4 @@ impl Pools {
             l.clear();
         }
     }
-
-    pub fn nr_idle(&self, server: ServerId) -> usize {
-        self.idle.borrow().get(server.0).map(Vec::len).unwrap_or(0)
-    }
 }

@@ -54,15 +54,6 @@ impl Scheduler {
         view.usable(c.id) && view.admits(c.id, c.limit)
     }
 
-    /// Connection limit of a server of this pool (0: none).
-    pub fn limit(&self, id: ServerId) -> u32 {
-        self.servers
-            .iter()
-            .find(|c| c.id == id)
-            .map(|c| c.limit)
-            .unwrap_or(0)
-    }
-
     /// May `id` (say, a persisted choice) take this request: up, enabled, below its limit?
     pub fn accepts(&self, id: ServerId, view: &LoadView) -> bool {
         self.servers
