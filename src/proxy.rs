@@ -848,12 +848,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             }
             sent_continue = true;
         }
-        match send_and_receive(vs, client, cbuf, &mut up, req_out, info).await {
-            Ok((resp, body_in)) => {
-                let mut done = respond(
-                    shard, vs, client, cbuf, up, resp_out, set_cookie, info, resp,
-                )
-                .await?;
+        let head = ClientHead {
+            out: &mut *resp_out,
+            set_cookie,
+            shard,
+        };
+        match send_and_receive(vs, client, cbuf, &mut up, req_out, info, head).await {
+            Ok((resp, framing, body_in)) => {
+                let mut done =
+                    respond(shard, vs, client, cbuf, up, resp_out, info, resp, framing).await?;
                 done.body_in += body_in;
                 return Ok(done);
             }
@@ -882,7 +885,8 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
     up: &mut UpstreamConn,
     req_out: &[u8],
     info: RequestInfo,
-) -> Result<(ResponseInfo, u64), Attempt> {
+    head: ClientHead<'_>,
+) -> Result<(ResponseInfo, ClientFraming, u64), Attempt> {
     let upstream_gone = |e: &io::Error| {
         matches!(
             e.kind(),
@@ -950,9 +954,9 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         if let Some(_end) = head_end(up.buf.filled(), scanned) {
             let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-            let resp =
+            let parsed =
                 match parse_response(up.buf.filled(), &mut hdrs, info.method, up.buf.capacity()) {
-                    Ok(Some(r)) => r.info,
+                    Ok(Some(r)) => r,
                     Ok(None) => {
                         return Err(Attempt::Fail(ProxyError::upstream(
                             502,
@@ -961,6 +965,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Err(reason) => return Err(Attempt::Fail(ProxyError::upstream(502, reason))),
                 };
+            let resp = parsed.info;
             if resp.status >= 100 && resp.status < 200 && resp.status != 101 {
                 // Interim responses: ours already stood in for 100; others need HTTP/1.1.
                 // They are dropped rather than forwarded: clients must tolerate either.
@@ -968,7 +973,11 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                 scanned = 0;
                 continue;
             }
-            return Ok((resp, body_in));
+            // Write the client's head from this one parse (the head is not parsed again).
+            let framing = client_framing(info, resp, head.shard.is_closing());
+            head.out.clear();
+            write_response_head(&parsed, framing, head.set_cookie, head.out);
+            return Ok((resp, framing, body_in));
         }
         scanned = up.buf.len().saturating_sub(2);
         if up.buf.is_full() {
@@ -1014,9 +1023,9 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     cbuf: &mut Buf,
     mut up: UpstreamConn,
     resp_out: &mut Vec<u8>,
-    set_cookie: &[u8],
     info: RequestInfo,
     resp: ResponseInfo,
+    framing: ClientFraming,
 ) -> Result<Done, ProxyError> {
     if resp.status == 101 && !info.upgrade {
         return Err(ProxyError::upstream(
@@ -1024,30 +1033,12 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             "101 Switching Protocols to a request that asked for no upgrade",
         ));
     }
-    let dechunk = resp.body == BodyKind::Chunked && info.minor == 0;
-    let keep_alive = info.keep_alive
-        && resp.status != 101
-        && resp.body != BodyKind::CloseDelimited
-        && !dechunk
-        && !shard.is_closing();
-    resp_out.clear();
-    {
-        let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-        match parse_response(up.buf.filled(), &mut hdrs, info.method, up.buf.capacity()) {
-            Ok(Some(r)) => write_response_head(
-                &r,
-                ClientFraming {
-                    keep_alive,
-                    client_minor: info.minor,
-                    dechunk,
-                    interim: false,
-                },
-                set_cookie,
-                resp_out,
-            ),
-            _ => return Err(ProxyError::upstream(502, "malformed response head")),
-        }
-    }
+    let ClientFraming {
+        keep_alive,
+        dechunk,
+        ..
+    } = framing;
+    // resp_out already holds the client's head (written by send_and_receive).
     up.buf.consume(resp.head_len);
     // A small body already read goes out with the head in one write.
     let mut body = resp.body;
@@ -1110,6 +1101,30 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     }
     done.keep = keep_alive;
     Ok(done)
+}
+
+/// Where send_and_receive writes the client's response head.
+struct ClientHead<'a> {
+    out: &'a mut Vec<u8>,
+    set_cookie: &'a [u8],
+    /// Asked when the head is written: a shutdown meanwhile ends keep-alive.
+    shard: &'a Shard,
+}
+
+/// How a response is framed for this client: kept alive or closed, de-chunked for HTTP/1.0.
+fn client_framing(info: RequestInfo, resp: ResponseInfo, closing: bool) -> ClientFraming {
+    let dechunk = resp.body == BodyKind::Chunked && info.minor == 0;
+    let keep_alive = info.keep_alive
+        && resp.status != 101
+        && resp.body != BodyKind::CloseDelimited
+        && !dechunk
+        && !closing;
+    ClientFraming {
+        keep_alive,
+        client_minor: info.minor,
+        dechunk,
+        interim: false,
+    }
 }
 
 /// How a forwarded request ended (the client saw a response, whole or not).
