@@ -7,17 +7,7 @@ use common::*;
 use std::process::Command;
 
 fn check(toml: &str) -> (bool, String, std::path::PathBuf) {
-    let dir = tmpdir("cfg");
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.success(), text, path)
+    check_config(toml)
 }
 
 fn refused(toml: &str, line: usize, field: &str, words: &str) {

@@ -388,16 +388,8 @@ fn plain_http_service_redirects_to_https() {
 }
 
 fn check_fails(toml: &str, words: &[&str]) {
-    let dir = tmpdir("tlscheck");
-    let path = dir.join("c.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "accepted: {toml}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err, _) = check_config(toml);
+    assert!(!ok, "accepted: {toml}");
     for w in words {
         assert!(err.contains(w), "expected {w:?} in {err}");
     }

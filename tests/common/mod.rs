@@ -48,6 +48,21 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_edgeshard")
 }
 
+/// `edgeshard check` on `toml` written to a file: (accepted, stderr and stdout, the file).
+pub fn check_config(toml: &str) -> (bool, String, PathBuf) {
+    let dir = tmpdir("check");
+    let path = dir.join("c.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text, path)
+}
+
 /// A running edgeshard process; killed on drop.
 pub struct Proxy {
     pub child: Child,
