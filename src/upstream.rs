@@ -7,7 +7,6 @@ use crate::net::Socket;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
-use glommio::net::TcpStream;
 use rustls_pki_types::ServerName;
 use std::cell::RefCell;
 use std::io;
@@ -99,19 +98,17 @@ pub async fn connect(
     tls: Option<(&TlsConnector, &ServerName<'static>)>,
 ) -> Result<UpstreamConn, ConnectError> {
     let deadline = Instant::now() + dur;
-    let tcp = TcpStream::connect_timeout(addr, dur).await.map_err(|e| {
-        let e = io::Error::from(e);
+    let tcp = crate::net::connect(addr, dur).await.map_err(|e| {
         if e.kind() == io::ErrorKind::TimedOut {
             ConnectError::TimedOut
         } else {
             ConnectError::Refused(e)
         }
     })?;
-    let _ = tcp.set_nodelay(true);
     let stream = match tls {
-        None => UpStream::Plain(Socket(tcp)),
+        None => UpStream::Plain(tcp),
         Some((connector, name)) => {
-            match crate::io::until(deadline, connector.connect(name.clone(), Socket(tcp))).await {
+            match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
                 Ok(s) => UpStream::Tls(Box::new(s)),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err(ConnectError::TimedOut)

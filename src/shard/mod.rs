@@ -23,6 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use rustls_pki_types::ServerName;
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -503,7 +504,11 @@ async fn run_shard(
         }
     };
     // Bind everything first: a failure is reported before anything serves.
-    let mut listeners: Vec<(usize, TcpListener)> = Vec::new();
+    if let Err(e) = net::start_poller() {
+        let _ = ready.send(Err(format!("shard {id}: cannot create its poller: {e}")));
+        return;
+    }
+    let mut listeners: Vec<(usize, net::Listener)> = Vec::new();
     let settings = &config.runtime.shards[id];
     for (v, vs) in config.services.iter().enumerate() {
         if !settings.services.contains(&v) {
@@ -514,7 +519,7 @@ async fn run_shard(
             Steering::SourceIp => Some(config.runtime.shards_serving(v) as u32),
             Steering::Kernel => None,
         };
-        match net::bind(vs.listen, settings.backlog, steer) {
+        match net::bind(vs.listen, settings.backlog, steer).and_then(net::Listener::new) {
             Ok(l) => listeners.push((v, l)),
             Err(e) => {
                 let _ = ready.send(Err(format!(
@@ -527,7 +532,8 @@ async fn run_shard(
     }
     let admin_listener = match (&config.admin, id) {
         (Some(a), 0) => match net::bind(a.listen, 128, None) {
-            Ok(l) => Some(l),
+            // SAFETY: the fd of a bound, listening socket whose ownership moves to glommio.
+            Ok(l) => Some(unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) }),
             Err(e) => {
                 let _ = ready.send(Err(format!(
                     "cannot listen on {} for the admin endpoint: {e}",
@@ -579,14 +585,14 @@ async fn run_shard(
     shard.log.flush_all();
 }
 
-async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.closed().await;
             None
         })
         .await;
-        let stream = match accepted {
+        let (stream, peer) = match accepted {
             None => return,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
@@ -596,11 +602,6 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
                 continue;
             }
         };
-        let peer = match stream.peer_addr() {
-            Ok(p) => p,
-            Err(_) => continue,
-        };
-        let _ = stream.set_nodelay(true);
         shard.accepted.set(shard.accepted.get() + 1);
         let guard = match shard.admit(vs, peer) {
             Ok(g) => g,
@@ -629,9 +630,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: TcpListener) {
         let shard = shard.clone();
         let task = async move {
             match shard.acceptors[vs].clone() {
-                None => {
-                    proxy::serve(shard, vs, net::Socket(stream), peer, "http", None, None).await
-                }
+                None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
                 // TLS state lives in its own allocation: plain connections stay small.
                 Some(acceptor) => Box::pin(serve_tls(shard, vs, acceptor, stream, peer)).await,
             }
@@ -653,7 +652,7 @@ async fn serve_tls(
     shard: Rc<Shard>,
     vs: usize,
     acceptor: TlsAcceptor,
-    stream: glommio::net::TcpStream,
+    stream: net::Socket,
     peer: SocketAddr,
 ) {
     let limit = shard.config.services[vs]
@@ -662,7 +661,7 @@ async fn serve_tls(
         .map(|t| t.handshake_timeout);
     let limit = limit.unwrap_or(Duration::from_secs(10));
     let counters = &shard.metrics.services[vs];
-    match crate::io::timeout(limit, acceptor.accept(net::Socket(stream))).await {
+    match crate::io::timeout(limit, acceptor.accept(stream)).await {
         Ok(tls) => {
             counters
                 .tls_handshakes

@@ -1,0 +1,341 @@
+//! Sockets of the data path: listeners (one per shard and virtual service, bound with
+//! SO_REUSEPORT so the kernel spreads connections over shards), accepted and connected
+//! streams, and their readiness (`poller`). No HTTP here.
+
+mod poller;
+
+use poller::{Key, Poller};
+use socket2::{Domain, Protocol, SockAddr, Socket as RawSocket, Type};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Classic BPF for SO_ATTACH_REUSEPORT_CBPF: pick the listener (shard) from a hash of the
+/// client's source address, so every connection of one client lands on one shard.
+fn source_ip_program(ipv6: bool, nr_shards: u32) -> Vec<libc::sock_filter> {
+    // The program sees the TCP header at offset 0; SKF_NET_OFF reaches the IP header.
+    const SKF_NET_OFF: i32 = -0x100000;
+    let ins = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // IPv4: source address at 12; IPv6: the last 32 bits of the source address (8 + 12).
+    let src = if ipv6 { 20 } else { 12 };
+    vec![
+        ins(
+            (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            (SKF_NET_OFF + src) as u32,
+        ),
+        ins(
+            (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16,
+            0x9E37_79B1,
+        ),
+        ins((libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16, 16),
+        ins(
+            (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            nr_shards.max(1),
+        ),
+        ins((libc::BPF_RET | libc::BPF_A) as u16, 0),
+    ]
+}
+
+fn attach_source_ip_steering(fd: i32, ipv6: bool, nr_shards: u32) -> io::Result<()> {
+    let prog = source_ip_program(ipv6, nr_shards);
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fprog points at `prog`, alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bind `addr` with SO_REUSEPORT and the given backlog (non-blocking). With `steer_shards`,
+/// connections are spread over the shards by client address instead of by the kernel's
+/// 4-tuple hash (the program applies to the whole reuseport group).
+pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Result<RawSocket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sk = RawSocket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // [::] serves IPv6 only; an IPv4 service is configured on its own.
+        sk.set_only_v6(true)?;
+    }
+    sk.set_nonblocking(true)?;
+    sk.bind(&SockAddr::from(addr))?;
+    sk.listen(backlog.min(i32::MAX as u32) as i32)?;
+    if let Some(n) = steer_shards {
+        attach_source_ip_steering(sk.as_raw_fd(), addr.is_ipv6(), n)?;
+    }
+    Ok(sk)
+}
+
+/// Start this shard's readiness loop; every data-path socket of the shard depends on it.
+pub fn start_poller() -> io::Result<()> {
+    let poller = poller::current()?;
+    glommio::spawn_local(poller::run(poller)).detach();
+    Ok(())
+}
+
+/// A socket registered with this shard's poller; closing it deregisters it.
+struct Registered {
+    fd: OwnedFd,
+    key: Key,
+    poller: Rc<Poller>,
+}
+
+impl Registered {
+    fn new(fd: OwnedFd, readable: bool, writable: bool) -> io::Result<Registered> {
+        let poller = poller::current()?;
+        let key = poller.register(fd.as_raw_fd(), readable, writable)?;
+        Ok(Registered { fd, key, poller })
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.poller.release(self.key);
+    }
+}
+
+fn cvt(rc: isize) -> io::Result<usize> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// A data-path listener: accepts on the shard's poller.
+pub struct Listener(Registered);
+
+impl Listener {
+    /// Take over a bound, listening, non-blocking socket (from `bind`).
+    pub fn new(sk: RawSocket) -> io::Result<Listener> {
+        // SAFETY: the fd comes out of an owned socket and is owned from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
+        Ok(Listener(Registered::new(fd, true, false)?))
+    }
+
+    /// The next connection and its peer's address. The accepted socket is non-blocking,
+    /// close-on-exec, with TCP_NODELAY (responses are written whole; nothing to coalesce).
+    pub async fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
+        let r = &self.0;
+        let mut peer: Option<SocketAddr> = None;
+        let fd = std::future::poll_fn(|cx| {
+            // want 0: an accept never counts as a short read; accept until none is left
+            r.poller.poll_read_with(r.key, cx, 0, || {
+                // SAFETY: sockaddr_storage fits any address; the kernel writes at most `len`.
+                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                // SAFETY: valid listening fd and out-pointers to our stack.
+                let rc = unsafe {
+                    libc::accept4(
+                        r.fd.as_raw_fd(),
+                        &mut ss as *mut _ as *mut libc::sockaddr,
+                        &mut len,
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                let fd = cvt(rc as isize)?;
+                peer = sockaddr(&ss);
+                Ok(fd)
+            })
+        })
+        .await?;
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let peer = peer.ok_or_else(|| io::Error::other("accepted a socket of no IP family"))?;
+        set_nodelay(fd.as_raw_fd());
+        Ok((Socket(Registered::new(fd, true, true)?), peer))
+    }
+}
+
+fn sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a valid fd with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Connect to `addr` within `dur` (non-blocking connect, then the writable edge and the
+/// socket's error). A timeout is `TimedOut`; a refusal is the kernel's error.
+pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sk = RawSocket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    let _ = sk.set_nodelay(true);
+    match sk.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the fd comes out of an owned socket and is owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
+    let s = Socket(Registered::new(fd, false, false)?);
+    crate::io::timeout(dur, async {
+        std::future::poll_fn(|cx| s.0.poller.poll_writable(s.0.key, cx)).await;
+        Ok(())
+    })
+    .await?;
+    // SAFETY: borrowed view of our own fd, only to read SO_ERROR; it is not closed here.
+    let view = std::mem::ManuallyDrop::new(unsafe { RawSocket::from_raw_fd(s.as_raw_fd()) });
+    if let Some(e) = view.take_error()? {
+        return Err(e);
+    }
+    Ok(s)
+}
+
+/// A shard's TCP stream: reads and writes are plain non-blocking syscalls, made only when the
+/// shard's poller says the socket may be ready (see `poller` for why not glommio's own).
+pub struct Socket(Registered);
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.fd.as_raw_fd()
+    }
+}
+
+impl futures_lite::AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = &self.0;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        r.poller.poll_read_with(r.key, cx, buf.len(), || {
+            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
+            cvt(unsafe {
+                libc::recv(
+                    r.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            })
+        })
+    }
+}
+
+impl futures_lite::AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = &self.0;
+        r.poller.poll_write_with(r.key, cx, || {
+            // SAFETY: send from a buffer we borrow, of its length; never blocks, no SIGPIPE.
+            cvt(unsafe {
+                libc::send(
+                    r.fd.as_raw_fd(),
+                    buf.as_ptr() as *const libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            })
+        })
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = &self.0;
+        r.poller.poll_write_with(r.key, cx, || {
+            // SAFETY: msghdr over the caller's slices (IoSlice is iovec-compatible), alive for
+            // the call; never blocks, no SIGPIPE.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len().min(1024) as _;
+            cvt(unsafe {
+                libc::sendmsg(
+                    r.fd.as_raw_fd(),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            })
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Half-close: our FIN goes out; reading goes on (a lingering close drains after it).
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: shutdown on our own fd.
+        let rc = unsafe { libc::shutdown(self.0.fd.as_raw_fd(), libc::SHUT_WR) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOTCONN) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,309 @@
+//! Socket readiness for one shard: an edge-triggered epoll set whose own readiness the shard's
+//! glommio ring waits for. Owns the readiness flags and wakers of every data-path socket on
+//! this thread; knows nothing of HTTP.
+//!
+//! Why not glommio's per-socket io_uring polls: glommio 0.9 arms one POLL_ADD per wait and
+//! creates its rings without IORING_SETUP_COOP_TASKRUN, so every completion that lands while
+//! the shard is busy interrupts it (task work and a reschedule IPI), and every wait costs a
+//! failed `recv` first. Here each socket is registered once; a busy shard collects the
+//! readiness of all its sockets with one `epoll_wait(0)` per batch and never arms anything,
+//! and only a shard with nothing left to do waits, through one io_uring poll of the epoll fd,
+//! so sleeping and timers stay glommio's.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::task::{Context, Poll, Waker};
+
+/// Events collected per `epoll_wait`.
+const BATCH: usize = 256;
+
+#[derive(Default)]
+struct Slot {
+    /// Bumped whenever the slot is freed: an event for an older registration is ignored.
+    gen: u32,
+    /// The socket may have data (or EOF/error) to read; cleared only when a read finds none.
+    readable: bool,
+    writable: bool,
+    /// The peer closed its side or the socket failed: a short read no longer means drained.
+    hup: bool,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+}
+
+/// A socket's registration: its slot and the slot's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    idx: u32,
+    gen: u32,
+}
+
+impl Key {
+    fn data(self) -> u64 {
+        (u64::from(self.idx) << 32) | u64::from(self.gen)
+    }
+    fn from_data(d: u64) -> Key {
+        Key {
+            idx: (d >> 32) as u32,
+            gen: d as u32,
+        }
+    }
+}
+
+pub struct Poller {
+    epfd: OwnedFd,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    /// Wakers collected by one `collect`, kept to reuse the allocation.
+    woken: RefCell<Vec<Waker>>,
+}
+
+thread_local! {
+    static POLLER: RefCell<Option<std::rc::Rc<Poller>>> = const { RefCell::new(None) };
+}
+
+/// This thread's poller; created on first use.
+pub fn current() -> io::Result<std::rc::Rc<Poller>> {
+    POLLER.with(|p| {
+        let mut p = p.borrow_mut();
+        if let Some(p) = p.as_ref() {
+            return Ok(p.clone());
+        }
+        // SAFETY: plain syscall; the returned fd is checked and then owned.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let poller = std::rc::Rc::new(Poller {
+            // SAFETY: fd is a fresh epoll descriptor nobody else owns.
+            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            woken: RefCell::new(Vec::new()),
+        });
+        *p = Some(poller.clone());
+        Ok(poller)
+    })
+}
+
+impl Poller {
+    /// Register `fd` for edge-triggered read and write readiness. `readable` is the initial
+    /// guess (a freshly accepted socket may already hold its request).
+    pub fn register(&self, fd: RawFd, readable: bool, writable: bool) -> io::Result<Key> {
+        let key = {
+            let mut slots = self.slots.borrow_mut();
+            let idx = match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot::default());
+                    (slots.len() - 1) as u32
+                }
+            };
+            let s = &mut slots[idx as usize];
+            s.readable = readable;
+            s.writable = writable;
+            s.hup = false;
+            Key { idx, gen: s.gen }
+        };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: key.data(),
+        };
+        // SAFETY: valid epoll fd and event struct for the call's duration.
+        let rc =
+            unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            self.release(key);
+            return Err(e);
+        }
+        Ok(key)
+    }
+
+    /// Forget a registration; call when closing its fd (closing removes it from epoll, and
+    /// an event already collected for it is ignored by its generation).
+    pub fn release(&self, key: Key) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(s) = slots.get_mut(key.idx as usize) {
+            if s.gen == key.gen {
+                *s = Slot {
+                    gen: s.gen.wrapping_add(1),
+                    ..Slot::default()
+                };
+                self.free.borrow_mut().push(key.idx);
+            }
+        }
+    }
+
+    /// Run `op` if the socket may be readable; when it reports `WouldBlock`, or reads less
+    /// than asked on a socket that has not hung up, readiness is cleared and the task waits.
+    pub fn poll_read_with(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        want: usize,
+        op: impl FnOnce() -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        if self.with(key, |s| s.readable) {
+            match op() {
+                Ok(n) => {
+                    if n < want && n > 0 {
+                        // Short read: the socket is drained unless it has hung up; data
+                        // arriving after this read raises a new edge.
+                        self.with(key, |s| s.readable = s.hup);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.with(key, |s| s.readable = false)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.with(key, |s| store(&mut s.read_waker, cx.waker()));
+        Poll::Pending
+    }
+
+    /// Run `op` (a write) unless the socket is known full; `WouldBlock` makes the task wait
+    /// for the next writable edge.
+    pub fn poll_write_with(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        op: impl FnOnce() -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        if self.with(key, |s| s.writable) {
+            match op() {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.with(key, |s| s.writable = false)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.with(key, |s| store(&mut s.write_waker, cx.waker()));
+        Poll::Pending
+    }
+
+    /// Ready once the socket is writable (a non-blocking connect finished, well or badly).
+    pub fn poll_writable(&self, key: Key, cx: &mut Context<'_>) -> Poll<()> {
+        let ready = self.with(key, |s| {
+            if !(s.writable || s.hup) {
+                store(&mut s.write_waker, cx.waker());
+            }
+            s.writable || s.hup
+        });
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn with<T: Default>(&self, key: Key, f: impl FnOnce(&mut Slot) -> T) -> T {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(key.idx as usize) {
+            Some(s) if s.gen == key.gen => f(s),
+            _ => T::default(),
+        }
+    }
+
+    /// Collect what is ready now without waiting; returns the number of events.
+    fn collect(&self, events: &mut [libc::epoll_event]) -> usize {
+        // SAFETY: `events` is a valid, writable array of its length.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                0,
+            )
+        };
+        if n <= 0 {
+            return 0;
+        }
+        let n = n as usize;
+        let mut wake = std::mem::take(&mut *self.woken.borrow_mut());
+        {
+            let mut slots = self.slots.borrow_mut();
+            for ev in &events[..n] {
+                let key = Key::from_data(ev.u64);
+                let Some(s) = slots.get_mut(key.idx as usize) else {
+                    continue;
+                };
+                if s.gen != key.gen {
+                    continue; // a socket closed since
+                }
+                let bits = ev.events as i32;
+                let failed = bits & (libc::EPOLLERR | libc::EPOLLHUP) != 0;
+                if failed || bits & libc::EPOLLRDHUP != 0 {
+                    s.hup = true;
+                }
+                if failed || bits & (libc::EPOLLIN | libc::EPOLLRDHUP) != 0 {
+                    s.readable = true;
+                    wake.extend(s.read_waker.take());
+                }
+                if failed || bits & libc::EPOLLOUT != 0 {
+                    s.writable = true;
+                    wake.extend(s.write_waker.take());
+                }
+            }
+        }
+        // Woken outside the borrow: a waker may run code that touches the slots.
+        for w in wake.drain(..) {
+            w.wake();
+        }
+        *self.woken.borrow_mut() = wake;
+        n
+    }
+}
+
+fn store(slot: &mut Option<Waker>, w: &Waker) {
+    match slot {
+        Some(old) if old.will_wake(w) => {}
+        _ => *slot = Some(w.clone()),
+    }
+}
+
+/// The shard's readiness loop: while anything is ready, dispatch it and let the woken tasks
+/// run; when nothing is, sleep until the epoll fd becomes readable (one io_uring poll in
+/// glommio's ring, so timers and cross-shard messages still wake the shard).
+pub async fn run(poller: std::rc::Rc<Poller>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
+    loop {
+        if poller.collect(&mut events) > 0 {
+            futures_lite::future::yield_now().await;
+            continue;
+        }
+        if let Err(e) = wait_readable(poller.epfd.as_raw_fd()).await {
+            tracing::error!("shard readiness wait failed: {e}");
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Wait until `fd` is readable through glommio's own ring. glommio 0.9 has no public "wait
+/// for an fd" call; a glommio stream arms exactly that poll when it is created, so a
+/// short-lived stream over a duplicate of the fd is the wait (its first read attempt after
+/// the poll fires fails, as it must on a non-socket, and only tells us the poll fired).
+async fn wait_readable(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall; the duplicate is owned by the stream below and closed with it.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a descriptor we own; the stream takes ownership.
+    let mut waiter = unsafe { glommio::net::TcpStream::from_raw_fd(dup) };
+    let mut b = [0u8; 1];
+    // The result is meaningless (recv on an epoll fd): only its arrival matters.
+    let _ = futures_lite::AsyncReadExt::read(&mut waiter, &mut b).await;
+    Ok(())
+}
