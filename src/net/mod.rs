@@ -250,6 +250,14 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
 /// shard's poller says the socket may be ready (see `poller` for why not glommio's own).
 pub struct Socket(Registered);
 
+impl Socket {
+    /// Has anything (data, EOF, an error) arrived since a read last found the socket empty,
+    /// as far as the poller has collected?
+    pub fn may_be_readable(&self) -> bool {
+        self.0.poller.may_be_readable(self.0.key)
+    }
+}
+
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
         self.0.fd.as_raw_fd()

@@ -193,6 +193,10 @@ impl Poller {
         Poll::Pending
     }
 
+    pub fn may_be_readable(&self, key: Key) -> bool {
+        self.with(key, |s| s.readable)
+    }
+
     /// Ready once the socket is writable (a non-blocking connect finished, well or badly).
     pub fn poll_writable(&self, key: Key, cx: &mut Context<'_>) -> Poll<()> {
         let ready = self.with(key, |s| {
