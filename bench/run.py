@@ -105,7 +105,9 @@ class Systems:
             wait_port(p)
         self.ports = {}   # system -> {"plain", "tls", "big"}
         self.pids = {}    # system -> [pids]
-        self.start_edgeshard()
+        self.start_edgeshard("edgeshard", os.path.join(BIN, "edgeshard"))
+        if a.baseline:
+            self.start_edgeshard("baseline", a.baseline)
         if not a.no_haproxy and ensure("haproxy", "haproxy"):
             self.start_haproxy()
         if not a.no_nginx and ensure("nginx-light", "nginx"):
@@ -118,7 +120,7 @@ class Systems:
         self.procs.append(p)
         return p
 
-    def start_edgeshard(self):
+    def start_edgeshard(self, name, binary):
         p = {"plain": port(), "tls": port(), "big": port()}
         cores = ", ".join(self.a.proxy_cores.split(","))
         cfg = f'''[runtime]
@@ -143,12 +145,12 @@ listen = "127.0.0.1:{p["big"]}"
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_big}"
 '''
-        path = os.path.join(self.tmp, "edgeshard.toml")
+        path = os.path.join(self.tmp, f"{name}.toml")
         open(path, "w").write(cfg)
-        proc = self.spawn([os.path.join(BIN, "edgeshard"), "run", "--config", path])
+        proc = self.spawn([binary, "run", "--config", path])
         for x in p.values():
             wait_port(x, proc=proc)
-        self.ports["edgeshard"], self.pids["edgeshard"] = p, [proc.pid]
+        self.ports[name], self.pids[name] = p, [proc.pid]
 
     def start_haproxy(self):
         p = {"plain": port(), "tls": port(), "big": port()}
@@ -253,7 +255,7 @@ SCEN = {
 
 def run_throughput(a, sysm, key, results):
     title, kind, scheme, extra = SCEN[key]
-    names = [n for n in ("edgeshard", "haproxy", "nginx", "direct") if n in sysm.ports]
+    names = [n for n in ("edgeshard", "baseline", "haproxy", "nginx", "direct") if n in sysm.ports]
     rounds = {n: [] for n in names}
     for r in range(a.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -273,7 +275,7 @@ def run_throughput(a, sysm, key, results):
     results[key] = {"title": title, "systems": rounds}
 
 def open_loop(a, sysm, rate):
-    names = [n for n in ("edgeshard", "haproxy", "nginx") if n in sysm.ports]
+    names = [n for n in ("edgeshard", "baseline", "haproxy", "nginx") if n in sysm.ports]
     rounds = {n: [] for n in names}
     hz = os.sysconf("SC_CLK_TCK")
     for r in range(a.rounds):
@@ -305,7 +307,7 @@ def run_idle(a, sysm, results):
     n = a.idle
     out = {}
     ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-    for name in [x for x in ("edgeshard", "haproxy", "nginx") if x in sysm.ports]:
+    for name in [x for x in ("edgeshard", "baseline", "haproxy", "nginx") if x in sysm.ports]:
         for kind in ("plain", "tls"):
             pids = sysm.pids[name] + (children(sysm.pids[name][0]) if name == "nginx" else [])
             before = rss_kib(pids)
@@ -358,7 +360,7 @@ def report(a, results, meta):
             lines.append(f"| {name} | {fmt(med([x['rps'] for x in rounds]), 0)} ({fmt(lo, 0)}–{fmt(hi, 0)}) | {fmt(cpu)} | "
                          f"{fmt(med([x['p50'] for x in rounds]), 3)} | {fmt(med([x['p99'] for x in rounds]), 3)} | {fmt(med([x['p999'] for x in rounds]), 3)} | {sum(x['errors'] for x in rounds)} |")
         es = med([x["cpu_us_per_req"] for x in r["systems"].get("edgeshard", [])])
-        for other in ("haproxy", "nginx"):
+        for other in ("baseline", "haproxy", "nginx"):
             o = med([x["cpu_us_per_req"] for x in r["systems"].get(other, [])])
             if es and o:
                 lines.append(f"\nedgeshard / {other} CPU per request: **{es / o:.2f}×**")
@@ -408,6 +410,7 @@ def main():
     ap.add_argument("--idle", type=int, default=5000, help="idle connections for scenario E (mind the open-files limit)")
     ap.add_argument("--proxy-cores", default="0")
     ap.add_argument("--load-cores", default=None, help="default: every other CPU")
+    ap.add_argument("--baseline", default=None, help="another edgeshard binary (an earlier build) run side by side as 'baseline'")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks the runner works")

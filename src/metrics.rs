@@ -105,11 +105,18 @@ impl ShardMetrics {
         }
     }
 
-    pub fn snapshot(&self, shard: usize, accepted: u64, log_dropped: [u64; 3]) -> MetricsSnapshot {
+    pub fn snapshot(
+        &self,
+        shard: usize,
+        accepted: u64,
+        parked: u64,
+        log_dropped: [u64; 3],
+    ) -> MetricsSnapshot {
         let get = |c: &Cell<u64>| c.get();
         MetricsSnapshot {
             shard,
             accepted,
+            parked,
             cpu_seconds: thread_cpu_seconds(),
             log_dropped,
             services: self
@@ -163,6 +170,8 @@ pub fn thread_cpu_seconds() -> f64 {
 pub struct MetricsSnapshot {
     pub shard: usize,
     pub accepted: u64,
+    /// Idle keep-alive client connections parked (waiting with no task).
+    pub parked: u64,
     /// CPU time the shard's thread has used (user + system), seconds.
     pub cpu_seconds: f64,
     pub log_dropped: [u64; 3],
@@ -538,6 +547,21 @@ pub fn prometheus(
             s.shard,
             cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
             s.accepted
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_shard_parked_connections",
+        "gauge",
+        "Idle keep-alive client connections waiting for their next request with no task.",
+    );
+    for s in &m.per_shard {
+        let _ = writeln!(
+            o,
+            "edgeshard_shard_parked_connections{{shard=\"{}\",core=\"{}\"}} {}",
+            s.shard,
+            cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
+            s.parked
         );
     }
     family(

@@ -2,6 +2,7 @@
 //! read head → parse → pick real server → upstream checkout → send head and body →
 //! read response head → send response head and body → pool the upstream → next request.
 
+use crate::client::{Client, ClientStream, ConnFacts, ParkingLot, Ticket};
 use crate::config::{
     LimitAction, Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING,
 };
@@ -10,16 +11,18 @@ use crate::http::canned::{error_response, CONTINUE_100};
 use crate::http::parse::{parse_request, parse_response, ParsedRequest, Target};
 use crate::http::write::{write_request_head, write_response_head, ClientFraming, Forwarded};
 use crate::http::{BodyKind, Buf, RequestInfo, ResponseInfo};
-use crate::io::{fill, respond_and_close, timeout, until, write_all};
-use crate::log::{AccessRecord, ConnectionRecord, SecurityRecord};
+use crate::io::{fill, respond_and_close, until, write_all};
+use crate::log::{AccessRecord, SecurityRecord};
 use crate::relay::{relay_body, tunnel, Bounds, RelayError};
 use crate::shard::Shard;
 use crate::upstream::{connect, ConnectError, UpstreamConn};
-use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite};
+use std::future::Future;
 use std::io;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Responses with a body this small go out in the same write as their head.
@@ -100,6 +103,8 @@ enum HeadRead {
     /// The connection ends: why (client, idle_timeout, shutdown, error).
     Closed(&'static str),
     Refuse(ProxyError),
+    /// Nothing arrived between requests: the socket now wakes this place in the lot.
+    Idle(Ticket),
 }
 
 /// Wait for a complete request head in `buf`, honouring the idle timeout between requests,
@@ -152,12 +157,19 @@ async fn read_head<S: AsyncRead + Unpin>(
                 shard.give_storage(storage);
             }
             ws.release();
-            let idle = timeout(vs.idle_timeout, idle_read(shard, vs, client, buf));
-            futures_lite::future::or(idle, async {
-                shard.closed().await;
-                Err(io::Error::new(io::ErrorKind::Interrupted, "shutdown"))
-            })
-            .await
+            // Ask once more, with the lot's waker: if nothing is there, the socket now wakes
+            // the lot and the connection parks without a task.
+            let ticket = shard.lot.reserve();
+            let waker = ParkingLot::waker(ticket);
+            let mut cx = Context::from_waker(&waker);
+            let read = std::pin::pin!(idle_read(shard, vs, client, buf)).poll(&mut cx);
+            match read {
+                Poll::Pending => return HeadRead::Idle(ticket),
+                Poll::Ready(r) => {
+                    shard.lot.cancel(ticket);
+                    r
+                }
+            }
         } else {
             let d = *deadline.get_or_insert_with(|| Instant::now() + vs.request_timeout);
             match until(d, fill(client, buf)).await {
@@ -191,14 +203,8 @@ async fn read_head<S: AsyncRead + Unpin>(
 /// One client connection's facts and counters, for the three logs and the metrics.
 struct Conn<'a> {
     shard: &'a Shard,
-    vs_idx: usize,
     vs: &'a VirtualService,
-    peer: SocketAddr,
-    tls: Option<&'static str>,
-    opened: Instant,
-    requests: u64,
-    bytes_in: u64,
-    bytes_out: u64,
+    f: &'a mut ConnFacts,
     /// The current request: when its head was complete, and a copy of its host, method and
     /// path (the head buffer moves on before the request is logged).
     started: Instant,
@@ -242,13 +248,13 @@ impl Conn<'_> {
 
     /// One request done: metrics and the user-access record.
     fn finish(&mut self, status: u16, server: Option<ServerId>, bytes_in: u64, bytes_out: u64) {
-        self.requests += 1;
-        self.bytes_in += bytes_in;
-        self.bytes_out += bytes_out;
+        self.f.requests += 1;
+        self.f.bytes_in += bytes_in;
+        self.f.bytes_out += bytes_out;
         let elapsed = self.started.elapsed();
         let m = &self.shard.metrics;
         m.request(
-            self.vs_idx,
+            self.f.vs_idx,
             server.map(|s| s.0),
             status,
             bytes_in,
@@ -261,7 +267,7 @@ impl Conn<'_> {
                 .and_then(|i| self.vs.sub_services.get(i))
                 .map(|s| s.name.as_str());
             self.shard.log.access(&AccessRecord {
-                client: self.peer,
+                client: self.f.peer,
                 service: &self.vs.name,
                 sub_service: sub,
                 host: self.host(),
@@ -272,24 +278,7 @@ impl Conn<'_> {
                 bytes_out,
                 real_server: server.map(|s| self.shard.server(s).name.as_str()),
                 duration: elapsed,
-                tls: self.tls,
-            });
-        }
-    }
-
-    fn connection_record(&self, event: &str, reason: Option<&str>) {
-        if self.vs.logging.connection {
-            self.shard.log.connection(&ConnectionRecord {
-                event,
-                client: self.peer,
-                service: &self.vs.name,
-                shard: self.shard.id,
-                duration: self.opened.elapsed(),
-                bytes_in: self.bytes_in,
-                bytes_out: self.bytes_out,
-                requests: self.requests,
-                reason,
-                tls: self.tls,
+                tls: self.f.tls,
             });
         }
     }
@@ -306,16 +295,16 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     let vs = conn.vs;
     match e.fault {
         Fault::Client => {
-            tracing::info!(client = %conn.peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
+            tracing::info!(client = %conn.f.peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
         }
         Fault::Upstream | Fault::Policy => {
-            tracing::warn!(client = %conn.peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
+            tracing::warn!(client = %conn.f.peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
         }
     }
     if let (Some(event), true) = (e.event, vs.logging.security) {
         let has_meta = !conn.meta.is_empty();
         conn.shard.log.security(&SecurityRecord {
-            client: conn.peer,
+            client: conn.f.peer,
             service: &vs.name,
             event,
             reason: e.reason,
@@ -329,61 +318,61 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     respond_and_close(client, resp).await;
 }
 
-/// Serve one client connection of virtual service `vs_idx` to its end, then close it
-/// gracefully (a TLS close_notify, a FIN). Logs its open and close.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: Rc<Shard>,
-    vs_idx: usize,
-    mut client: S,
-    peer: SocketAddr,
-    proto: &'static str,
-    sni: Option<String>,
-    tls: Option<&'static str>,
-) {
-    let vs = &shard.config.services[vs_idx];
+/// Serve a client connection's requests until it goes idle (then it is parked in the shard's
+/// lot, with no task, until it speaks again) or ends (then it is closed gracefully: a TLS
+/// close_notify, a FIN, the connection record).
+pub async fn serve(shard: Rc<Shard>, client: Client) {
+    let Client {
+        mut stream,
+        mut facts,
+        guard,
+    } = client;
+    let vs = &shard.config.services[facts.vs_idx];
     let now = Instant::now();
-    let mut conn = Conn {
-        shard: &shard,
-        vs_idx,
-        vs,
-        peer,
-        tls,
-        opened: now,
-        requests: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        started: now,
-        meta: Vec::new(),
-        meta_host: 0,
-        meta_method: 0,
-        sub_service: None,
+    let sni = facts.sni.take();
+    let end = {
+        let mut conn = Conn {
+            shard: &shard,
+            vs,
+            f: &mut facts,
+            started: now,
+            meta: Vec::new(),
+            meta_host: 0,
+            meta_method: 0,
+            sub_service: None,
+        };
+        serve_requests(&mut conn, &mut stream, sni.as_deref()).await
     };
-    let counters = &shard.metrics.services[vs_idx];
-    counters
-        .connections_active
-        .set(counters.connections_active.get() + 1);
-    counters
-        .connections_total
-        .set(counters.connections_total.get() + 1);
-    conn.connection_record("open", None);
-    let reason = serve_requests(&mut conn, &mut client, proto, sni.as_deref()).await;
-    let _ = timeout(Duration::from_secs(1), client.close()).await;
-    conn.connection_record("close", Some(reason));
-    counters
-        .connections_active
-        .set(counters.connections_active.get().saturating_sub(1));
+    facts.sni = sni;
+    let client = Client {
+        stream,
+        facts,
+        guard,
+    };
+    match end {
+        Ended::Idle(ticket) => shard.lot.park(ticket, client, now + vs.idle_timeout),
+        Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
+    }
+}
+
+/// How a connection's keep-alive loop ended.
+enum Ended {
+    /// Nothing to read: park it at this place (its socket will wake the lot).
+    Idle(Ticket),
+    /// Why the connection ends (client, idle_timeout, shutdown, error).
+    Closed(&'static str),
 }
 
 /// The keep-alive loop; returns why the connection ends.
-async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve_requests(
     conn: &mut Conn<'_>,
-    client: &mut S,
-    proto: &'static str,
+    client: &mut ClientStream,
     sni: Option<&str>,
-) -> &'static str {
+) -> Ended {
     let shard = conn.shard;
     let vs = conn.vs;
-    let peer = conn.peer;
+    let peer = conn.f.peer;
+    let proto = conn.f.proto;
     let mut cbuf = Buf::detached();
     let mut ws = Workspace::default();
     let fwd = Forwarded {
@@ -401,25 +390,26 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         } = &mut ws;
         match head {
             HeadRead::Ready => {}
-            HeadRead::Closed(why) => return why,
+            HeadRead::Closed(why) => return Ended::Closed(why),
+            HeadRead::Idle(t) => return Ended::Idle(t),
             HeadRead::Refuse(e) => {
                 conn.started = Instant::now();
                 let n = cbuf.len() as u64;
                 refuse(client, conn, e, n).await;
-                return "error";
+                return Ended::Closed("error");
             }
         }
         conn.started = Instant::now();
-        if let Err((limit, action)) = shard.admit_request(conn.vs_idx, peer) {
-            shard.limit_refused(conn.vs_idx, peer, limit);
+        if let Err((limit, action)) = shard.admit_request(conn.f.vs_idx, peer) {
+            shard.limit_refused(conn.f.vs_idx, peer, limit);
             let status = match action {
                 LimitAction::TooManyRequests => 429,
                 LimitAction::Unavailable => 503,
-                LimitAction::Drop => return "error",
+                LimitAction::Drop => return Ended::Closed("error"),
             };
             let n = cbuf.len() as u64;
             refuse(client, conn, ProxyError::policy(status, limit.reason()), n).await;
-            return "error";
+            return Ended::Closed("error");
         }
         // Parse, choose the real server and write the upstream head while the head is
         // borrowed; nothing here awaits.
@@ -468,7 +458,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                                 .iter()
                                 .position(|x| *x == r)
                                 .unwrap_or(0);
-                            let c = &shard.metrics.services[conn.vs_idx].esp_refusals[i];
+                            let c = &shard.metrics.services[conn.f.vs_idx].esp_refusals[i];
                             c.set(c.get() + 1);
                             let event = match r {
                                 crate::esp::Refusal::Host
@@ -537,10 +527,10 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                 let status = vs.redirect.map(|r| r.status).unwrap_or(301);
                 conn.finish(status, None, info.head_len as u64, resp_out.len() as u64);
                 if !ok {
-                    return "error";
+                    return Ended::Closed("error");
                 }
                 if !keep {
-                    return "client";
+                    return Ended::Closed("client");
                 }
                 continue;
             }
@@ -548,7 +538,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => {
                 let n = cbuf.len() as u64;
                 refuse(client, conn, e, n).await;
-                return "error";
+                return Ended::Closed("error");
             }
         };
         cbuf.consume(info.head_len);
@@ -567,16 +557,16 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
                     done.bytes_out,
                 );
                 if !done.keep {
-                    return if shard.is_closing() {
+                    return Ended::Closed(if shard.is_closing() {
                         "shutdown"
                     } else {
                         "client"
-                    };
+                    });
                 }
             }
             Err(e) => {
                 refuse(client, conn, e, info.head_len as u64).await;
-                return "error";
+                return Ended::Closed("error");
             }
         }
     }

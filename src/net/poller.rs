@@ -142,10 +142,10 @@ impl Poller {
         key: Key,
         cx: &mut Context<'_>,
         want: usize,
-        op: impl FnOnce() -> io::Result<usize>,
+        mut op: impl FnMut() -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         if self.with(key, |s| s.readable) {
-            match op() {
+            match retry(&mut op) {
                 Ok(n) => {
                     if n < want && n > 0 {
                         // Short read: the socket is drained unless it has hung up; data
@@ -156,10 +156,6 @@ impl Poller {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.with(key, |s| s.readable = false)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -174,17 +170,13 @@ impl Poller {
         &self,
         key: Key,
         cx: &mut Context<'_>,
-        op: impl FnOnce() -> io::Result<usize>,
+        mut op: impl FnMut() -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         if self.with(key, |s| s.writable) {
-            match op() {
+            match retry(&mut op) {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.with(key, |s| s.writable = false)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -267,6 +259,16 @@ impl Poller {
         }
         *self.woken.borrow_mut() = wake;
         n
+    }
+}
+
+/// Run a non-blocking syscall, again if a signal interrupted it.
+fn retry(op: &mut impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
     }
 }
 

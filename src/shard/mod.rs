@@ -7,6 +7,7 @@ pub mod mesh;
 use crate::admin;
 use crate::balance::persist::{CookieSigner, SourceTable};
 use crate::balance::{LoadView, Scheduler};
+use crate::client::{self, Client, ClientStream, ConnFacts};
 use crate::config::LimitAction;
 use crate::config::{Config, Persistence, RealServer, ServerId, Steering};
 use crate::limits::{ClientTable, Limit};
@@ -53,6 +54,8 @@ pub struct Shard {
     storage: RefCell<Vec<Box<[u8]>>>,
     /// Where idle connections' first bytes land (borrowed only within a poll).
     pub scratch: RefCell<Box<[u8]>>,
+    /// Idle keep-alive client connections, waiting without a task.
+    pub lot: crate::client::ParkingLot,
     /// Requests waiting for room under connection limits.
     pub queued: Cell<usize>,
     closing: Cell<bool>,
@@ -151,6 +154,7 @@ impl Shard {
             queued: Cell::new(0),
             storage: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice()),
+            lot: Default::default(),
             closing: Cell::new(false),
             close_signal: Semaphore::new(0),
             nr_clients: Cell::new(0),
@@ -191,7 +195,12 @@ impl Shard {
 
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let dropped = Kind::ALL.map(|k| self.log.dropped(k));
-        self.metrics.snapshot(self.id, self.accepted.get(), dropped)
+        self.metrics.snapshot(
+            self.id,
+            self.accepted.get(),
+            self.lot.nr_parked() as u64,
+            dropped,
+        )
     }
 
     fn metrics_reply(&self, id: u64, snap: MetricsSnapshot) {
@@ -289,7 +298,8 @@ impl Shard {
 /// Counts a client connection for the drain at shutdown.
 /// Counts an admitted client connection (for the drain, the connection limits and the
 /// per-client limits) until it ends.
-struct ClientGuard {
+/// A client connection's place in the shard's, service's and client's connection counts.
+pub struct ClientGuard {
     shard: Rc<Shard>,
     vs: usize,
     ip: IpAddr,
@@ -553,6 +563,7 @@ async fn run_shard(
     for (v, listener) in listeners {
         glommio::spawn_local(accept_loop(shard.clone(), v, listener)).detach();
     }
+    glommio::spawn_local(crate::client::run_lot(shard.clone())).detach();
     crate::health::start(&shard);
     // Hand buffered log records to the writer regularly, not only when a buffer fills.
     let flusher = shard.clone();
@@ -627,34 +638,62 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
                 continue;
             }
         };
-        let shard = shard.clone();
-        let task = async move {
-            match shard.acceptors[vs].clone() {
-                None => proxy::serve(shard, vs, stream, peer, "http", None, None).await,
-                // TLS state lives in its own allocation: plain connections stay small.
-                Some(acceptor) => Box::pin(serve_tls(shard, vs, acceptor, stream, peer)).await,
-            }
-            drop(guard);
+        let facts = ConnFacts {
+            vs_idx: vs,
+            peer,
+            proto: "http",
+            sni: None,
+            tls: None,
+            opened: Instant::now(),
+            requests: 0,
+            bytes_in: 0,
+            bytes_out: 0,
         };
-        // Defence in depth: a bug that panics must cost one connection, not the shard.
-        glommio::spawn_local(async move {
-            use futures_lite::FutureExt;
-            if std::panic::AssertUnwindSafe(task).catch_unwind().await.is_err() {
-                tracing::error!(client = %peer, "connection task panicked (bug): connection dropped");
+        let shard = shard.clone();
+        match shard.acceptors[vs].clone() {
+            None => {
+                client::opened(&shard, &facts);
+                let c = Client {
+                    stream: ClientStream::Plain(stream),
+                    facts,
+                    guard,
+                };
+                spawn_connection(peer, proxy::serve(shard, c));
             }
-        })
-        .detach();
+            // The handshake's state lives in its own allocation, gone once it is done.
+            Some(acceptor) => spawn_connection(
+                peer,
+                Box::pin(serve_tls(shard, acceptor, stream, facts, guard)),
+            ),
+        }
     }
+}
+
+/// Run a client connection's task. Defence in depth: a bug that panics must cost one
+/// connection, not the shard.
+pub fn spawn_connection(peer: SocketAddr, task: impl std::future::Future<Output = ()> + 'static) {
+    glommio::spawn_local(async move {
+        use futures_lite::FutureExt;
+        if std::panic::AssertUnwindSafe(task)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(client = %peer, "connection task panicked (bug): connection dropped");
+        }
+    })
+    .detach();
 }
 
 /// Complete a TLS handshake (bounded), then serve the connection.
 async fn serve_tls(
     shard: Rc<Shard>,
-    vs: usize,
     acceptor: TlsAcceptor,
     stream: net::Socket,
-    peer: SocketAddr,
+    mut facts: ConnFacts,
+    guard: ClientGuard,
 ) {
+    let (vs, peer) = (facts.vs_idx, facts.peer);
     let limit = shard.config.services[vs]
         .tls
         .as_ref()
@@ -667,13 +706,20 @@ async fn serve_tls(
                 .tls_handshakes
                 .set(counters.tls_handshakes.get() + 1);
             let session = tls.get_ref().1;
-            let sni = session.server_name().map(str::to_owned);
-            let version = match session.protocol_version() {
+            facts.sni = session.server_name().map(Box::from);
+            facts.tls = match session.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
                 Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
                 _ => None,
             };
-            proxy::serve(shard, vs, tls, peer, "https", sni, version).await
+            facts.proto = "https";
+            client::opened(&shard, &facts);
+            let c = Client {
+                stream: ClientStream::Tls(Box::new(tls)),
+                facts,
+                guard,
+            };
+            proxy::serve(shard, c).await
         }
         Err(e) => {
             counters.tls_failures.set(counters.tls_failures.get() + 1);

@@ -1,0 +1,347 @@
+//! A client connection between requests: its stream (plain or TLS), the facts that outlive
+//! one request, and the shard's parking lot, where an idle keep-alive connection waits with
+//! no task of its own. Owns idle timeouts; knows nothing of HTTP.
+//!
+//! Why park: a task that awaits the next request keeps its whole future (over a kilobyte)
+//! and a timer per connection. A parked connection is its stream, its facts and one entry
+//! in the lot's deadline index; its socket's readiness wakes the lot, which gives it a task
+//! again. Idle Lync clients number in the thousands per appliance; this is what they cost.
+
+use crate::log::ConnectionRecord;
+use crate::net::Socket;
+use crate::shard::{ClientGuard, Shard};
+use futures_lite::{AsyncRead, AsyncWrite};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+use std::time::{Duration, Instant};
+
+/// A client's stream: plain, or TLS terminated here (boxed: rustls state is large).
+pub enum ClientStream {
+    Plain(Socket),
+    Tls(Box<futures_rustls::server::TlsStream<Socket>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_close(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
+/// What is known of a client connection beyond one request: for routing, limits and the
+/// connection log.
+pub struct ConnFacts {
+    pub vs_idx: usize,
+    pub peer: SocketAddr,
+    /// "http" or "https" (X-Forwarded-Proto).
+    pub proto: &'static str,
+    pub sni: Option<Box<str>>,
+    /// The negotiated TLS version, for the logs.
+    pub tls: Option<&'static str>,
+    pub opened: Instant,
+    pub requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl ConnFacts {
+    pub fn record(&self, shard: &Shard, event: &str, reason: Option<&str>) {
+        let vs = &shard.config.services[self.vs_idx];
+        if vs.logging.connection {
+            shard.log.connection(&ConnectionRecord {
+                event,
+                client: self.peer,
+                service: &vs.name,
+                shard: shard.id,
+                duration: self.opened.elapsed(),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+                requests: self.requests,
+                reason,
+                tls: self.tls,
+            });
+        }
+    }
+}
+
+/// A client connection with a task or without: everything it needs to go on.
+pub struct Client {
+    pub stream: ClientStream,
+    pub facts: ConnFacts,
+    /// Holds the connection's place in the shard's, service's and client's limits.
+    pub guard: ClientGuard,
+}
+
+/// A new connection: the connection record and the service's connection counters.
+pub fn opened(shard: &Shard, facts: &ConnFacts) {
+    let counters = &shard.metrics.services[facts.vs_idx];
+    counters
+        .connections_active
+        .set(counters.connections_active.get() + 1);
+    counters
+        .connections_total
+        .set(counters.connections_total.get() + 1);
+    facts.record(shard, "open", None);
+}
+
+/// Close a client connection for good: a TLS close_notify and a FIN (bounded), the
+/// connection record and the active-connection gauge.
+pub async fn close(shard: &Shard, mut client: Client, reason: &'static str) {
+    let _ = crate::io::timeout(
+        Duration::from_secs(1),
+        futures_lite::AsyncWriteExt::close(&mut client.stream),
+    )
+    .await;
+    client.facts.record(shard, "close", Some(reason));
+    let counters = &shard.metrics.services[client.facts.vs_idx];
+    counters
+        .connections_active
+        .set(counters.connections_active.get().saturating_sub(1));
+}
+
+/// A place in the lot, taken before the connection's socket is told whom to wake.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Ticket {
+    idx: u32,
+    gen: u32,
+}
+
+impl Ticket {
+    fn pack(self) -> usize {
+        ((self.idx as usize) << 32) | self.gen as usize
+    }
+    fn unpack(d: usize) -> Ticket {
+        Ticket {
+            idx: (d >> 32) as u32,
+            gen: d as u32,
+        }
+    }
+}
+
+// A ticket travels inside a waker's data word.
+const _: () = assert!(usize::BITS == 64, "tickets are packed into 64-bit words");
+
+struct Slot {
+    gen: u32,
+    /// Reserved (`None` until parked), or parked with its deadline.
+    client: Option<(Client, Instant)>,
+}
+
+/// This shard's idle keep-alive connections, by ticket, and their idle deadlines in order.
+#[derive(Default)]
+pub struct ParkingLot {
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    deadlines: RefCell<BTreeMap<(Instant, u32), ()>>,
+    nr_parked: Cell<usize>,
+}
+
+thread_local! {
+    /// Tickets whose sockets became readable, and the lot's task to tell. A parked
+    /// connection's waker only ever runs on its shard's thread (the shard's poller wakes it).
+    static READY: RefCell<Vec<Ticket>> = const { RefCell::new(Vec::new()) };
+    static LOT_TASK: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    /// Set when the lot's task must look again (a ticket is ready, or an earlier deadline).
+    static POKED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn wake_lot() {
+    POKED.with(|p| p.set(true));
+    LOT_TASK.with(|w| {
+        if let Some(w) = w.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    });
+}
+
+static VTABLE: RawWakerVTable = RawWakerVTable::new(
+    |d| RawWaker::new(d, &VTABLE),
+    |d| ticket_ready(d as usize),
+    |d| ticket_ready(d as usize),
+    |_| {},
+);
+
+fn ticket_ready(d: usize) {
+    READY.with(|r| r.borrow_mut().push(Ticket::unpack(d)));
+    wake_lot();
+}
+
+impl ParkingLot {
+    /// Take a place; `waker` is what the connection's socket should wake when it speaks.
+    pub fn reserve(&self) -> Ticket {
+        let mut slots = self.slots.borrow_mut();
+        let idx = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                slots.push(Slot {
+                    gen: 0,
+                    client: None,
+                });
+                (slots.len() - 1) as u32
+            }
+        };
+        Ticket {
+            idx,
+            gen: slots[idx as usize].gen,
+        }
+    }
+
+    pub fn waker(t: Ticket) -> Waker {
+        // SAFETY: the vtable's functions only read the data word as a number; nothing is
+        // pointed to, so clones and drops need no bookkeeping.
+        unsafe { Waker::from_raw(RawWaker::new(t.pack() as *const (), &VTABLE)) }
+    }
+
+    /// Give a place back unused.
+    pub fn cancel(&self, t: Ticket) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(s) = slots.get_mut(t.idx as usize) {
+            if s.gen == t.gen && s.client.is_none() {
+                s.gen = s.gen.wrapping_add(1);
+                self.free.borrow_mut().push(t.idx);
+            }
+        }
+    }
+
+    /// Park `client` at its reserved place until it speaks or `deadline` passes.
+    pub fn park(&self, t: Ticket, client: Client, deadline: Instant) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(s) = slots.get_mut(t.idx as usize) else {
+            return;
+        };
+        if s.gen != t.gen || s.client.is_some() {
+            return; // not our place: dropping the client closes it
+        }
+        s.client = Some((client, deadline));
+        let mut d = self.deadlines.borrow_mut();
+        let earliest = d.keys().next().map(|k| k.0);
+        d.insert((deadline, t.idx), ());
+        self.nr_parked.set(self.nr_parked.get() + 1);
+        if earliest.is_none_or(|e| deadline < e) {
+            wake_lot(); // its timer must be set earlier
+        }
+    }
+
+    /// Take a parked client out (it spoke, timed out or the shard closes).
+    fn take(&self, idx: u32, gen: Option<u32>) -> Option<Client> {
+        let mut slots = self.slots.borrow_mut();
+        let s = slots.get_mut(idx as usize)?;
+        if gen.is_some_and(|g| g != s.gen) {
+            return None;
+        }
+        let (client, deadline) = s.client.take()?;
+        s.gen = s.gen.wrapping_add(1);
+        self.free.borrow_mut().push(idx);
+        self.deadlines.borrow_mut().remove(&(deadline, idx));
+        self.nr_parked.set(self.nr_parked.get() - 1);
+        Some(client)
+    }
+
+    pub fn nr_parked(&self) -> usize {
+        self.nr_parked.get()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.borrow().keys().next().map(|k| k.0)
+    }
+
+    fn expired(&self, now: Instant) -> Option<Client> {
+        let first = *self.deadlines.borrow().keys().next()?;
+        if first.0 > now {
+            return None;
+        }
+        self.take(first.1, None)
+    }
+}
+
+/// The lot's task: gives a connection that spoke a task again, closes those idle past their
+/// timeout, and at shutdown closes every parked one.
+pub async fn run_lot(shard: Rc<Shard>) {
+    let lot = &shard.lot;
+    let mut ready: Vec<Ticket> = Vec::new();
+    loop {
+        READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut ready));
+        for t in ready.drain(..) {
+            if let Some(c) = lot.take(t.idx, Some(t.gen)) {
+                let s = shard.clone();
+                crate::shard::spawn_connection(c.facts.peer, crate::proxy::serve(s, c));
+            }
+        }
+        let now = Instant::now();
+        while let Some(c) = lot.expired(now) {
+            let s = shard.clone();
+            glommio::spawn_local(async move { close(&s, c, "idle_timeout").await }).detach();
+        }
+        if shard.is_closing() {
+            while let Some(c) = lot.next_deadline().and_then(|d| lot.expired(d)) {
+                let s = shard.clone();
+                glommio::spawn_local(async move { close(&s, c, "shutdown").await }).detach();
+            }
+        }
+        // Sleep until a parked socket speaks, the next deadline or shutdown.
+        let next = lot.next_deadline();
+        let woken = std::future::poll_fn(|cx| {
+            LOT_TASK.with(|w| {
+                let mut w = w.borrow_mut();
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+            });
+            if POKED.with(|p| p.replace(false)) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let timer = async {
+            match next {
+                Some(d) => glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let closing = async {
+            if !shard.is_closing() {
+                shard.closed().await
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
+        futures_lite::future::or(woken, futures_lite::future::or(timer, closing)).await;
+    }
+}

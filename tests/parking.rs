@@ -1,0 +1,132 @@
+//! Idle keep-alive connections park without a task: they are counted as parked, answered
+//! when they speak again, closed at their idle timeout (and logged so), and closed at
+//! shutdown.
+
+mod common;
+
+use common::client::{get, one, Client};
+use common::origin::Origin;
+use common::*;
+use std::time::Duration;
+
+fn parked(admin: std::net::SocketAddr) -> u64 {
+    let r = one(admin, b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n");
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with("edgeshard_shard_parked_connections{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn idle_connections_park_and_are_served_again() {
+    let o = Origin::named("a");
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let _p = Proxy::start(
+        &simple_config(
+            listen,
+            &[o.addr],
+            "",
+            &format!("[admin]\nlisten = \"{admin}\"\n"),
+        ),
+        listen,
+    );
+    assert_eq!(parked(admin), 0);
+    let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(listen)).collect();
+    for c in clients.iter_mut() {
+        assert_eq!(c.request(&get("/first")).status, 200);
+    }
+    // Every one of them is now idle: parked, on whichever shard took it.
+    wait_until(Duration::from_secs(5), "40 parked connections", || {
+        parked(admin) == 40
+    });
+    // Each speaks again on the same connection and is answered from its parked state.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let r = c.request(&get(&format!("/again/{i}")));
+        assert_eq!(r.status, 200, "connection {i}");
+        assert_eq!(r.text(), "a");
+    }
+    let seen = o.requests();
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.request_line.starts_with("GET /again/"))
+            .count(),
+        40
+    );
+    wait_until(Duration::from_secs(5), "parked again", || {
+        parked(admin) == 40
+    });
+    // A client that leaves is forgotten; the others stay parked.
+    clients.truncate(10);
+    wait_until(Duration::from_secs(5), "10 left parked", || {
+        parked(admin) == 10
+    });
+    for c in clients.iter_mut() {
+        assert_eq!(c.request(&get("/last")).status, 200);
+    }
+}
+
+#[test]
+fn a_parked_connection_is_closed_at_its_idle_timeout_and_logged() {
+    let o = Origin::ok("ok");
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let dir = tmpdir("parking-log");
+    let log = dir.join("connection.log");
+    let p = Proxy::start(
+        &simple_config(
+            listen,
+            &[o.addr],
+            "idle_timeout = \"400ms\"",
+            &format!(
+                "[admin]\nlisten = \"{admin}\"\n[log]\nconnection = \"{}\"\nformat = \"json\"\n",
+                log.display()
+            ),
+        ),
+        listen,
+    );
+    let mut c = Client::connect(listen);
+    assert_eq!(c.request(&get("/")).status, 200);
+    let started = std::time::Instant::now();
+    assert!(c.is_closed(), "the proxy closes the idle connection");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_eq!(parked(admin), 0);
+    wait_until(Duration::from_secs(5), "the close record", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("\"close\"") && l.contains("idle_timeout"))
+    });
+    drop(p);
+}
+
+#[test]
+fn shutdown_closes_parked_connections_and_exits() {
+    let o = Origin::ok("ok");
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let mut p = Proxy::start(
+        &simple_config(
+            listen,
+            &[o.addr],
+            "",
+            &format!("[admin]\nlisten = \"{admin}\"\n"),
+        ),
+        listen,
+    );
+    let mut clients: Vec<Client> = (0..8).map(|_| Client::connect(listen)).collect();
+    for c in clients.iter_mut() {
+        assert_eq!(c.request(&get("/")).status, 200);
+    }
+    wait_until(Duration::from_secs(5), "8 parked", || parked(admin) == 8);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    for c in clients.iter_mut() {
+        assert!(c.is_closed());
+    }
+}
