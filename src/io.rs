@@ -11,8 +11,13 @@ pub fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "timed out")
 }
 
-/// Run `fut`, failing with `TimedOut` after `dur`.
+/// Run `fut`, failing with `TimedOut` after `dur`. Most socket operations complete at once;
+/// the timer is armed only for one that has to wait.
 pub async fn timeout<T>(dur: Duration, fut: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let mut fut = std::pin::pin!(fut);
+    if let Some(r) = futures_lite::future::poll_once(fut.as_mut()).await {
+        return r;
+    }
     futures_lite::future::or(fut, async {
         Timer::new(dur).await;
         Err(timed_out())
