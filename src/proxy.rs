@@ -15,7 +15,7 @@ use crate::io::{fill, respond_and_close, until, write_all};
 use crate::log::{AccessRecord, SecurityRecord};
 use crate::relay::{relay_body, tunnel, Bounds, RelayError};
 use crate::shard::Shard;
-use crate::upstream::{connect, ConnectError, UpstreamConn};
+use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
 use futures_lite::{AsyncRead, AsyncWrite};
 use std::future::Future;
 use std::io;
@@ -1064,7 +1064,25 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         done.bytes_out += down_bytes;
         return Ok(done);
     }
-    match relay_body(
+    // A large response streams through a bulk buffer lent by the shard; the connection
+    // gets its own buffer back (with any bytes beyond the body) when it is done.
+    let large = match body {
+        BodyKind::Length(n) => n > 4 * UPSTREAM_BUF as u64,
+        BodyKind::CloseDelimited => true,
+        _ => false,
+    };
+    let own = if large {
+        shard.take_bulk().and_then(|b| match up.buf.exchange(b) {
+            Ok(own) => Some(own),
+            Err(b) => {
+                shard.give_bulk(b);
+                None
+            }
+        })
+    } else {
+        None
+    };
+    let relayed = relay_body(
         &mut up.stream,
         &mut up.buf,
         client,
@@ -1076,8 +1094,23 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             max: 0,
         },
     )
-    .await
-    {
+    .await;
+    let mut in_step = true;
+    if let Some(own) = own {
+        match up.buf.exchange(own) {
+            Ok(bulk) => shard.give_bulk(bulk),
+            Err(_) => {
+                // More bytes beyond the body than the connection's buffer holds: it is out
+                // of step and must not be pooled.
+                in_step = false;
+                up.buf.clear();
+                if let Some(bulk) = up.buf.detach() {
+                    shard.give_bulk(bulk);
+                }
+            }
+        }
+    }
+    match relayed {
         Ok(n) => done.bytes_out += n,
         Err(e) => {
             // The client has a partial response: all we can do is close (the truncation
@@ -1086,7 +1119,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(done);
         }
     }
-    if resp.reusable && !shard.is_closing() {
+    if in_step && resp.reusable && !shard.is_closing() {
         shard.pools.checkin(up, vs.pool_size);
     }
     done.keep = keep_alive;

@@ -348,3 +348,40 @@ fn big_response_reaches_a_slow_reader_intact() {
     let r = c.read(false).unwrap();
     assert!(r.body == *body);
 }
+
+#[test]
+fn large_responses_stream_through_bulk_buffers_and_the_upstream_connection_is_reused() {
+    // Bodies above 64 KiB stream through a shard-lent 256 KiB buffer; the pooled upstream
+    // connection gets its own buffer back, so a small response follows on it.
+    let big = Arc::new(pattern(3 * 1024 * 1024 + 17));
+    let b2 = big.clone();
+    let o = Origin::start(Arc::new(move |s: &Seen, w: &mut TcpStream| {
+        let body: &[u8] = if s.request_line.starts_with("GET /big") {
+            &b2
+        } else {
+            b"small"
+        };
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(body);
+        Next::KeepAlive
+    }));
+    let (_p, addr) = proxy_for(&[&o], "");
+    let mut c = Client::connect(addr);
+    for round in 0..3 {
+        let r = c.request(&get("/big"));
+        assert_eq!(r.status, 200);
+        assert!(r.body == *big, "round {round}: big body intact");
+        let r = c.request(&get("/small"));
+        assert_eq!(r.text(), "small", "round {round}");
+    }
+    let seen = o.requests();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.iter().all(|s| s.conn == seen[0].conn),
+        "one upstream connection carried every request"
+    );
+}

@@ -103,6 +103,19 @@ impl Buf {
         self.start = 0;
         self.end = 0;
     }
+
+    /// Move the buffered bytes into `storage` and return the old storage; refused (and
+    /// `storage` handed back) when they do not fit.
+    pub fn exchange(&mut self, mut storage: Box<[u8]>) -> Result<Box<[u8]>, Box<[u8]>> {
+        let n = self.len();
+        if n > storage.len() {
+            return Err(storage);
+        }
+        storage[..n].copy_from_slice(self.filled());
+        self.start = 0;
+        self.end = n;
+        Ok(std::mem::replace(&mut self.data, storage))
+    }
 }
 
 #[cfg(test)]
@@ -122,5 +135,20 @@ mod tests {
         b.consume(3);
         assert!(b.is_empty());
         assert_eq!(b.spare().len(), 8);
+    }
+
+    #[test]
+    fn exchange_keeps_the_buffered_bytes_or_refuses() {
+        let mut b = Buf::new(8);
+        b.spare()[..6].copy_from_slice(b"abcdef");
+        b.advance(6);
+        b.consume(2);
+        let old = b.exchange(vec![0u8; 32].into_boxed_slice()).unwrap();
+        assert_eq!(old.len(), 8);
+        assert_eq!(b.filled(), b"cdef");
+        assert_eq!(b.capacity(), 32);
+        let small = b.exchange(vec![0u8; 2].into_boxed_slice()).unwrap_err();
+        assert_eq!(small.len(), 2);
+        assert_eq!(b.filled(), b"cdef");
     }
 }

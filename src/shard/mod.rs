@@ -34,6 +34,14 @@ use std::time::{Duration, Instant};
 pub const BUF_SIZE: usize = 16 * 1024;
 /// Idle buffers a shard keeps for reuse.
 const STORAGE_POOL: usize = 1024;
+/// Read buffer of a large response while it streams: 16 times fewer reads, writes and
+/// wake-ups of the client than the connection's own buffer (CPU per MiB measured 0.66x).
+pub const BULK_SIZE: usize = 256 * 1024;
+/// Large responses streaming through bulk buffers at once, per shard (bounds their memory
+/// at 16 MiB; beyond it a response streams through its connection's own buffer).
+const BULK_IN_USE: usize = 64;
+/// Bulk buffers kept for reuse.
+const BULK_POOL: usize = 8;
 
 /// Everything one shard owns. `!Send`: it never leaves its executor.
 pub struct Shard {
@@ -52,6 +60,8 @@ pub struct Shard {
     pub checks: RefCell<Vec<Option<CheckResult>>>,
     /// Read-buffer storage of connections that went idle, for the next busy one.
     storage: RefCell<Vec<Box<[u8]>>>,
+    bulk: RefCell<Vec<Box<[u8]>>>,
+    nr_bulk: Cell<usize>,
     /// Where idle connections' first bytes land (borrowed only within a poll).
     pub scratch: RefCell<Box<[u8]>>,
     /// Idle keep-alive client connections, waiting without a task.
@@ -153,6 +163,8 @@ impl Shard {
             checks: RefCell::new(vec![None; config.nr_servers]),
             queued: Cell::new(0),
             storage: RefCell::new(Vec::new()),
+            bulk: RefCell::new(Vec::new()),
+            nr_bulk: Cell::new(0),
             scratch: RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice()),
             lot: Default::default(),
             closing: Cell::new(false),
@@ -243,6 +255,28 @@ impl Shard {
         let mut pool = self.storage.borrow_mut();
         if s.len() == BUF_SIZE && pool.len() < STORAGE_POOL {
             pool.push(s);
+        }
+    }
+
+    /// A bulk buffer for a large response, unless too many are out already.
+    pub fn take_bulk(&self) -> Option<Box<[u8]>> {
+        if self.nr_bulk.get() >= BULK_IN_USE {
+            return None;
+        }
+        self.nr_bulk.set(self.nr_bulk.get() + 1);
+        Some(
+            self.bulk
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| vec![0u8; BULK_SIZE].into_boxed_slice()),
+        )
+    }
+
+    pub fn give_bulk(&self, b: Box<[u8]>) {
+        self.nr_bulk.set(self.nr_bulk.get().saturating_sub(1));
+        let mut pool = self.bulk.borrow_mut();
+        if b.len() == BULK_SIZE && pool.len() < BULK_POOL {
+            pool.push(b);
         }
     }
 
