@@ -300,7 +300,7 @@ pub async fn run_lot(shard: Rc<Shard>) {
         for t in ready.drain(..) {
             if let Some(c) = lot.take(t.idx, Some(t.gen)) {
                 let s = shard.clone();
-                crate::shard::spawn_connection(c.facts.peer, crate::proxy::serve(s, c));
+                crate::shard::spawn_connection(c.facts.peer, Box::pin(crate::proxy::serve(s, c)));
             }
         }
         let now = Instant::now();

@@ -113,9 +113,14 @@ fn https_keep_alive_reaches_the_origin_with_forwarded_proto() {
     let o = Origin::ok("hello over tls");
     let listen = local(free_port());
     let _p = Proxy::start(&tls_config(listen, &[o.addr], &st.certs, "", ""), listen);
+    // rustls clients prefer AES-256-GCM; the appliance's own order picks AES-128-GCM.
     let cfg = client_config(&st.ca);
     let mut s = connect(listen, &cfg, "ws-ext.example").unwrap();
     assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(
+        s.conn.negotiated_cipher_suite().map(|c| c.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
     for _ in 0..3 {
         let (r, back) = request(s, GET);
         s = back;

@@ -692,7 +692,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
                     facts,
                     guard,
                 };
-                spawn_connection(peer, proxy::serve(shard, c));
+                spawn_connection(peer, Box::pin(proxy::serve(shard, c)));
             }
             // The handshake's state lives in its own allocation, gone once it is done.
             Some(acceptor) => spawn_connection(
@@ -704,8 +704,12 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
 }
 
 /// Run a client connection's task. Defence in depth: a bug that panics must cost one
-/// connection, not the shard.
-pub fn spawn_connection(peer: SocketAddr, task: impl std::future::Future<Output = ()> + 'static) {
+/// connection, not the shard. The task comes boxed: a connection gets a task again each
+/// time it leaves the parking lot, and moving a pointer is cheaper than moving its state.
+pub fn spawn_connection(
+    peer: SocketAddr,
+    task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'static>>,
+) {
     glommio::spawn_local(async move {
         use futures_lite::FutureExt;
         if std::panic::AssertUnwindSafe(task)
