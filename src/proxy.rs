@@ -79,20 +79,41 @@ async fn idle_read<S: AsyncRead + Unpin>(
     Ok(n)
 }
 
-/// Per-connection working memory, given back while the connection idles.
+/// A connection task's working memory: lent by the shard's pool for as long as the task
+/// runs (a parked connection has none), so requests in steady state allocate nothing here.
 #[derive(Default)]
-struct Workspace {
+pub struct Workspace {
     req_out: Vec<u8>,
     resp_out: Vec<u8>,
     /// A persistence cookie to set on the response, rebuilt per request when one is due.
     set_cookie: Vec<u8>,
     /// The normalised path, for ESP.
     path: Vec<u8>,
+    /// The current request's host, method and path, for the logs.
+    meta: Vec<u8>,
 }
 
+/// Workspace memory beyond this is not kept in the pool (one odd request must not pin it).
+const WORKSPACE_KEEP: usize = 16 * 1024;
+
 impl Workspace {
-    fn release(&mut self) {
-        *self = Workspace::default();
+    /// Emptied for the next task, or None when it grew too large to keep.
+    pub fn recycle(mut self) -> Option<Workspace> {
+        let bufs = [
+            &mut self.req_out,
+            &mut self.resp_out,
+            &mut self.set_cookie,
+            &mut self.path,
+            &mut self.meta,
+        ];
+        let held: usize = bufs.iter().map(|b| b.capacity()).sum();
+        if held > WORKSPACE_KEEP {
+            return None;
+        }
+        for b in bufs {
+            b.clear();
+        }
+        Some(self)
     }
 }
 
@@ -114,7 +135,6 @@ async fn read_head<S: AsyncRead + Unpin>(
     vs: &VirtualService,
     client: &mut S,
     buf: &mut Buf,
-    ws: &mut Workspace,
 ) -> HeadRead {
     let mut scanned = 0;
     let mut deadline: Option<Instant> = None;
@@ -156,7 +176,6 @@ async fn read_head<S: AsyncRead + Unpin>(
             if let Some(storage) = buf.detach() {
                 shard.give_storage(storage);
             }
-            ws.release();
             // Ask once more, with the lot's waker: if nothing is there, the socket now wakes
             // the lot and the connection parks without a task.
             let ticket = shard.lot.reserve();
@@ -330,19 +349,23 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
     let vs = &shard.config.services[facts.vs_idx];
     let now = Instant::now();
     let sni = facts.sni.take();
+    let mut ws = shard.take_workspace();
     let end = {
         let mut conn = Conn {
             shard: &shard,
             vs,
             f: &mut facts,
             started: now,
-            meta: Vec::new(),
+            meta: std::mem::take(&mut ws.meta),
             meta_host: 0,
             meta_method: 0,
             sub_service: None,
         };
-        serve_requests(&mut conn, &mut stream, sni.as_deref()).await
+        let end = serve_requests(&mut conn, &mut stream, sni.as_deref(), &mut ws).await;
+        ws.meta = std::mem::take(&mut conn.meta);
+        end
     };
+    shard.give_workspace(ws);
     facts.sni = sni;
     let client = Client {
         stream,
@@ -368,26 +391,27 @@ async fn serve_requests(
     conn: &mut Conn<'_>,
     client: &mut ClientStream,
     sni: Option<&str>,
+    ws: &mut Workspace,
 ) -> Ended {
     let shard = conn.shard;
     let vs = conn.vs;
     let peer = conn.f.peer;
     let proto = conn.f.proto;
     let mut cbuf = Buf::detached();
-    let mut ws = Workspace::default();
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
     };
     loop {
         conn.forget();
-        let head = read_head(shard, vs, client, &mut cbuf, &mut ws).await;
+        let head = read_head(shard, vs, client, &mut cbuf).await;
         let Workspace {
             req_out,
             resp_out,
             set_cookie,
             path: scratch,
-        } = &mut ws;
+            ..
+        } = &mut *ws;
         match head {
             HeadRead::Ready => {}
             HeadRead::Closed(why) => return Ended::Closed(why),

@@ -40,6 +40,8 @@ pub const BULK_SIZE: usize = 256 * 1024;
 /// Large responses streaming through bulk buffers at once, per shard (bounds their memory
 /// at 16 MiB; beyond it a response streams through its connection's own buffer).
 const BULK_IN_USE: usize = 64;
+/// Connection workspaces kept for reuse.
+const WORKSPACE_POOL: usize = 256;
 /// Bulk buffers kept for reuse.
 const BULK_POOL: usize = 8;
 
@@ -62,6 +64,7 @@ pub struct Shard {
     storage: RefCell<Vec<Box<[u8]>>>,
     bulk: RefCell<Vec<Box<[u8]>>>,
     nr_bulk: Cell<usize>,
+    workspaces: RefCell<Vec<proxy::Workspace>>,
     /// Where idle connections' first bytes land (borrowed only within a poll).
     pub scratch: RefCell<Box<[u8]>>,
     /// Idle keep-alive client connections, waiting without a task.
@@ -165,6 +168,7 @@ impl Shard {
             storage: RefCell::new(Vec::new()),
             bulk: RefCell::new(Vec::new()),
             nr_bulk: Cell::new(0),
+            workspaces: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice()),
             lot: Default::default(),
             closing: Cell::new(false),
@@ -255,6 +259,18 @@ impl Shard {
         let mut pool = self.storage.borrow_mut();
         if s.len() == BUF_SIZE && pool.len() < STORAGE_POOL {
             pool.push(s);
+        }
+    }
+
+    /// Working memory for a connection task (from the pool when there is some).
+    pub fn take_workspace(&self) -> proxy::Workspace {
+        self.workspaces.borrow_mut().pop().unwrap_or_default()
+    }
+
+    pub fn give_workspace(&self, ws: proxy::Workspace) {
+        let mut pool = self.workspaces.borrow_mut();
+        if pool.len() < WORKSPACE_POOL {
+            pool.extend(ws.recycle());
         }
     }
 
