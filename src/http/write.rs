@@ -13,6 +13,45 @@ pub struct Forwarded {
     pub proto: &'static str,
 }
 
+/// Append `n` in decimal (no formatting machinery: this runs for every request).
+pub fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Append the client's address as X-Forwarded-For writes it.
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                put_decimal(out, u64::from(o));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Append "Via: 1.x edgeshard" and the blank line ending the head.
+fn put_via_and_end(out: &mut Vec<u8>, minor: u8) {
+    out.extend_from_slice(b"Via: 1.");
+    put_decimal(out, u64::from(minor));
+    out.extend_from_slice(b" edgeshard\r\n\r\n");
+}
+
 fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -75,10 +114,11 @@ pub fn write_request_head(
             out.extend_from_slice(b", ");
         }
     }
-    let _ = write!(out, "{}\r\n", fwd.client_ip);
-    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    put_ip(out, fwd.client_ip);
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(fwd.proto.as_bytes());
-    let _ = write!(out, "\r\nVia: 1.{} edgeshard\r\n\r\n", req.info.minor);
+    out.extend_from_slice(b"\r\n");
+    put_via_and_end(out, req.info.minor);
 }
 
 /// How the response head is to be framed for the client.
@@ -102,7 +142,9 @@ pub fn write_response_head(
     extra: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let _ = write!(out, "HTTP/1.1 {} ", resp.info.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_decimal(out, u64::from(resp.info.status));
+    out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let switching = resp.info.status == 101;
@@ -131,5 +173,31 @@ pub fn write_response_head(
             out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
     }
-    let _ = write!(out, "Via: 1.{} edgeshard\r\n\r\n", resp.info.minor);
+    put_via_and_end(out, resp.info.minor);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_and_addresses_are_written_as_display_would() {
+        for n in [0u64, 7, 10, 99, 100, 255, 65535, 1 << 40, u64::MAX] {
+            let mut out = Vec::new();
+            put_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "192.168.100.255",
+            "::1",
+            "2001:db8::8:800:200c:417a",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            put_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().into_bytes());
+        }
+    }
 }
