@@ -196,11 +196,25 @@ fn per_core_settings_are_validated() {
         "runtime.shard[0].ring_depth",
         "power of two",
     );
-    let (ok, text, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nspin_before_park = \"20us\"\n{VS}"));
+    let (ok, text, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nspin_before_park = \"20ns\"\n{VS}"));
     assert!(
         !ok && text.contains("unknown unit"),
-        "microseconds are not a unit: {text}"
+        "nanoseconds are not a unit: {text}"
     );
+    refused(
+        &format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\npoll_before_park = \"50ms\"\n{VS}"),
+        5,
+        "runtime.shard[0].poll_before_park",
+        "at most 10ms",
+    );
+    refused(
+        &format!("[runtime]\npoll_before_park = \"soon\"\n{VS}"),
+        2,
+        "runtime.poll_before_park",
+        "invalid duration",
+    );
+    let (ok, text, _) = check(&format!("[runtime]\ncores = [0]\npoll_before_park = \"0s\"\n[[runtime.shard]]\ncore = 0\nspin_before_park = \"20us\"\npoll_before_park = \"500us\"\n{VS}"));
+    assert!(ok, "microseconds for the park knobs: {text}");
     let (ok, _, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nio_memory = \"2MiB\"\nbacklog = 4096\nmax_connections = 1000\n{VS}"));
     assert!(ok);
 }

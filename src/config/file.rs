@@ -71,6 +71,8 @@ pub struct FileRuntime {
     pub ring_depth: Option<Spanned<usize>>,
     pub io_memory: Option<Spanned<String>>,
     pub spin_before_park: Option<Spanned<String>>,
+    /// How long an idle shard waits for socket events before it parks in glommio.
+    pub poll_before_park: Option<Spanned<String>>,
     /// Listener backlog per shard and virtual service.
     pub backlog: Option<Spanned<u32>>,
     /// Client connections the appliance holds at once (0: no limit; each shard takes its share).
@@ -91,6 +93,7 @@ pub struct FileShard {
     pub ring_depth: Option<Spanned<usize>>,
     pub io_memory: Option<Spanned<String>>,
     pub spin_before_park: Option<Spanned<String>>,
+    pub poll_before_park: Option<Spanned<String>>,
     pub backlog: Option<u32>,
     /// Client connections this shard holds at once (default: its share of the appliance's).
     pub max_connections: Option<u32>,

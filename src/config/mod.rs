@@ -186,6 +186,8 @@ pub struct Runtime {
     pub ring_depth: usize,
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
+    /// An idle shard's wait for socket events before it parks (zero: park at once).
+    pub poll_before_park: Duration,
     pub backlog: u32,
     /// Client connections at once (0: none), enforced per shard as its share.
     pub max_connections: u32,
@@ -202,6 +204,7 @@ pub struct ShardSettings {
     pub ring_depth: usize,
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
+    pub poll_before_park: Duration,
     pub backlog: u32,
     /// 0: its share of `runtime.max_connections`.
     pub max_connections: u32,
@@ -1097,6 +1100,23 @@ impl Validator<'_> {
         }
     }
 
+    /// A poll-before-park time, if given: at most 10 ms (the shard's timers and cross-shard
+    /// messages wait that long at worst).
+    fn poll_before_park(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) if d <= Duration::from_millis(10) => Ok(Some(d)),
+                Ok(_) => Err(self.err(Some(s.span()), field, "at most 10ms".into())),
+                Err(m) => Err(self.err(Some(s.span()), field, m)),
+            },
+        }
+    }
+
     /// Each shard's settings: the runtime defaults, then the `[[runtime.shard]]` for its core.
     fn shards(
         &self,
@@ -1113,6 +1133,7 @@ impl Validator<'_> {
                 ring_depth: runtime.ring_depth,
                 io_memory: runtime.io_memory,
                 spin_before_park: runtime.spin_before_park,
+                poll_before_park: runtime.poll_before_park,
                 backlog: runtime.backlog,
                 max_connections: 0,
                 services: all.clone(),
@@ -1145,6 +1166,8 @@ impl Validator<'_> {
                 Some(_) => Some(self.size(&o.io_memory, &format!("{p}.io_memory"), 0)?),
             };
             let spin = self.spin(&o.spin_before_park, &format!("{p}.spin_before_park"))?;
+            let poll =
+                self.poll_before_park(&o.poll_before_park, &format!("{p}.poll_before_park"))?;
             let only = match &o.services {
                 None => None,
                 Some(names) => {
@@ -1173,6 +1196,9 @@ impl Validator<'_> {
                 }
                 if let Some(sp) = spin {
                     s.spin_before_park = sp;
+                }
+                if let Some(pp) = poll {
+                    s.poll_before_park = pp;
                 }
                 if let Some(b) = o.backlog {
                     s.backlog = b;
@@ -1262,6 +1288,9 @@ impl Validator<'_> {
         let spin_before_park = self
             .spin(&rt.spin_before_park, "runtime.spin_before_park")?
             .flatten();
+        let poll_before_park = self
+            .poll_before_park(&rt.poll_before_park, "runtime.poll_before_park")?
+            .unwrap_or(Duration::from_micros(200));
         Ok(Runtime {
             cores,
             drain_timeout: self.duration(
@@ -1272,6 +1301,7 @@ impl Validator<'_> {
             ring_depth,
             io_memory,
             spin_before_park,
+            poll_before_park,
             shards: Vec::new(),
             backlog: rt.backlog.as_ref().map(|b| *b.get_ref()).unwrap_or(1024),
             max_connections: rt.max_connections.unwrap_or(0),

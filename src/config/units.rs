@@ -9,6 +9,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. \"1800s\", \"20m\", \"500ms\""))?;
+    if unit.trim() == "us" {
+        // tuning knobs that live below a millisecond (poll and spin before park)
+        return Ok(Duration::from_micros(n));
+    }
     let ms = match unit.trim() {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
@@ -17,7 +21,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n.checked_mul(86_400_000),
         other => {
             return Err(format!(
-                "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+                "invalid duration {s:?}: unknown unit {other:?} (use us, ms, s, m, h or d)"
             ))
         }
     };
@@ -57,6 +61,8 @@ mod tests {
         assert_eq!(parse_duration("20m").unwrap(), Duration::from_secs(1200));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
+        assert!(parse_duration("200ns").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 weeks").is_err());
         assert!(parse_duration("-5s").is_err());

@@ -10,10 +10,12 @@
 //! and only a shard with nothing left to do waits, through one io_uring poll of the epoll fd,
 //! so sleeping and timers stay glommio's.
 
+use futures_lite::AsyncRead;
 use std::cell::RefCell;
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 /// Events collected per `epoll_wait`.
 const BATCH: usize = 256;
@@ -212,16 +214,33 @@ impl Poller {
         }
     }
 
-    /// Collect what is ready now without waiting; returns the number of events.
-    fn collect(&self, events: &mut [libc::epoll_event]) -> usize {
-        // SAFETY: `events` is a valid, writable array of its length.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epfd.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as i32,
-                0,
-            )
+    /// Collect what is ready, waiting at most `wait`; returns the number of events.
+    fn collect(&self, events: &mut [libc::epoll_event], wait: Duration) -> usize {
+        let n = if wait.is_zero() {
+            // SAFETY: `events` is a valid, writable array of its length.
+            unsafe {
+                libc::epoll_wait(
+                    self.epfd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    0,
+                )
+            }
+        } else {
+            let ts = libc::timespec {
+                tv_sec: wait.as_secs() as libc::time_t,
+                tv_nsec: wait.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: valid array and timespec for the call; no signal mask change.
+            unsafe {
+                libc::epoll_pwait2(
+                    self.epfd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    &ts,
+                    std::ptr::null(),
+                )
+            }
         };
         if n <= 0 {
             return 0;
@@ -280,15 +299,38 @@ fn store(slot: &mut Option<Waker>, w: &Waker) {
 }
 
 /// The shard's readiness loop: while anything is ready, dispatch it and let the woken tasks
-/// run; when nothing is, sleep until the epoll fd becomes readable (one io_uring poll in
-/// glommio's ring, so timers and cross-shard messages still wake the shard).
-pub async fn run(poller: std::rc::Rc<Poller>) {
+/// run; when nothing is and no other task ran since the last look, wait in `epoll_wait` for
+/// up to `poll_before_park`; after that, sleep until the epoll fd becomes readable (one
+/// io_uring poll in glommio's ring, so timers and cross-shard messages still wake the shard).
+///
+/// Why wait before parking: glommio's park and wake-up cost a memory barrier across cores
+/// (`membarrier`), ring set-up and a poll of the epoll fd, several microseconds, where a
+/// request arriving within the window costs one system call, as in HAProxy's event loop.
+/// Timers and cross-shard messages wait at most that long.
+pub async fn run(poller: std::rc::Rc<Poller>, poll_before_park: Duration) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
+    let mut quiet = false;
     loop {
-        if poller.collect(&mut events) > 0 {
+        if poller.collect(&mut events, Duration::ZERO) > 0 {
+            quiet = false;
             futures_lite::future::yield_now().await;
             continue;
         }
+        if !quiet {
+            // Let every runnable task run once, then see whether anything else did.
+            let _ = glommio::executor().executor_stats();
+            futures_lite::future::yield_now().await;
+            quiet = glommio::executor().executor_stats().tasks_executed() <= 1;
+            if quiet
+                && !poll_before_park.is_zero()
+                && poller.collect(&mut events, poll_before_park) > 0
+            {
+                quiet = false;
+                futures_lite::future::yield_now().await;
+            }
+            continue;
+        }
+        quiet = false;
         if let Err(e) = wait_readable(poller.epfd.as_raw_fd()).await {
             tracing::error!("shard readiness wait failed: {e}");
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
@@ -298,8 +340,10 @@ pub async fn run(poller: std::rc::Rc<Poller>) {
 
 /// Wait until `fd` is readable through glommio's own ring. glommio 0.9 has no public "wait
 /// for an fd" call; a glommio stream arms exactly that poll when it is created, so a
-/// short-lived stream over a duplicate of the fd is the wait (its first read attempt after
-/// the poll fires fails, as it must on a non-socket, and only tells us the poll fired).
+/// short-lived stream over a duplicate of the fd is the wait. The stream is asked once, to
+/// register our waker with its poll; the next wake-up ends the wait without asking again
+/// (that would be a `recv` on a non-socket). A spurious wake-up costs nothing worse: the
+/// caller looks at the epoll set and waits again if it is empty.
 async fn wait_readable(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall; the duplicate is owned by the stream below and closed with it.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -308,8 +352,19 @@ async fn wait_readable(fd: RawFd) -> io::Result<()> {
     }
     // SAFETY: `dup` is a descriptor we own; the stream takes ownership.
     let mut waiter = unsafe { glommio::net::TcpStream::from_raw_fd(dup) };
-    let mut b = [0u8; 1];
-    // The result is meaningless (recv on an epoll fd): only its arrival matters.
-    let _ = futures_lite::AsyncReadExt::read(&mut waiter, &mut b).await;
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if armed {
+            return Poll::Ready(());
+        }
+        armed = true;
+        let mut b = [0u8; 1];
+        // Pending: the poll is armed with our waker. Ready: it had fired already.
+        match std::pin::Pin::new(&mut waiter).poll_read(cx, &mut b) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(()),
+        }
+    })
+    .await;
     Ok(())
 }

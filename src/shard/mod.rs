@@ -564,7 +564,7 @@ async fn run_shard(
         }
     };
     // Bind everything first: a failure is reported before anything serves.
-    if let Err(e) = net::start_poller() {
+    if let Err(e) = net::start_poller(config.runtime.shards[id].poll_before_park) {
         let _ = ready.send(Err(format!("shard {id}: cannot create its poller: {e}")));
         return;
     }
