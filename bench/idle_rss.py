@@ -70,11 +70,7 @@ def main():
         before = rss_kib(proxy.pid)
         conns = []
         req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-        half = None
         for i in range(args.connections):
-            if i == args.connections // 2:
-                time.sleep(1.0)
-                half = rss_kib(proxy.pid)
             s = socket.create_connection(("127.0.0.1", listen), timeout=10)
             if ctx:
                 s = ctx.wrap_socket(s, server_hostname="bench.example")
@@ -88,11 +84,9 @@ def main():
         time.sleep(1.0)
         after = rss_kib(proxy.pid)
         per = (after - before) * 1024 / args.connections
-        # the second half's growth: one-off costs (pools, tables reaching their size) left out
-        marginal = (after - half) * 1024 / (args.connections - args.connections // 2)
         kind = "TLS" if args.tls else "plain"
-        print(f"idle {kind} connections: {args.connections}, proxy RSS {before} KiB -> {half} KiB (half) -> "
-              f"{after} KiB, {per:.0f} bytes per idle connection on average, {marginal:.0f} for the second half")
+        print(f"idle {kind} connections: {args.connections}, proxy RSS {before} KiB -> {after} KiB, "
+              f"{per:.0f} bytes per idle connection")
         for s in conns: s.close()
     finally:
         proxy.terminate()

@@ -6,40 +6,51 @@
 #   bench/instructions.sh                         # target/release/edgeshard
 #   bench/instructions.sh /tmp/edgeshard-before   # another build, same load
 #
-# Installs valgrind when missing. Bounded: a fixed number of requests, then everything it
-# started is stopped.
+# Two runs under callgrind, of 2,000 and of 2,000 + REQUESTS (default 20,000) requests: the
+# difference over REQUESTS leaves start-up and shutdown out. Installs valgrind when missing.
+# Bounded: fixed request counts, and everything it starts is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/release/edgeshard}
 requests=${REQUESTS:-20000}
-command -v valgrind >/dev/null || { echo "installing valgrind"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+command -v valgrind >/dev/null || {
+  echo "installing valgrind"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+}
 [ -x target/release/edgeshard-bench ] || cargo build --release -q -p edgeshard-bench
 tmp=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-op=$(free_port); pp=$(free_port)
-cat >"$tmp/es.toml" <<EOF
-[runtime]
-shards = 1
-[[virtual_service]]
-listen = "127.0.0.1:$pp"
-[[virtual_service.real_server]]
-address = "127.0.0.1:$op"
-EOF
+op=$(free_port)
 target/release/edgeshard-bench origin --listen "127.0.0.1:$op" >"$tmp/origin.log" 2>&1 &
-origin=$!
-valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" run --config "$tmp/es.toml" >"$tmp/proxy.log" 2>&1 &
-proxy=$!
-trap 'kill $origin $proxy 2>/dev/null || true; rm -rf "$tmp"' EXIT
-for _ in $(seq 1 100); do
-  target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 1 --requests 1 --quiet >/dev/null 2>&1 && break
-  sleep 0.3
-done
-load() { target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 8 --requests "$1" --quiet --json "$tmp/load.json" >/dev/null; }
-load 2000 # start-up and warm-up, counted in the total but not in the difference below
-base=$(callgrind_control --dump=warm "$proxy" >/dev/null 2>&1; sleep 1; ls "$tmp"/cg.out.* 2>/dev/null | head -1)
-load "$requests"
-kill -INT "$proxy"; wait "$proxy" || true
-total=$(grep -m1 '^summary:' "$tmp/cg.out" | awk '{print $2}')
-warm=$( [ -n "$base" ] && grep -m1 '^summary:' "$base" | awk '{print $2}' || echo 0)
+pids+=($!)
+
+# Instructions of one proxy run that serves $1 requests after one start-up probe.
+count() {
+  local pp
+  pp=$(free_port)
+  printf '[runtime]\nshards = 1\n[[virtual_service]]\nlisten = "127.0.0.1:%s"\n[[virtual_service.real_server]]\naddress = "127.0.0.1:%s"\n' \
+    "$pp" "$op" >"$tmp/es.toml"
+  valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$1" "$bin" run --config "$tmp/es.toml" \
+    >"$tmp/proxy.$1.log" 2>&1 &
+  local proxy=$!
+  pids+=("$proxy")
+  local up=""
+  for _ in $(seq 1 100); do
+    if target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 1 \
+      --requests 1 --quiet >/dev/null 2>&1; then up=1; break; fi
+    sleep 0.3
+  done
+  [ -n "$up" ] || { echo "the proxy did not start under valgrind" >&2; exit 1; }
+  target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 8 \
+    --requests "$1" --quiet >/dev/null
+  kill -INT "$proxy"
+  wait "$proxy" || true
+  grep -m1 '^summary:' "$tmp/cg.$1" | awk '{print $2}'
+}
+
+short=$(count 2000)
+long=$(count $((2000 + requests)))
 echo "binary: $bin"
-echo "user-space instructions per request: $(( (total - warm) / requests )) (callgrind, $requests requests, 8 connections, scenario A)"
+echo "user-space instructions per request: $(((long - short) / requests)) (callgrind; scenario A, 8 connections, $requests requests)"
