@@ -534,36 +534,36 @@ pub fn prometheus(
             active(i)
         );
     }
-    family(
+    let per_shard = |o: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     v: &dyn Fn(&MetricsSnapshot) -> u64| {
+        family(o, name, kind, help);
+        for s in &m.per_shard {
+            let _ = writeln!(
+                o,
+                "{name}{{shard=\"{}\",core=\"{}\"}} {}",
+                s.shard,
+                cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
+                v(s)
+            );
+        }
+    };
+    per_shard(
         &mut o,
         "edgeshard_shard_accepted_connections_total",
         "counter",
         "Client connections accepted per shard (SO_REUSEPORT balance).",
+        &|s| s.accepted,
     );
-    for s in &m.per_shard {
-        let _ = writeln!(
-            o,
-            "edgeshard_shard_accepted_connections_total{{shard=\"{}\",core=\"{}\"}} {}",
-            s.shard,
-            cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
-            s.accepted
-        );
-    }
-    family(
+    per_shard(
         &mut o,
         "edgeshard_shard_parked_connections",
         "gauge",
         "Idle keep-alive client connections waiting for their next request with no task.",
+        &|s| s.parked,
     );
-    for s in &m.per_shard {
-        let _ = writeln!(
-            o,
-            "edgeshard_shard_parked_connections{{shard=\"{}\",core=\"{}\"}} {}",
-            s.shard,
-            cfg.runtime.cores.get(s.shard).copied().unwrap_or(0),
-            s.parked
-        );
-    }
     family(
         &mut o,
         "edgeshard_shard_cpu_seconds_total",

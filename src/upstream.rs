@@ -4,7 +4,6 @@
 use crate::config::ServerId;
 use crate::http::Buf;
 use crate::net::Socket;
-use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
 use rustls_pki_types::ServerName;
@@ -12,60 +11,16 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// A connection to a real server: plain, or re-encrypted.
-pub enum UpStream {
-    Plain(Socket),
-    Tls(Box<TlsStream<Socket>>),
-}
+pub type UpStream = crate::net::Stream<TlsStream<Socket>>;
 
-impl UpStream {
-    fn socket(&self) -> &Socket {
-        match self {
-            UpStream::Plain(s) => s,
-            UpStream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for UpStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpStream::Plain(s) => Pin::new(s).poll_close(cx),
-            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-        }
+/// The socket under a real server's stream.
+fn socket(stream: &UpStream) -> &Socket {
+    match stream {
+        UpStream::Plain(s) => s,
+        UpStream::Tls(s) => s.get_ref().0,
     }
 }
 
@@ -135,7 +90,7 @@ const TRUST_QUIET: Duration = Duration::from_secs(1);
 /// shard's poller has seen nothing arrive on since its last read is clean without asking
 /// the kernel, unless it has idled long enough for a server's own idle close to be likely.
 fn is_clean(stream: &UpStream, idle: Duration) -> bool {
-    let sock = stream.socket();
+    let sock = socket(stream);
     if idle < TRUST_QUIET && !sock.may_be_readable() {
         return true;
     }
