@@ -18,12 +18,11 @@ fn parked(admin: std::net::SocketAddr) -> u64 {
         .sum()
 }
 
-#[test]
-fn idle_connections_park_and_are_served_again() {
-    let o = Origin::named("a");
+/// A proxy in front of `o` with an admin listener: (proxy, service address, admin address).
+fn with_admin(o: &Origin) -> (Proxy, std::net::SocketAddr, std::net::SocketAddr) {
     let listen = local(free_port());
     let admin = local(free_port());
-    let _p = Proxy::start(
+    let p = Proxy::start(
         &simple_config(
             listen,
             &[o.addr],
@@ -32,6 +31,13 @@ fn idle_connections_park_and_are_served_again() {
         ),
         listen,
     );
+    (p, listen, admin)
+}
+
+#[test]
+fn idle_connections_park_and_are_served_again() {
+    let o = Origin::named("a");
+    let (_p, listen, admin) = with_admin(&o);
     assert_eq!(parked(admin), 0);
     let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(listen)).collect();
     for c in clients.iter_mut() {
@@ -108,17 +114,7 @@ fn a_parked_connection_is_closed_at_its_idle_timeout_and_logged() {
 #[test]
 fn shutdown_closes_parked_connections_and_exits() {
     let o = Origin::ok("ok");
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let mut p = Proxy::start(
-        &simple_config(
-            listen,
-            &[o.addr],
-            "",
-            &format!("[admin]\nlisten = \"{admin}\"\n"),
-        ),
-        listen,
-    );
+    let (mut p, listen, admin) = with_admin(&o);
     let mut clients: Vec<Client> = (0..8).map(|_| Client::connect(listen)).collect();
     for c in clients.iter_mut() {
         assert_eq!(c.request(&get("/")).status, 200);

@@ -71,11 +71,7 @@ fn attach_source_ip_steering(fd: i32, ipv6: bool, nr_shards: u32) -> io::Result<
 /// connections are spread over the shards by client address instead of by the kernel's
 /// 4-tuple hash (the program applies to the whole reuseport group).
 pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Result<RawSocket> {
-    let domain = if addr.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
+    let domain = Domain::for_address(addr);
     let sk = RawSocket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     sk.set_reuse_address(true)?;
     sk.set_reuse_port(true)?;
@@ -214,11 +210,7 @@ fn set_nodelay(fd: RawFd) {
 /// Connect to `addr` within `dur` (non-blocking connect, then the writable edge and the
 /// socket's error). A timeout is `TimedOut`; a refusal is the kernel's error.
 pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
-    let domain = if addr.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
+    let domain = Domain::for_address(addr);
     let sk = RawSocket::new(
         domain,
         Type::STREAM.nonblocking().cloexec(),
