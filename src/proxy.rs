@@ -373,7 +373,10 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         guard,
     };
     match end {
-        Ended::Idle(ticket) => shard.lot.park(ticket, client, now + vs.idle_timeout),
+        // the idle time counts from now, not from when this task began
+        Ended::Idle(ticket) => shard
+            .lot
+            .park(ticket, client, Instant::now() + vs.idle_timeout),
         Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
     }
 }

@@ -5,8 +5,11 @@
 mod common;
 
 use common::client::{get, one, Client};
-use common::origin::Origin;
+use common::origin::{Next, Origin, Seen};
 use common::*;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn parked(admin: std::net::SocketAddr) -> u64 {
@@ -125,4 +128,36 @@ fn shutdown_closes_parked_connections_and_exits() {
     for c in clients.iter_mut() {
         assert!(c.is_closed());
     }
+}
+
+#[test]
+fn the_idle_timeout_counts_from_when_the_connection_went_idle() {
+    // A request that takes longer than the idle timeout, then a pause shorter than it: the
+    // connection must still be there (the idle time starts when the response is done).
+    let o = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.request_line.starts_with("GET /slow") {
+            std::thread::sleep(Duration::from_millis(900));
+        }
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        Next::KeepAlive
+    }));
+    let listen = local(free_port());
+    let _p = Proxy::start(
+        &simple_config(listen, &[o.addr], "idle_timeout = \"600ms\"", ""),
+        listen,
+    );
+    let mut c = Client::connect(listen);
+    assert_eq!(c.request(&get("/slow")).status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.request(&get("/again")).status,
+        200,
+        "closed before its idle timeout"
+    );
+    let started = std::time::Instant::now();
+    assert!(c.is_closed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "closed early"
+    );
 }
