@@ -195,14 +195,16 @@ impl ParkingLot {
         }
     }
 
-    /// Park `client` at its reserved place until it speaks or `deadline` passes.
-    pub fn park(&self, t: Ticket, client: Client, deadline: Instant) {
+    /// Park `client` at its reserved place until it speaks or `deadline` passes. A place not
+    /// reserved by this ticket (a bug) hands the client back, to be closed.
+    #[must_use]
+    pub fn park(&self, t: Ticket, client: Client, deadline: Instant) -> Option<Client> {
         let mut slots = self.slots.borrow_mut();
         let Some(s) = slots.get_mut(t.idx as usize) else {
-            return;
+            return Some(client);
         };
         if s.gen != t.gen || s.client.is_some() {
-            return; // not our place: dropping the client closes it
+            return Some(client);
         }
         s.client = Some((client, deadline));
         let mut d = self.deadlines.borrow_mut();
@@ -212,6 +214,7 @@ impl ParkingLot {
         if earliest.is_none_or(|e| deadline < e) {
             wake_lot(); // its timer must be set earlier
         }
+        None
     }
 
     /// Take a parked client out (it spoke, timed out or the shard closes).

@@ -374,9 +374,15 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
     };
     match end {
         // the idle time counts from now, not from when this task began
-        Ended::Idle(ticket) => shard
-            .lot
-            .park(ticket, client, Instant::now() + vs.idle_timeout),
+        Ended::Idle(ticket) => {
+            if let Some(client) = shard
+                .lot
+                .park(ticket, client, Instant::now() + vs.idle_timeout)
+            {
+                tracing::error!(client = %client.facts.peer, "parking lot place lost (bug): closing");
+                crate::client::close(&shard, client, "error").await;
+            }
+        }
         Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
     }
 }
