@@ -345,10 +345,8 @@ impl Shard {
     }
 }
 
-/// Counts a client connection for the drain at shutdown.
 /// Counts an admitted client connection (for the drain, the connection limits and the
-/// per-client limits) until it ends.
-/// A client connection's place in the shard's, service's and client's connection counts.
+/// per-client limits) until it ends, parked or not.
 pub struct ClientGuard {
     shard: Rc<Shard>,
     vs: usize,
