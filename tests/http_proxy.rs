@@ -385,3 +385,19 @@ fn large_responses_stream_through_bulk_buffers_and_the_upstream_connection_is_re
         "one upstream connection carried every request"
     );
 }
+
+#[test]
+fn an_ipv6_service_accepts_and_forwards_the_client_address() {
+    let o = Origin::ok("over v6");
+    let listen: std::net::SocketAddr = format!("[::1]:{}", free_port()).parse().unwrap();
+    let _p = Proxy::start(&simple_config(listen, &[o.addr], "", ""), listen);
+    let mut c = Client::connect(listen);
+    for _ in 0..2 {
+        let r = c.request(&get("/six"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "over v6");
+    }
+    let seen = o.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("::1"));
+}
