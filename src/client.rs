@@ -11,7 +11,7 @@ use crate::log::ConnectionRecord;
 use crate::net::Socket;
 use crate::shard::{ClientGuard, Shard};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Poll, RawWaker, RawWakerVTable, Waker};
@@ -124,8 +124,8 @@ struct Slot {
 pub struct ParkingLot {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
-    deadlines: RefCell<BTreeMap<(Instant, u32), ()>>,
-    nr_parked: Cell<usize>,
+    /// (deadline, place) of every parked client: one entry each.
+    deadlines: RefCell<BTreeSet<(Instant, u32)>>,
 }
 
 thread_local! {
@@ -208,9 +208,8 @@ impl ParkingLot {
         }
         s.client = Some((client, deadline));
         let mut d = self.deadlines.borrow_mut();
-        let earliest = d.keys().next().map(|k| k.0);
-        d.insert((deadline, t.idx), ());
-        self.nr_parked.set(self.nr_parked.get() + 1);
+        let earliest = d.first().map(|k| k.0);
+        d.insert((deadline, t.idx));
         if earliest.is_none_or(|e| deadline < e) {
             wake_lot(); // its timer must be set earlier
         }
@@ -228,20 +227,19 @@ impl ParkingLot {
         s.gen = s.gen.wrapping_add(1);
         self.free.borrow_mut().push(idx);
         self.deadlines.borrow_mut().remove(&(deadline, idx));
-        self.nr_parked.set(self.nr_parked.get() - 1);
         Some(client)
     }
 
     pub fn nr_parked(&self) -> usize {
-        self.nr_parked.get()
+        self.deadlines.borrow().len()
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.borrow().keys().next().map(|k| k.0)
+        self.deadlines.borrow().first().map(|k| k.0)
     }
 
     fn expired(&self, now: Instant) -> Option<Client> {
-        let first = *self.deadlines.borrow().keys().next()?;
+        let first = *self.deadlines.borrow().first()?;
         if first.0 > now {
             return None;
         }

@@ -162,9 +162,11 @@ impl Listener {
         })
         .await?;
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let sk = unsafe { RawSocket::from_raw_fd(fd as RawFd) };
         let peer = peer.ok_or_else(|| io::Error::other("accepted a socket of no IP family"))?;
-        set_nodelay(fd.as_raw_fd());
+        let _ = sk.set_nodelay(true);
+        // SAFETY: the fd comes out of an owned socket and is owned from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
         Ok((Socket(Registered::new(fd, true, true)?), peer))
     }
 }
@@ -190,20 +192,6 @@ fn sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             )))
         }
         _ => None,
-    }
-}
-
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a valid fd with a c_int option value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
     }
 }
 
