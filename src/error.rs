@@ -20,6 +20,8 @@ pub struct ProxyError {
     pub reason: &'static str,
     /// Security-log event name, for failures the security log records.
     pub event: Option<&'static str>,
+    /// The real server it happened on, for the logs (upstream failures).
+    pub server: Option<crate::config::ServerId>,
 }
 
 /// The security-log event of a refused client request.
@@ -49,6 +51,7 @@ impl ProxyError {
             fault: Fault::Client,
             reason,
             event: Some(client_event(status, reason)),
+            server: None,
         }
     }
     pub fn upstream(status: u16, reason: &'static str) -> Self {
@@ -57,6 +60,7 @@ impl ProxyError {
             fault: Fault::Upstream,
             reason,
             event: None,
+            server: None,
         }
     }
     pub fn policy(status: u16, reason: &'static str) -> Self {
@@ -65,7 +69,13 @@ impl ProxyError {
             fault: Fault::Policy,
             reason,
             event: None,
+            server: None,
         }
+    }
+    /// The real server this failure happened on.
+    pub fn at(mut self, server: crate::config::ServerId) -> Self {
+        self.server = Some(server);
+        self
     }
     /// Record this failure in the security log under `event`.
     pub fn with_event(mut self, event: &'static str) -> Self {

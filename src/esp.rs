@@ -71,7 +71,7 @@ fn hex(b: u8) -> Option<u8> {
 /// query dropped, unreserved percent-escapes decoded (others kept, upper-cased), duplicate
 /// slashes collapsed, `.` and `..` segments resolved. Anything a server might read two ways
 /// is refused: encoded `/` or `\`, a raw `\`, NUL or other controls, malformed escapes, and
-/// `..` above the root.
+/// `..` above the root. Works in `out` alone: no allocation once it has grown.
 pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
     out.clear();
     let path = target.split(['?', '#']).next().unwrap_or("");
@@ -83,13 +83,15 @@ pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
         out.push(b'*');
         return Ok(());
     }
-    // Pass 1: decode into segments separated by '/', collapsing empty segments.
-    let mut decoded: Vec<u8> = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match b {
-            b'%' => {
+    // `out` holds "/" and the resolved segments, each followed by "/"; the segment being
+    // decoded follows from `seg`, and is resolved when its "/" (or the end) comes.
+    out.push(b'/');
+    let mut seg = 1;
+    let mut i = 1;
+    loop {
+        let c = match bytes.get(i) {
+            None => None,
+            Some(b'%') => {
                 let (h, l) = match (
                     bytes.get(i + 1).and_then(|&c| hex(c)),
                     bytes.get(i + 2).and_then(|&c| hex(c)),
@@ -97,51 +99,54 @@ pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
                     (Some(h), Some(l)) => (h, l),
                     _ => return Err(Refusal::UnsafePath),
                 };
+                i += 3;
                 let c = h * 16 + l;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(c);
+                    Some(c)
                 } else if c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f || c == b'%' {
                     return Err(Refusal::UnsafePath);
                 } else {
-                    decoded.extend_from_slice(&[
+                    out.extend_from_slice(&[
                         b'%',
                         b"0123456789ABCDEF"[h as usize],
                         b"0123456789ABCDEF"[l as usize],
                     ]);
+                    continue;
                 }
-                i += 3;
             }
-            b'\\' => return Err(Refusal::UnsafePath),
-            c if c < 0x20 || c == 0x7f => return Err(Refusal::UnsafePath),
-            c => {
-                decoded.push(c);
+            Some(b'\\') => return Err(Refusal::UnsafePath),
+            Some(&c) if c < 0x20 || c == 0x7f => return Err(Refusal::UnsafePath),
+            Some(&c) => {
                 i += 1;
+                Some(c)
             }
-        }
-    }
-    // Pass 2: resolve segments.
-    let mut segments: Vec<&[u8]> = Vec::new();
-    let trailing_slash = decoded.ends_with(b"/");
-    for seg in decoded.split(|&c| c == b'/') {
-        match seg {
-            b"" | b"." => {}
-            b".." => {
-                if segments.pop().is_none() {
-                    return Err(Refusal::UnsafePath);
+        };
+        match c {
+            Some(b'/') | None => {
+                match &out[seg..] {
+                    b"" | b"." => out.truncate(seg),
+                    b".." => {
+                        out.truncate(seg);
+                        if out.len() == 1 {
+                            return Err(Refusal::UnsafePath);
+                        }
+                        let prev = out[..out.len() - 1]
+                            .iter()
+                            .rposition(|&b| b == b'/')
+                            .unwrap_or(0);
+                        out.truncate(prev + 1);
+                    }
+                    _ if c.is_some() => out.push(b'/'),
+                    _ => {}
                 }
+                if c.is_none() {
+                    return Ok(());
+                }
+                seg = out.len();
             }
-            s => segments.push(s),
+            Some(c) => out.push(c),
         }
     }
-    for s in &segments {
-        out.push(b'/');
-        out.extend_from_slice(s);
-    }
-    let last_is_dot = decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
-    if out.is_empty() || ((trailing_slash || last_is_dot) && !segments.is_empty()) {
-        out.push(b'/');
-    }
-    Ok(())
 }
 
 /// Glob match: `*` any run of characters (slashes included), `?` one character; ASCII case
@@ -172,13 +177,13 @@ pub fn glob(pattern: &[u8], text: &[u8]) -> bool {
 }
 
 /// The verdict for one request. `host`: the Host field (or absolute-form authority); `sni`:
-/// the TLS server name, if any; `scratch` receives the normalised path.
+/// the TLS server name, if any; `path`: the path as `normalise` left it (routing judged the
+/// same one).
 pub fn check(
     esp: &Esp,
     host: Option<&[u8]>,
     sni: Option<&str>,
-    target: &str,
-    scratch: &mut Vec<u8>,
+    path: Result<&[u8], Refusal>,
 ) -> Result<(), Refusal> {
     let host = host.map(host_only);
     if let (Some(h), Some(s)) = (host, sni) {
@@ -197,18 +202,18 @@ pub fn check(
             return Err(Refusal::Host);
         }
     }
-    normalise(target, scratch)?;
+    let path = path?;
     if !esp
         .allowed_directories
         .iter()
-        .any(|g| glob(g.as_bytes(), scratch))
+        .any(|g| glob(g.as_bytes(), path))
     {
         return Err(Refusal::Directory);
     }
     if esp
         .excluded_directories
         .iter()
-        .any(|g| glob(g.as_bytes(), scratch))
+        .any(|g| glob(g.as_bytes(), path))
     {
         return Err(Refusal::Excluded);
     }
@@ -235,6 +240,14 @@ mod tests {
         assert_eq!(norm("/a%20b?x=/../y").unwrap(), "/a%20b");
         assert_eq!(norm("/a%c3%a9").unwrap(), "/a%C3%A9");
         assert_eq!(norm("/").unwrap(), "/");
+        assert_eq!(norm("/.").unwrap(), "/");
+        assert_eq!(norm("/a/.").unwrap(), "/a/");
+        assert_eq!(norm("/a/b/../../c").unwrap(), "/c");
+        assert_eq!(norm("/./admin/x").unwrap(), "/admin/x");
+        assert_eq!(norm("/%2e/admin/x").unwrap(), "/admin/x");
+        assert_eq!(norm("/x/../admin/x").unwrap(), "/admin/x");
+        assert_eq!(norm("/a..b/.c").unwrap(), "/a..b/.c");
+        assert_eq!(norm("*").unwrap(), "*");
         assert_eq!(norm("/..").unwrap_err(), Refusal::UnsafePath);
         assert_eq!(norm("/a/../../etc").unwrap_err(), Refusal::UnsafePath);
         for bad in [
@@ -270,7 +283,8 @@ mod tests {
         let e = esp();
         let mut s = Vec::new();
         let v = |host: Option<&str>, sni: Option<&str>, path: &str, s: &mut Vec<u8>| {
-            check(&e, host.map(str::as_bytes), sni, path, s)
+            let p = normalise(path, s).map(|_| &s[..]);
+            check(&e, host.map(str::as_bytes), sni, p)
         };
         assert_eq!(
             v(Some("WS-EXT.example:443"), None, "/abs/x", &mut s),

@@ -23,25 +23,42 @@ pub fn start(shard: &Rc<Shard>) {
 }
 
 /// Pure state machine: `rise` successes bring a down server up, `fall` failures take an up
-/// server down.
+/// server down; a server not yet checked is decided by its first result.
 #[derive(Debug, Clone, Copy)]
 pub struct HealthState {
     pub up: bool,
+    /// No result yet (initial_state = "checking").
+    checking: bool,
     successes: u32,
     failures: u32,
 }
 
 impl HealthState {
-    pub fn new() -> HealthState {
+    /// `up`: the initial state is "up" (traffic before the first check).
+    pub fn new(up: bool) -> HealthState {
         HealthState {
-            up: true,
+            up,
+            checking: !up,
             successes: 0,
             failures: 0,
         }
     }
 
+    /// Another shard took the server out (passive failures): it needs `rise` successes.
+    pub fn force_down(&mut self) {
+        self.up = false;
+        self.checking = false;
+        self.successes = 0;
+    }
+
     /// Record one result; returns true when the state changed.
     pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
+        if std::mem::take(&mut self.checking) {
+            self.up = ok;
+            self.successes = ok as u32;
+            self.failures = !ok as u32;
+            return true;
+        }
         if ok {
             self.successes += 1;
             self.failures = 0;
@@ -59,23 +76,21 @@ impl HealthState {
     }
 }
 
-impl Default for HealthState {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 async fn check_loop(shard: Rc<Shard>, id: ServerId) {
     let rs = shard.server(id).clone();
     let Some(hc) = shard.config.pools[rs.pool].health_check.clone() else {
         return;
     };
-    let mut state = HealthState::new();
+    let mut state = HealthState::new(hc.initial_up);
     loop {
         let started = Instant::now();
         let (ok, detail) = probe(&shard, id, &hc).await;
         if shard.is_closing() {
             return;
+        }
+        if state.up && shard.load.health(id) == crate::balance::Health::Down {
+            // Taken out by passive health (here or on another shard): back after `rise`.
+            state.force_down();
         }
         if state.record(ok, hc.rise, hc.fall) {
             if state.up {
@@ -196,7 +211,7 @@ mod tests {
 
     #[test]
     fn rise_and_fall() {
-        let mut h = HealthState::new();
+        let mut h = HealthState::new(true);
         assert!(h.up);
         assert!(!h.record(false, 2, 3));
         assert!(!h.record(false, 2, 3));
@@ -211,5 +226,27 @@ mod tests {
             !h.record(false, 2, 3),
             "a single failure does not take it down"
         );
+    }
+
+    #[test]
+    fn checking_is_decided_by_the_first_result() {
+        let mut h = HealthState::new(false);
+        assert!(!h.up);
+        assert!(h.record(true, 2, 3), "first good check: up at once");
+        assert!(h.up);
+        let mut d = HealthState::new(false);
+        assert!(d.record(false, 2, 3), "first bad check: down");
+        assert!(!d.up);
+        assert!(!d.record(true, 2, 3));
+        assert!(d.record(true, 2, 3), "then rise as usual");
+    }
+
+    #[test]
+    fn forced_down_needs_rise() {
+        let mut h = HealthState::new(true);
+        h.force_down();
+        assert!(!h.record(true, 2, 3));
+        assert!(h.record(true, 2, 3));
+        assert!(h.up);
     }
 }

@@ -6,11 +6,13 @@
 //! turns failures into responses in one place (`proxy::refuse`, with `error`). Shards share
 //! load through `shard::mesh`; `admin` serves /status from that view.
 
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod diag;
 pub mod error;
 pub mod esp;
 pub mod health;

@@ -5,6 +5,7 @@ use edgeshard::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,14 +43,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match cli.command {
+    // Diagnostics go through a writer thread: a stalled stderr never blocks a shard.
+    edgeshard::diag::init();
+    let code = match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -84,7 +80,9 @@ fn main() -> ExitCode {
             );
             run(config)
         }
-    }
+    };
+    edgeshard::diag::flush(Duration::from_secs(2));
+    code
 }
 
 fn run(path: PathBuf) -> ExitCode {

@@ -35,6 +35,8 @@ pub struct ServiceCounters {
     pub esp_refusals: [Cell<u64>; 5],
     /// Limit refusals by `limits::Limit::ALL` order.
     pub limit_refusals: [Cell<u64>; 5],
+    /// Connections or requests refused by an IP access list.
+    pub access_refusals: Cell<u64>,
 }
 
 #[derive(Default)]
@@ -44,6 +46,10 @@ pub struct ServerCounters {
     pub bytes_in: Cell<u64>,
     pub bytes_out: Cell<u64>,
     pub connect_errors: Cell<u64>,
+    /// Requests that failed here before any response byte and were tried on another server.
+    pub retries: Cell<u64>,
+    /// Times passive health took the server out.
+    pub passive_downs: Cell<u64>,
 }
 
 pub struct ShardMetrics {
@@ -134,6 +140,7 @@ impl ShardMetrics {
                     tls_failures: s.tls_failures.get(),
                     esp_refusals: s.esp_refusals.each_ref().map(get),
                     limit_refusals: s.limit_refusals.each_ref().map(get),
+                    access_refusals: s.access_refusals.get(),
                     latency: h.borrow().clone(),
                 })
                 .collect(),
@@ -146,6 +153,8 @@ impl ShardMetrics {
                     bytes_in: r.bytes_in.get(),
                     bytes_out: r.bytes_out.get(),
                     connect_errors: r.connect_errors.get(),
+                    retries: r.retries.get(),
+                    passive_downs: r.passive_downs.get(),
                 })
                 .collect(),
         }
@@ -191,6 +200,7 @@ pub struct ServiceSnap {
     pub tls_failures: u64,
     pub esp_refusals: [u64; 5],
     pub limit_refusals: [u64; 5],
+    pub access_refusals: u64,
     pub latency: Histogram<u64>,
 }
 
@@ -201,6 +211,8 @@ pub struct ServerSnap {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connect_errors: u64,
+    pub retries: u64,
+    pub passive_downs: u64,
 }
 
 /// Every shard's snapshot, merged.
@@ -242,6 +254,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.tls_failures += v.tls_failures;
             add5(&mut m.esp_refusals, &v.esp_refusals);
             add5(&mut m.limit_refusals, &v.limit_refusals);
+            m.access_refusals += v.access_refusals;
             let _ = m.latency.add(&v.latency);
         }
         for (i, v) in s.servers.iter().enumerate() {
@@ -255,6 +268,8 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.bytes_in += v.bytes_in;
             m.bytes_out += v.bytes_out;
             m.connect_errors += v.connect_errors;
+            m.retries += v.retries;
+            m.passive_downs += v.passive_downs;
         }
     }
     Merged {
@@ -332,6 +347,11 @@ pub fn prometheus(
             "Failed TLS handshakes.",
             4,
         ),
+        (
+            "edgeshard_access_refusals_total",
+            "Connections and requests refused by an IP access list.",
+            5,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         for (i, vs) in cfg.services.iter().enumerate() {
@@ -345,6 +365,7 @@ pub fn prometheus(
                         s.connections_total,
                         s.tls_handshakes,
                         s.tls_failures,
+                        s.access_refusals,
                     ][pick]
                 })
                 .unwrap_or(0);
@@ -495,13 +516,31 @@ pub fn prometheus(
             "Failed connections to each real server.",
             2,
         ),
+        (
+            "edgeshard_real_server_retries_total",
+            "Requests that failed on each real server before any response byte and were tried on another.",
+            3,
+        ),
+        (
+            "edgeshard_real_server_passive_downs_total",
+            "Times passive health (consecutive connect failures or resets) took each real server out.",
+            4,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         for i in 0..cfg.servers.len() {
             let v = m
                 .servers
                 .get(i)
-                .map(|s| [s.bytes_in, s.bytes_out, s.connect_errors][pick])
+                .map(|s| {
+                    [
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.connect_errors,
+                        s.retries,
+                        s.passive_downs,
+                    ][pick]
+                })
                 .unwrap_or(0);
             let _ = writeln!(o, "{name}{{{}}} {v}", rs_label(i));
         }
@@ -591,5 +630,10 @@ pub fn prometheus(
             m.log_dropped[k as usize]
         );
     }
+    let _ = writeln!(
+        o,
+        "edgeshard_log_records_dropped_total{{log=\"stderr\"}} {}",
+        crate::diag::dropped()
+    );
     o
 }

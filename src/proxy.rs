@@ -4,7 +4,8 @@
 
 use crate::client::{Client, ClientStream, ConnFacts, ParkingLot, Ticket};
 use crate::config::{
-    LimitAction, Persistence, Redirect, ServerId, VirtualService, MAX_HEADERS_CEILING,
+    ForwardedFor, LimitAction, PathNormalization, Persistence, Redirect, ServerId, VirtualService,
+    MAX_HEADERS_CEILING,
 };
 use crate::error::{Fault, ProxyError};
 use crate::http::canned::{error_response, CONTINUE_100};
@@ -312,14 +313,18 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     head_len: u64,
 ) {
     let vs = conn.vs;
-    match e.fault {
-        Fault::Client => {
+    let server = e.server.map(|s| conn.shard.server(s).name.as_str());
+    conn.shard.diag(e.reason, || match (e.fault, server) {
+        (Fault::Client, _) => {
             tracing::info!(client = %conn.f.peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
         }
-        Fault::Upstream | Fault::Policy => {
+        (_, Some(rs)) => {
+            tracing::warn!(client = %conn.f.peer, service = %vs.name, real_server = rs, status = e.status, "failed: {}", e.reason)
+        }
+        (_, None) => {
             tracing::warn!(client = %conn.f.peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
         }
-    }
+    });
     if let (Some(event), true) = (e.event, vs.logging.security) {
         let has_meta = !conn.meta.is_empty();
         conn.shard.log.security(&SecurityRecord {
@@ -333,7 +338,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
         });
     }
     let resp = error_response(e.status);
-    conn.finish(e.status, None, head_len, resp.len() as u64);
+    conn.finish(e.status, e.server, head_len, resp.len() as u64);
     respond_and_close(client, resp).await;
 }
 
@@ -407,9 +412,16 @@ async fn serve_requests(
     let peer = conn.f.peer;
     let proto = conn.f.proto;
     let mut cbuf = Buf::detached();
+    let ip = peer.ip().to_canonical();
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
+        trusted: if vs.trusted_proxies.is_empty() {
+            vs.forwarded_for == ForwardedFor::Append
+        } else {
+            vs.trusted_proxies.iter().any(|n| n.contains(&ip))
+        },
+        rfc7239: vs.forwarded_header,
     };
     loop {
         conn.forget();
@@ -449,77 +461,96 @@ async fn serve_requests(
         let mut wait_deadline: Option<Instant> = None;
         let parsed = loop {
             let gen = shard.load.capacity_gen();
-            let parsed: Result<Route, ProxyError> =
-                (|| {
-                    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-                    let req = match parse_request(
-                        cbuf.filled(),
-                        &mut hdrs[..vs.limits.max_headers],
-                        &vs.limits,
-                    ) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
-                        Err(e) => return Err(ProxyError::client(e.status, e.reason)),
-                    };
-                    if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
-                        if n > vs.max_body_size {
-                            return Err(ProxyError::client(413, "request body too large"));
-                        }
+            let parsed: Result<Route, ProxyError> = (|| {
+                let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+                let req = match parse_request(
+                    cbuf.filled(),
+                    &mut hdrs[..vs.limits.max_headers],
+                    &vs.limits,
+                ) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
+                    Err(e) => return Err(ProxyError::client(e.status, e.reason)),
+                };
+                if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
+                    if n > vs.max_body_size {
+                        return Err(ProxyError::client(413, "request body too large"));
                     }
-                    if let Some(r) = vs.redirect {
-                        resp_out.clear();
-                        write_redirect(&req, r, resp_out)?;
-                        return Ok(Route::Redirect(req.info));
+                }
+                if let Some(r) = vs.redirect {
+                    resp_out.clear();
+                    write_redirect(&req, r, resp_out)?;
+                    return Ok(Route::Redirect(req.info));
+                }
+                let host = req.host.or(sni.map(str::as_bytes));
+                let path = match req.target {
+                    Target::Origin(p) => p,
+                    Target::Asterisk => "*",
+                };
+                conn.remember(host, req.method.as_bytes(), path.as_bytes());
+                // Routing, ESP and the real server all judge one path: the normalised one.
+                let normal = crate::esp::normalise(path, scratch).map(|_| &scratch[..]);
+                let by_path = vs.sub_services.iter().any(|s| !s.paths.is_empty());
+                let route_path = match normal {
+                    Ok(p) => p,
+                    // Routing does not look at the path: ESP (if any) refuses it below.
+                    Err(_) if !by_path => &b""[..],
+                    Err(r) => return Err(esp_refusal(shard, conn.f.vs_idx, vs.esp.as_ref(), r)),
+                };
+                let own_empty = shard.config.pools[vs.pool].servers.is_empty();
+                let (pool, sub) = route(vs, own_empty, host, route_path)
+                    .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
+                conn.sub_service = sub;
+                let sub = sub.map(|i| &vs.sub_services[i]);
+                if let Some(acl) = sub.and_then(|s| s.access.as_ref()) {
+                    if !acl.permits(peer.ip()) {
+                        let c = &shard.metrics.services[conn.f.vs_idx].access_refusals;
+                        c.set(c.get() + 1);
+                        return Err(ProxyError::policy(403, "client address not allowed")
+                            .with_event("access"));
                     }
-                    let host = req.host.or(sni.map(str::as_bytes));
-                    let path = match req.target {
-                        Target::Origin(p) => p,
-                        Target::Asterisk => "*",
-                    };
-                    conn.remember(host, req.method.as_bytes(), path.as_bytes());
-                    let own_empty = shard.config.pools[vs.pool].servers.is_empty();
-                    let (pool, sub) = route(vs, own_empty, host, path)
-                        .ok_or(ProxyError::policy(404, "no sub-service matches"))?;
-                    conn.sub_service = sub;
-                    // ESP: the sub-service's rules, else the service's.
-                    let esp = sub
-                        .and_then(|i| vs.sub_services[i].esp.as_ref())
-                        .or(vs.esp.as_ref());
-                    if let Some(esp) = esp {
-                        if let Err(r) = crate::esp::check(esp, req.host, sni, path, scratch) {
-                            let i = crate::esp::Refusal::ALL
-                                .iter()
-                                .position(|x| *x == r)
-                                .unwrap_or(0);
-                            let c = &shard.metrics.services[conn.f.vs_idx].esp_refusals[i];
-                            c.set(c.get() + 1);
-                            let event = match r {
-                                crate::esp::Refusal::Host
-                                | crate::esp::Refusal::HostSniMismatch => "esp_host",
-                                _ => "esp_directory",
-                            };
-                            return Err(ProxyError::policy(esp.refusal_status, r.reason())
-                                .with_event(event));
-                        }
+                }
+                // ESP: the sub-service's rules, else the service's.
+                let esp = sub.and_then(|s| s.esp.as_ref()).or(vs.esp.as_ref());
+                if let Some(esp) = esp {
+                    if let Err(r) = crate::esp::check(esp, req.host, sni, normal) {
+                        return Err(esp_refusal(shard, conn.f.vs_idx, Some(esp), r));
                     }
-                    let server = match choose(shard, pool, &req, peer, proto, set_cookie) {
-                        Err(e) if e.status == 503 => {
-                            let sched = &shard.schedulers[pool];
-                            if sched.awaiting_ack(&shard.load) {
-                                return Ok(Route::Wait(ACK_WAIT));
-                            }
-                            if !vs.queue_timeout.is_zero() && sched.any_usable(&shard.load) {
-                                return Ok(Route::Wait(vs.queue_timeout));
-                            }
-                            return Err(e);
+                }
+                let raw_path = path.split('?').next().unwrap_or(path).as_bytes();
+                let forward_path = match normal {
+                    Ok(p) if p == raw_path => None,
+                    _ if vs.path_normalization == PathNormalization::Refuse => {
+                        return Err(ProxyError::client(400, "path is not in normal form"))
+                    }
+                    Ok(p) => Some(p),
+                    Err(_) => None,
+                };
+                let server = match choose(shard, pool, &req, peer, proto, set_cookie) {
+                    Err(e) if e.status == 503 => {
+                        let sched = &shard.schedulers[pool];
+                        if sched.awaiting_ack(&shard.load) {
+                            return Ok(Route::Wait(ACK_WAIT));
                         }
-                        r => r?,
-                    };
-                    let rs = shard.server(server);
-                    req_out.clear();
-                    write_request_head(&req, &fwd, &rs.name, req.info.expect_continue, req_out);
-                    Ok(Route::Forward(req.info, server))
-                })();
+                        if !vs.queue_timeout.is_zero() && sched.any_usable(&shard.load) {
+                            return Ok(Route::Wait(vs.queue_timeout));
+                        }
+                        return Err(e);
+                    }
+                    r => r?,
+                };
+                let rs = shard.server(server);
+                req_out.clear();
+                let default_host = write_request_head(
+                    &req,
+                    &fwd,
+                    &rs.name,
+                    req.info.expect_continue,
+                    forward_path,
+                    req_out,
+                );
+                Ok(Route::Forward(req.info, server, pool, default_host))
+            })();
             if let Ok(Route::Wait(limit)) = parsed {
                 let first = wait_deadline.is_none();
                 let d = *wait_deadline.get_or_insert_with(|| Instant::now() + limit);
@@ -544,8 +575,18 @@ async fn serve_requests(
             }
             break parsed;
         };
-        let (info, server) = match parsed {
-            Ok(Route::Forward(info, server)) => (info, server),
+        let (info, server, retry) = match parsed {
+            Ok(Route::Forward(info, server, pool, default_host)) => (
+                info,
+                server,
+                Retry {
+                    pool,
+                    peer,
+                    proto,
+                    deadline: conn.started + vs.response_timeout,
+                    default_host,
+                },
+            ),
             Ok(Route::Redirect(info)) => {
                 // A request body is not read: the connection closes after the redirect.
                 let keep = info.keep_alive && info.body == BodyKind::None && !shard.is_closing();
@@ -578,11 +619,11 @@ async fn serve_requests(
         // The exchange's state is only needed while a request is in flight: boxed, it does not
         // weigh on every idle connection's task.
         match Box::pin(exchange(
-            shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server,
+            shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server, retry,
         ))
         .await
         {
-            Ok(done) => {
+            Ok((done, server)) => {
                 conn.finish(
                     done.status,
                     Some(server),
@@ -605,6 +646,29 @@ async fn serve_requests(
     }
 }
 
+/// An ESP refusal, counted; without ESP rules, a path that cannot be normalised is a 400.
+fn esp_refusal(
+    shard: &Shard,
+    vs_idx: usize,
+    esp: Option<&crate::config::Esp>,
+    r: crate::esp::Refusal,
+) -> ProxyError {
+    let Some(esp) = esp else {
+        return ProxyError::client(400, r.reason());
+    };
+    let i = crate::esp::Refusal::ALL
+        .iter()
+        .position(|x| *x == r)
+        .unwrap_or(0);
+    let c = &shard.metrics.services[vs_idx].esp_refusals[i];
+    c.set(c.get() + 1);
+    let event = match r {
+        crate::esp::Refusal::Host | crate::esp::Refusal::HostSniMismatch => "esp_host",
+        _ => "esp_directory",
+    };
+    ProxyError::policy(esp.refusal_status, r.reason()).with_event(event)
+}
+
 /// The pool a request goes to: the first sub-service whose hosts (Host, else SNI; no port,
 /// any case) and path prefixes match, else the service's own real servers. None: no pool
 /// (a service with sub-services and no real servers of its own).
@@ -612,7 +676,7 @@ fn route(
     vs: &VirtualService,
     own_pool_empty: bool,
     host: Option<&[u8]>,
-    path: &str,
+    path: &[u8],
 ) -> Option<(usize, Option<usize>)> {
     let host = host.map(|h| {
         if h.starts_with(b"[") {
@@ -634,10 +698,9 @@ fn route(
                 })
             })
     };
-    let path = path.split('?').next().unwrap_or(path);
     for (i, sub) in vs.sub_services.iter().enumerate() {
         let path_ok =
-            sub.paths.is_empty() || sub.paths.iter().any(|p| path.starts_with(p.as_str()));
+            sub.paths.is_empty() || sub.paths.iter().any(|p| path.starts_with(p.as_bytes()));
         if path_ok && host_matches(&sub.hosts) {
             return Some((sub.pool, Some(i)));
         }
@@ -661,13 +724,6 @@ fn choose(
 ) -> Result<ServerId, ProxyError> {
     let pool = &shard.config.pools[pool_idx];
     let sched = &shard.schedulers[pool_idx];
-    set_cookie.clear();
-    let unix_now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    };
     let persisted = match &pool.persistence {
         Persistence::None => None,
         Persistence::ActiveCookie { cookie, .. } => find_cookie(req, cookie).and_then(|v| {
@@ -689,9 +745,25 @@ fn choose(
     let server = match persisted {
         Some(id) if sched.accepts(id, &shard.load) => id,
         _ => sched
-            .pick(&shard.load)
+            .pick(&shard.load, &[], Instant::now())
             .ok_or(ProxyError::policy(503, "no real server available"))?,
     };
+    persist(shard, pool_idx, server, peer, proto, set_cookie);
+    Ok(server)
+}
+
+/// Record `server` as this client's choice in `pool_idx`: the cookie to set on the response
+/// (rewritten in `set_cookie`), or the source-IP table entry.
+fn persist(
+    shard: &Shard,
+    pool_idx: usize,
+    server: ServerId,
+    peer: SocketAddr,
+    proto: &str,
+    set_cookie: &mut Vec<u8>,
+) {
+    let pool = &shard.config.pools[pool_idx];
+    set_cookie.clear();
     match &pool.persistence {
         Persistence::None => {}
         Persistence::ActiveCookie { cookie, timeout } => {
@@ -719,7 +791,13 @@ fn choose(
             }
         }
     }
-    Ok(server)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The value of cookie `name` in the request's Cookie fields.
@@ -743,7 +821,9 @@ fn find_cookie<'b>(req: &ParsedRequest<'_, 'b>, name: &str) -> Option<&'b str> {
 
 /// Where a parsed request goes.
 enum Route {
-    Forward(RequestInfo, ServerId),
+    /// To this real server of this pool; the range is the Host value naming the server in
+    /// the upstream head, if the client sent none.
+    Forward(RequestInfo, ServerId, usize, Option<std::ops::Range<usize>>),
     Redirect(RequestInfo),
     /// Every candidate is at its connection limit (or held back by an admission awaiting the
     /// peers' acknowledgement): wait up to this long for room.
@@ -792,31 +872,112 @@ fn write_redirect(
 
 /// How an exchange with a real server failed before the client saw any response byte.
 enum Attempt {
-    /// A reused pooled connection died before answering: safe to try once on a fresh one.
+    /// The connection closed or was reset before any response byte: a reused pooled one may
+    /// be retried on a fresh connection, an idempotent request without a body on another server.
     Retry,
     Fail(ProxyError),
 }
 
-/// Send one request upstream and relay its response. Ok(keep the client connection open).
-/// An Err means the client has seen nothing yet and gets an error response.
+/// What a request may be sent again with: the pool to choose another real server from, the
+/// client (for persistence) and the time by which any retry must have started.
+struct Retry {
+    pool: usize,
+    peer: SocketAddr,
+    proto: &'static str,
+    deadline: Instant,
+    /// Where the upstream head carries the chosen server's name as its Host (an HTTP/1.0
+    /// request without one): rewritten when another server is chosen.
+    default_host: Option<std::ops::Range<usize>>,
+}
+
+/// Servers tried for one request, at most `retries` + 1 (config caps retries at 10).
+struct Tried {
+    ids: [ServerId; 11],
+    len: usize,
+}
+
+impl Tried {
+    fn new(first: ServerId) -> Tried {
+        let mut ids = [ServerId(usize::MAX); 11];
+        ids[0] = first;
+        Tried { ids, len: 1 }
+    }
+    fn as_slice(&self) -> &[ServerId] {
+        &self.ids[..self.len]
+    }
+}
+
+/// After `failed` failed before sending anything the client could see: the next real server to
+/// try (never one tried before), re-persisted, or None when the retries or the time are spent.
+#[allow(clippy::too_many_arguments)]
+fn next_server(
+    shard: &Shard,
+    vs: &VirtualService,
+    retry: &mut Retry,
+    tried: &mut Tried,
+    failed: ServerId,
+    req_out: &mut Vec<u8>,
+    set_cookie: &mut Vec<u8>,
+) -> Option<ServerId> {
+    let now = Instant::now();
+    if tried.len > vs.retries as usize || tried.len >= tried.ids.len() || now >= retry.deadline {
+        return None;
+    }
+    let next = shard.schedulers[retry.pool].pick(&shard.load, tried.as_slice(), now)?;
+    tried.ids[tried.len] = next;
+    tried.len += 1;
+    let c = &shard.metrics.servers[failed.0].retries;
+    c.set(c.get() + 1);
+    persist(shard, retry.pool, next, retry.peer, retry.proto, set_cookie);
+    if let Some(r) = retry.default_host.clone() {
+        let name = shard.server(next).name.as_bytes();
+        req_out.splice(r.clone(), name.iter().copied());
+        retry.default_host = Some(r.start..r.start + name.len());
+    }
+    Some(next)
+}
+
+/// The response a failed connect stands for.
+fn connect_error(shard: &Shard, rs: &crate::config::RealServer, e: ConnectError) -> ProxyError {
+    match e {
+        ConnectError::TimedOut => ProxyError::upstream(504, "real server connect timed out"),
+        ConnectError::Refused(_) => ProxyError::upstream(502, "real server refused the connection"),
+        ConnectError::Tls(e) => {
+            shard.diag("re-encryption to real server failed", || {
+                tracing::warn!(real_server = %rs.name, "re-encryption to real server failed: {e}")
+            });
+            ProxyError::upstream(502, "real server certificate or TLS handshake failed")
+                .with_event("upstream_certificate")
+        }
+    }
+}
+
+/// Send one request upstream and relay its response; returns how it ended and the real server
+/// that answered. A connect failure (nothing sent) moves the request to another real server,
+/// up to the service's `retries`; so does a connection closed before any response byte for an
+/// idempotent request without a body (a reused pooled connection first gets one fresh try on
+/// the same server). An Err means the client has seen nothing yet and gets an error response.
 #[allow(clippy::too_many_arguments)]
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Shard,
     vs: &VirtualService,
     client: &mut S,
     cbuf: &mut Buf,
-    req_out: &[u8],
+    req_out: &mut Vec<u8>,
     resp_out: &mut Vec<u8>,
-    set_cookie: &[u8],
+    set_cookie: &mut Vec<u8>,
     info: RequestInfo,
-    server: ServerId,
-) -> Result<Done, ProxyError> {
-    let rs = shard.server(server);
-    // Only a request we can send again byte for byte, and may, is retried.
+    first: ServerId,
+    mut retry: Retry,
+) -> Result<(Done, ServerId), ProxyError> {
+    // Only a request we can send again byte for byte, and may, is retried once sent.
     let replayable = info.body == BodyKind::None && info.method.is_idempotent() && !info.upgrade;
     let mut sent_continue = false;
     let mut fresh_only = false;
+    let mut server = first;
+    let mut tried = Tried::new(first);
     loop {
+        let rs = shard.server(server);
         let _lease = shard.load.lease(server, rs.connection_limit);
         let pooled = if fresh_only {
             None
@@ -825,36 +986,35 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let mut up = match pooled {
             Some(c) => c,
-            None => match connect(
-                server,
-                rs.address,
-                vs.connect_timeout,
-                shard.upstream_tls(server),
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    let c = &shard.metrics.servers[server.0].connect_errors;
-                    c.set(c.get() + 1);
-                    return Err(match e {
-                        ConnectError::TimedOut => {
-                            ProxyError::upstream(504, "real server connect timed out")
+            None => {
+                let budget = retry
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(vs.connect_timeout)
+                    .max(Duration::from_millis(1));
+                match connect(server, rs.address, budget, shard.upstream_tls(server)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let c = &shard.metrics.servers[server.0].connect_errors;
+                        c.set(c.get() + 1);
+                        shard.upstream_failed(server);
+                        let err = connect_error(shard, rs, e).at(server);
+                        match next_server(
+                            shard, vs, &mut retry, &mut tried, server, req_out, set_cookie,
+                        ) {
+                            Some(next) => {
+                                shard.diag(err.reason, || {
+                                    tracing::warn!(service = %vs.name, real_server = %rs.name, "{}: retrying on {}", err.reason, shard.server(next).name)
+                                });
+                                server = next;
+                                fresh_only = false;
+                                continue;
+                            }
+                            None => return Err(err),
                         }
-                        ConnectError::Refused(_) => {
-                            ProxyError::upstream(502, "real server refused the connection")
-                        }
-                        ConnectError::Tls(e) => {
-                            tracing::warn!(service = %vs.name, real_server = %rs.name, "re-encryption to real server failed: {e}");
-                            ProxyError::upstream(
-                                502,
-                                "real server certificate or TLS handshake failed",
-                            )
-                            .with_event("upstream_certificate")
-                        }
-                    });
+                    }
                 }
-            },
+            }
         };
         if info.expect_continue && !sent_continue {
             // We stand in for the real server's 100 Continue (Expect is not forwarded).
@@ -862,38 +1022,60 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .is_err()
             {
-                return Ok(Done {
-                    keep: false,
-                    status: 100,
-                    bytes_out: 0,
-                    body_in: 0,
-                });
+                return Ok((
+                    Done {
+                        keep: false,
+                        status: 100,
+                        bytes_out: 0,
+                        body_in: 0,
+                    },
+                    server,
+                ));
             }
             sent_continue = true;
         }
         let head = ClientHead {
             out: &mut *resp_out,
-            set_cookie,
+            set_cookie: &set_cookie[..],
             shard,
         };
         match send_and_receive(vs, client, cbuf, &mut up, req_out, info, head).await {
             Ok((resp, framing, body_in)) => {
-                let mut done =
-                    respond(shard, vs, client, cbuf, up, resp_out, info, resp, framing).await?;
+                shard.upstream_ok(server);
+                let mut done = respond(shard, vs, client, cbuf, up, resp_out, info, resp, framing)
+                    .await
+                    .map_err(|e| e.at(server))?;
                 done.body_in += body_in;
-                return Ok(done);
+                return Ok((done, server));
             }
             Err(Attempt::Retry) if replayable && up.reused => {
+                // A pooled connection the server had closed: not the server's failure.
                 fresh_only = true;
                 continue;
             }
             Err(Attempt::Retry) => {
-                return Err(ProxyError::upstream(
-                    502,
-                    "real server closed the connection before answering",
-                ))
+                let err =
+                    ProxyError::upstream(502, "real server closed the connection before answering")
+                        .at(server);
+                if up.reused {
+                    return Err(err);
+                }
+                shard.upstream_failed(server);
+                if !replayable {
+                    return Err(err);
+                }
+                match next_server(
+                    shard, vs, &mut retry, &mut tried, server, req_out, set_cookie,
+                ) {
+                    Some(next) => {
+                        server = next;
+                        fresh_only = false;
+                        continue;
+                    }
+                    None => return Err(err),
+                }
             }
-            Err(Attempt::Fail(e)) => return Err(e),
+            Err(Attempt::Fail(e)) => return Err(e.at(server)),
         }
     }
 }
@@ -1148,7 +1330,10 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => {
             // The client has a partial response: all we can do is close (the truncation
             // tells it). The upstream connection is dropped, never pooled.
-            tracing::warn!(service = %vs.name, "response relay failed: {e:?}");
+            shard.diag(
+                "response relay failed",
+                || tracing::warn!(service = %vs.name, "response relay failed: {e:?}"),
+            );
             return Ok(done);
         }
     }

@@ -7,6 +7,17 @@ use crate::config::ServerId;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+/// A real server's health as this shard sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Health-checked but no result yet (start-up, or just added): used only when no server
+    /// of its pool is up, so a dead server at start costs a retry, never a failure.
+    Checking,
+    Up,
+    Down,
+}
 
 /// `unacked` marker: admitted, not yet in a published snapshot.
 const PENDING: u64 = u64::MAX;
@@ -38,8 +49,10 @@ pub struct LoadView {
     /// by every peer (0: none; PENDING: not yet published).
     unacked: Vec<Cell<u64>>,
     want_ack: Cell<bool>,
-    /// Health as decided by the shard that checks the server (true until checks say otherwise).
-    up: Vec<Cell<bool>>,
+    /// Health as decided by the shard that checks the server, or by passive failures.
+    health: Vec<Cell<Health>>,
+    /// When a server came back up after being down (for slow start); None at start.
+    up_since: Vec<Cell<Option<Instant>>>,
     /// Operator state (admin enable/disable).
     enabled: Vec<Cell<bool>>,
     dirty: Cell<bool>,
@@ -63,7 +76,8 @@ impl LoadView {
             acked_by: RefCell::new(vec![0; nr_shards]),
             unacked: (0..nr_servers).map(|_| Cell::new(0)).collect(),
             want_ack: Cell::new(false),
-            up: (0..nr_servers).map(|_| Cell::new(true)).collect(),
+            health: (0..nr_servers).map(|_| Cell::new(Health::Up)).collect(),
+            up_since: (0..nr_servers).map(|_| Cell::new(None)).collect(),
             enabled: (0..nr_servers).map(|_| Cell::new(true)).collect(),
             dirty: Cell::new(false),
             publisher: RefCell::new(None),
@@ -107,11 +121,32 @@ impl LoadView {
 
     /// Healthy and enabled: may get new connections.
     pub fn usable(&self, id: ServerId) -> bool {
-        self.up.get(id.0).is_some_and(Cell::get) && self.enabled.get(id.0).is_some_and(Cell::get)
+        self.health(id) == Health::Up && self.is_enabled(id)
+    }
+
+    /// Not yet checked and enabled: a candidate only while nothing in its pool is up.
+    pub fn fallback(&self, id: ServerId) -> bool {
+        self.health(id) == Health::Checking && self.is_enabled(id)
+    }
+
+    pub fn health(&self, id: ServerId) -> Health {
+        self.health.get(id.0).map(Cell::get).unwrap_or(Health::Down)
     }
 
     pub fn is_up(&self, id: ServerId) -> bool {
-        self.up.get(id.0).is_some_and(Cell::get)
+        self.health(id) == Health::Up
+    }
+
+    /// Since when a server that had been down is up again (None: up since start, or down).
+    pub fn up_since(&self, id: ServerId) -> Option<Instant> {
+        self.up_since.get(id.0).and_then(Cell::get)
+    }
+
+    /// A health-checked server starts in `Checking` (no traffic until its first good check).
+    pub fn set_checking(&self, id: ServerId) {
+        if let Some(c) = self.health.get(id.0) {
+            c.set(Health::Checking);
+        }
     }
 
     pub fn is_enabled(&self, id: ServerId) -> bool {
@@ -119,8 +154,14 @@ impl LoadView {
     }
 
     pub fn set_up(&self, id: ServerId, up: bool) {
-        if let Some(c) = self.up.get(id.0) {
-            if c.replace(up) != up {
+        let new = if up { Health::Up } else { Health::Down };
+        if let Some(c) = self.health.get(id.0) {
+            let old = c.replace(new);
+            if old != new {
+                if let Some(t) = self.up_since.get(id.0) {
+                    // Slow start ramps a server that comes back, not one seen for the first time.
+                    t.set((old == Health::Down && up).then(Instant::now));
+                }
                 self.notify_capacity();
             }
         }

@@ -5,26 +5,34 @@
 pub mod load;
 pub mod persist;
 
-pub use load::{Lease, LoadView, Snapshot};
+pub use load::{Health, Lease, LoadView, Snapshot};
 
 use crate::config::{Pool, RealServer, Scheduling, ServerId};
 use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
 
 struct Candidate {
     id: ServerId,
     weight: u32,
     limit: u32,
+    /// Round-robin credit of a server in slow start (it takes a turn per whole credit).
+    credit: Cell<f64>,
 }
 
 /// Per-shard scheduler state for one pool.
 pub struct Scheduler {
     method: Scheduling,
     servers: Vec<Candidate>,
+    /// A server that comes back up ramps from a small share to its full weight over this.
+    slow_start: Duration,
     /// Round-robin cursor.
     next: Cell<usize>,
     /// Smooth weighted round-robin current weights.
     current: RefCell<Vec<i64>>,
 }
+
+/// Slow start never ramps below this share of a server's weight.
+const MIN_RAMP: f64 = 0.01;
 
 impl Scheduler {
     /// `shard` offsets the round-robin start so shards do not all begin on the same server.
@@ -38,6 +46,7 @@ impl Scheduler {
                     id: r.id,
                     weight: r.weight,
                     limit: r.connection_limit,
+                    credit: Cell::new(0.0),
                 }
             })
             .collect();
@@ -46,19 +55,48 @@ impl Scheduler {
             method: pool.scheduling,
             current: RefCell::new(vec![0; servers.len()]),
             servers,
+            slow_start: pool.slow_start,
             next: Cell::new(shard % n),
         }
     }
 
-    fn available(&self, c: &Candidate, view: &LoadView) -> bool {
-        view.usable(c.id) && view.admits(c.id, c.limit)
+    /// May `c` take a request: healthy (or, with `fallback`, not yet checked), enabled, below
+    /// its limit, and not already tried for this request.
+    fn available(
+        &self,
+        c: &Candidate,
+        view: &LoadView,
+        exclude: &[ServerId],
+        fallback: bool,
+    ) -> bool {
+        let healthy = if fallback {
+            view.fallback(c.id)
+        } else {
+            view.usable(c.id)
+        };
+        healthy && !exclude.contains(&c.id) && view.admits(c.id, c.limit)
+    }
+
+    /// Share of its weight a server gets now: below 1 while it ramps after coming back up.
+    fn ramp(&self, c: &Candidate, view: &LoadView, now: Instant) -> f64 {
+        if self.slow_start.is_zero() {
+            return 1.0;
+        }
+        match view.up_since(c.id) {
+            Some(t) => {
+                let f =
+                    now.saturating_duration_since(t).as_secs_f64() / self.slow_start.as_secs_f64();
+                f.clamp(MIN_RAMP, 1.0)
+            }
+            None => 1.0,
+        }
     }
 
     /// May `id` (say, a persisted choice) take this request: up, enabled, below its limit?
     pub fn accepts(&self, id: ServerId, view: &LoadView) -> bool {
         self.servers
             .iter()
-            .any(|c| c.id == id && self.available(c, view))
+            .any(|c| c.id == id && self.available(c, view, &[], false))
     }
 
     /// Would a server take the request once this shard's pending admission is acknowledged?
@@ -74,22 +112,58 @@ impl Scheduler {
     }
 
     /// The real server for the next request, or None when none is usable and below its limit.
-    pub fn pick(&self, view: &LoadView) -> Option<ServerId> {
-        let n = self.servers.len();
-        if n == 0 {
+    /// `exclude`: servers this request already failed on. Servers not yet checked are chosen
+    /// only when no server of the pool is up.
+    pub fn pick(&self, view: &LoadView, exclude: &[ServerId], now: Instant) -> Option<ServerId> {
+        if self.servers.is_empty() {
             return None;
         }
+        if let Some(id) = self.pick_among(view, exclude, now, false) {
+            return Some(id);
+        }
+        if self.any_usable(view) {
+            return None;
+        }
+        self.pick_among(view, exclude, now, true)
+    }
+
+    fn pick_among(
+        &self,
+        view: &LoadView,
+        exclude: &[ServerId],
+        now: Instant,
+        fallback: bool,
+    ) -> Option<ServerId> {
+        let n = self.servers.len();
+        let available = |c: &Candidate| self.available(c, view, exclude, fallback);
         match self.method {
             Scheduling::RoundRobin => {
                 let start = self.next.get();
+                // A ramping server takes its turn only per whole credit; if every other
+                // server is out, it takes the request anyway.
+                let mut skipped = None;
                 for k in 0..n {
                     let i = (start + k) % n;
-                    if self.available(&self.servers[i], view) {
-                        self.next.set((i + 1) % n);
-                        return Some(self.servers[i].id);
+                    let c = &self.servers[i];
+                    if !available(c) {
+                        continue;
                     }
+                    let r = self.ramp(c, view, now);
+                    if r < 1.0 {
+                        let credit = c.credit.get() + r;
+                        if credit < 1.0 {
+                            c.credit.set(credit);
+                            skipped.get_or_insert(i);
+                            continue;
+                        }
+                        c.credit.set(credit - 1.0);
+                    }
+                    self.next.set((i + 1) % n);
+                    return Some(c.id);
                 }
-                None
+                let i = skipped?;
+                self.next.set((i + 1) % n);
+                Some(self.servers[i].id)
             }
             Scheduling::WeightedRoundRobin => {
                 // nginx's smooth weighted round-robin over the available servers.
@@ -97,11 +171,12 @@ impl Scheduler {
                 let mut total: i64 = 0;
                 let mut best: Option<usize> = None;
                 for (i, c) in self.servers.iter().enumerate() {
-                    if !self.available(c, view) {
+                    if !available(c) {
                         continue;
                     }
-                    cur[i] += c.weight as i64;
-                    total += c.weight as i64;
+                    let w = ((c.weight as f64 * self.ramp(c, view, now)) as i64).max(1);
+                    cur[i] += w;
+                    total += w;
                     if best.is_none_or(|b| cur[i] > cur[b]) {
                         best = Some(i);
                     }
@@ -113,15 +188,18 @@ impl Scheduler {
             Scheduling::LeastConnection | Scheduling::WeightedLeastConnection => {
                 let weighted = self.method == Scheduling::WeightedLeastConnection;
                 let start = self.next.get();
-                let mut best: Option<(usize, u64, u64)> = None; // (index, count, weight)
+                let mut best: Option<(usize, u64, u64)> = None; // (index, count + 1, weight)
                 for k in 0..n {
                     let i = (start + k) % n;
                     let c = &self.servers[i];
-                    if !self.available(c, view) {
+                    if !available(c) {
                         continue;
                     }
-                    let count = view.global(c.id) as u64;
-                    let w = if weighted { c.weight as u64 } else { 1 };
+                    // (count + 1) / weight, as HAProxy: an idle server still weighs its weight,
+                    // so a ramping one with no connections does not take everything.
+                    let count = view.global(c.id) as u64 + 1;
+                    let base = if weighted { c.weight as f64 } else { 1000.0 };
+                    let w = ((base * self.ramp(c, view, now)) as u64).max(1);
                     // compare count/w without division: a/wa < b/wb  <=>  a*wb < b*wa
                     let better = match best {
                         None => true,
@@ -167,6 +245,7 @@ mod tests {
             servers: servers.iter().map(|s| s.id).collect(),
             persistence: Persistence::None,
             health_check: None,
+            slow_start: Duration::ZERO,
         };
         (p, servers)
     }
@@ -179,7 +258,7 @@ mod tests {
     fn counts(s: &Scheduler, load: &LoadView, n: usize, k: usize) -> Vec<usize> {
         let mut c = vec![0; k];
         for _ in 0..n {
-            c[s.pick(load).unwrap().0] += 1;
+            c[s.pick(load, &[], Instant::now()).unwrap().0] += 1;
         }
         c
     }
@@ -188,7 +267,9 @@ mod tests {
     fn round_robin_alternates() {
         let load = LoadView::new(0, 1, 3);
         let s = sched(Scheduling::RoundRobin, &[(1, 0), (1, 0), (1, 0)]);
-        let seq: Vec<_> = (0..6).map(|_| s.pick(&load).unwrap().0).collect();
+        let seq: Vec<_> = (0..6)
+            .map(|_| s.pick(&load, &[], Instant::now()).unwrap().0)
+            .collect();
         assert_eq!(seq, vec![0, 1, 2, 0, 1, 2]);
     }
 
@@ -196,7 +277,9 @@ mod tests {
     fn smooth_weighted_round_robin_is_proportional_and_interleaved() {
         let load = LoadView::new(0, 1, 3);
         let s = sched(Scheduling::WeightedRoundRobin, &[(5, 0), (1, 0), (1, 0)]);
-        let seq: Vec<_> = (0..7).map(|_| s.pick(&load).unwrap().0).collect();
+        let seq: Vec<_> = (0..7)
+            .map(|_| s.pick(&load, &[], Instant::now()).unwrap().0)
+            .collect();
         // nginx's reference sequence for weights 5,1,1
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(counts(&s, &load, 700, 3), vec![500, 100, 100]);
@@ -217,7 +300,7 @@ mod tests {
                 want_ack: false,
             },
         );
-        assert_eq!(s.pick(&load), Some(ServerId(0)));
+        assert_eq!(s.pick(&load, &[], Instant::now()), Some(ServerId(0)));
     }
 
     #[test]
@@ -227,7 +310,7 @@ mod tests {
         let _a: Vec<_> = (0..2).map(|_| load.lease(ServerId(0), 0)).collect();
         let _b = load.lease(ServerId(1), 0);
         // 2/3 < 1/1
-        assert_eq!(s.pick(&load), Some(ServerId(0)));
+        assert_eq!(s.pick(&load, &[], Instant::now()), Some(ServerId(0)));
     }
 
     #[test]
@@ -236,13 +319,21 @@ mod tests {
         let s = sched(Scheduling::RoundRobin, &[(1, 1), (1, 0)]);
         let _l = load.lease(ServerId(0), 1);
         for _ in 0..4 {
-            assert_eq!(s.pick(&load), Some(ServerId(1)));
+            assert_eq!(s.pick(&load, &[], Instant::now()), Some(ServerId(1)));
         }
         load.set_up(ServerId(1), false);
-        assert_eq!(s.pick(&load), None, "one at its limit, one down");
+        assert_eq!(
+            s.pick(&load, &[], Instant::now()),
+            None,
+            "one at its limit, one down"
+        );
         load.set_up(ServerId(1), true);
         load.set_enabled(ServerId(1), false);
-        assert_eq!(s.pick(&load), None, "one at its limit, one disabled");
+        assert_eq!(
+            s.pick(&load, &[], Instant::now()),
+            None,
+            "one at its limit, one disabled"
+        );
         assert!(!s.accepts(ServerId(0), &load));
         load.set_enabled(ServerId(1), true);
         assert!(s.accepts(ServerId(1), &load));

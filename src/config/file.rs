@@ -105,6 +105,48 @@ pub struct FileShard {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: Spanned<String>,
+    /// Client addresses (CIDR) allowed to reach the admin listener (default: all).
+    pub allow: Option<Spanned<Vec<String>>>,
+    /// Client addresses refused (deny wins over allow).
+    pub deny: Option<Spanned<Vec<String>>>,
+}
+
+/// An IP access list: CIDR blocks (v4 and v6), deny wins, an empty allow list allows all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccess {
+    pub allow: Option<Spanned<Vec<String>>>,
+    pub deny: Option<Spanned<Vec<String>>>,
+}
+
+/// Whether a request path that normalisation changed is forwarded normalised or refused.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathNormalization {
+    #[default]
+    Forward,
+    Refuse,
+}
+
+/// What happens to a client's X-Forwarded-For.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedFor {
+    /// The real server sees only the client's address.
+    #[default]
+    Replace,
+    /// Earlier hops are kept (only from `trusted_proxies`, when that is set).
+    Append,
+}
+
+/// A health-checked server's state before its first check.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitialState {
+    /// No traffic until the first good check (the checks start at once).
+    #[default]
+    Checking,
+    Up,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,6 +192,23 @@ pub struct FileVirtualService {
     pub queue_size: Option<usize>,
     /// Idle upstream connections kept per real server per shard.
     pub pool_size: Option<usize>,
+    /// Other real servers tried when connecting fails (or a request got no answer at all).
+    pub retries: Option<Spanned<u32>>,
+    /// Consecutive connect failures or resets that take a real server out at once (0: never).
+    pub passive_fall: Option<Spanned<u32>>,
+    /// A real server that comes back up ramps its weight over this long (0: at once).
+    pub slow_start: Option<Spanned<String>>,
+    /// A path that normalisation changes ("/%61dmin", "/x/../admin"): forwarded normalised,
+    /// or refused with 400.
+    pub path_normalization: Option<PathNormalization>,
+    /// "replace" (default) or "append" the client's X-Forwarded-For.
+    pub forwarded_for: Option<ForwardedFor>,
+    /// Peers (CIDR) whose forwarding headers are kept; others' are replaced or dropped.
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    /// Also send an RFC 7239 Forwarded header (for=, proto=, host=).
+    pub forwarded_header: Option<bool>,
+    /// IP access list, checked at accept (before TLS).
+    pub access: Option<FileAccess>,
     /// How long an idle pooled upstream connection may be reused.
     pub pool_idle_timeout: Option<Spanned<String>>,
     /// Largest request head accepted (431 beyond).
@@ -230,6 +289,8 @@ pub struct FileHealthCheck {
     pub expect: Option<Spanned<Vec<String>>>,
     /// Host header sent with HTTP checks (default: the real server's host).
     pub host: Option<String>,
+    /// "checking" (default): no traffic before the first good check; "up": traffic at once.
+    pub initial_state: Option<InitialState>,
 }
 
 /// A LoadMaster SubVS: requests whose Host/SNI (and path) match go to its own real servers.
@@ -248,6 +309,8 @@ pub struct FileSubService {
     pub health_check: Option<FileHealthCheck>,
     /// ESP rules of this sub-service (default: the virtual service's).
     pub esp: Option<FileEsp>,
+    /// IP access list of this sub-service (403 for requests routed here from others).
+    pub access: Option<FileAccess>,
     #[serde(default)]
     pub real_server: Vec<FileRealServer>,
 }

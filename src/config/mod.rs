@@ -6,8 +6,11 @@ mod file;
 pub mod tls;
 mod units;
 
+pub use crate::access::Access;
 use file::*;
-pub use file::{CheckType, LimitAction, LogFormat, Scheduling, Steering};
+pub use file::{
+    CheckType, ForwardedFor, LimitAction, LogFormat, PathNormalization, Scheduling, Steering,
+};
 pub use units::{parse_duration, parse_size};
 
 use std::collections::HashSet;
@@ -66,6 +69,7 @@ pub struct Config {
 /// The file types one pool is validated from.
 struct PoolSpec<'a> {
     scheduling: Scheduling,
+    slow_start: Duration,
     persistence: &'a Option<FilePersistence>,
     health_check: &'a Option<FileHealthCheck>,
     real_server: &'a [FileRealServer],
@@ -83,6 +87,8 @@ pub struct Pool {
     pub servers: Vec<ServerId>,
     pub persistence: Persistence,
     pub health_check: Option<HealthCheck>,
+    /// The service's slow start: a server back up ramps its weight over this.
+    pub slow_start: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +118,8 @@ pub struct HealthCheck {
     /// Inclusive status ranges counted as healthy.
     pub expect: Vec<(u16, u16)>,
     pub host: Option<String>,
+    /// Traffic before the first check (initial_state = "up"); else none until a good one.
+    pub initial_up: bool,
 }
 
 /// Per client address limits.
@@ -176,6 +184,8 @@ pub struct SubService {
     pub pool: usize,
     /// Its own ESP rules (else the virtual service's).
     pub esp: Option<Esp>,
+    /// Who may reach it (checked once a request is routed here).
+    pub access: Option<Access>,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +235,7 @@ impl Runtime {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    pub access: Option<Access>,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +270,18 @@ pub struct VirtualService {
     pub tls: Option<Tls>,
     pub reencrypt: Option<Reencrypt>,
     pub redirect: Option<Redirect>,
+    /// Other real servers tried when connecting fails (or an idempotent request got nothing).
+    pub retries: u32,
+    /// Consecutive connect failures or resets that take a server out (0: never).
+    pub passive_fall: u32,
+    pub path_normalization: PathNormalization,
+    pub forwarded_for: ForwardedFor,
+    /// Peers whose forwarding headers are kept (empty: nobody's).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Add an RFC 7239 Forwarded header.
+    pub forwarded_header: bool,
+    /// Who may connect (checked at accept, before TLS).
+    pub access: Option<Access>,
 }
 
 /// TLS termination for a virtual service.
@@ -431,6 +454,7 @@ impl Validator<'_> {
         let admin = match &file.admin {
             Some(a) => Some(Admin {
                 listen: self.socket_addr(&a.listen, "admin.listen")?,
+                access: self.access(&a.allow, &a.deny, "admin")?,
             }),
             None => None,
         };
@@ -535,7 +559,10 @@ impl Validator<'_> {
             };
             let reencrypting = reencrypt.is_some();
             let vs_idx = services.len();
+            let slow_start =
+                self.duration(&vs.slow_start, &format!("{p}.slow_start"), Duration::ZERO)?;
             let own = PoolSpec {
+                slow_start,
                 scheduling: vs.scheduling,
                 persistence: &vs.persistence,
                 health_check: &vs.health_check,
@@ -587,6 +614,7 @@ impl Validator<'_> {
                     ));
                 }
                 let spec = PoolSpec {
+                    slow_start,
                     scheduling: sub.scheduling,
                     persistence: &sub.persistence,
                     health_check: &sub.health_check,
@@ -605,7 +633,12 @@ impl Validator<'_> {
                     Some(e) => Some(self.esp(e, &format!("{sp}.esp"))?),
                     None => None,
                 };
+                let access = match &sub.access {
+                    Some(a) => self.access(&a.allow, &a.deny, &format!("{sp}.access"))?,
+                    None => None,
+                };
                 sub_services.push(SubService {
+                    access,
                     esp: sub_esp,
                     name: sub_name,
                     hosts,
@@ -635,7 +668,31 @@ impl Validator<'_> {
                     connection: l.connection.unwrap_or(true),
                 },
             };
+            let count = |v: &Option<Spanned<u32>>, f: &str, d: u32, max: u32| match v {
+                None => Ok(d),
+                Some(n) if *n.get_ref() <= max => Ok(*n.get_ref()),
+                Some(n) => Err(self.err(
+                    Some(n.span()),
+                    &format!("{p}.{f}"),
+                    format!("must be between 0 and {max}"),
+                )),
+            };
+            let trusted_proxies = match &vs.trusted_proxies {
+                None => Vec::new(),
+                Some(list) => self.cidr_list(list, &format!("{p}.trusted_proxies"))?,
+            };
+            let access = match &vs.access {
+                Some(a) => self.access(&a.allow, &a.deny, &format!("{p}.access"))?,
+                None => None,
+            };
             services.push(VirtualService {
+                retries: count(&vs.retries, "retries", 2, 10)?,
+                passive_fall: count(&vs.passive_fall, "passive_fall", 3, 100)?,
+                path_normalization: vs.path_normalization.unwrap_or_default(),
+                forwarded_for: vs.forwarded_for.unwrap_or_default(),
+                trusted_proxies,
+                forwarded_header: vs.forwarded_header.unwrap_or(false),
+                access,
                 esp,
                 logging,
                 pool,
@@ -794,8 +851,43 @@ impl Validator<'_> {
             servers: ids,
             persistence,
             health_check,
+            slow_start: spec.slow_start,
         });
         Ok(id)
+    }
+
+    /// CIDR blocks (or bare addresses), each checked.
+    fn cidr_list(
+        &self,
+        list: &Spanned<Vec<String>>,
+        field: &str,
+    ) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        list.get_ref()
+            .iter()
+            .map(|c| {
+                crate::access::parse_cidr(c).map_err(|m| self.err(Some(list.span()), field, m))
+            })
+            .collect()
+    }
+
+    /// An access list from its allow and deny keys (None when neither is given).
+    fn access(
+        &self,
+        allow: &Option<Spanned<Vec<String>>>,
+        deny: &Option<Spanned<Vec<String>>>,
+        p: &str,
+    ) -> Result<Option<Access>, ConfigError> {
+        if allow.is_none() && deny.is_none() {
+            return Ok(None);
+        }
+        let list = |v: &Option<Spanned<Vec<String>>>, f: &str| match v {
+            None => Ok(Vec::new()),
+            Some(l) => self.cidr_list(l, &format!("{p}.{f}")),
+        };
+        Ok(Some(Access {
+            allow: list(allow, "allow")?,
+            deny: list(deny, "deny")?,
+        }))
     }
 
     fn log_target(
@@ -982,6 +1074,7 @@ impl Validator<'_> {
             fall: count(&h.fall, "fall", 3)?,
             expect,
             host: h.host.clone(),
+            initial_up: h.initial_state == Some(InitialState::Up),
         })
     }
 

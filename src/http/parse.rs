@@ -355,6 +355,9 @@ pub fn parse_request<'h, 'b>(
             reason: "CONNECT is not served",
         });
     }
+    if !path.is_ascii() {
+        return Err(bad("request target is not ASCII"));
+    }
     let mut host_from_target = None;
     let target = if path.starts_with('/') {
         Target::Origin(path)
@@ -413,10 +416,8 @@ pub fn parse_request<'h, 'b>(
     if minor == 1 && nr_host == 0 {
         return Err(bad("missing Host"));
     }
-    if let Some(h) = host {
-        if h.iter()
-            .any(|&b| b == b' ' || b == b'\t' || b == b'/' || b == b'@')
-        {
+    for h in [host, host_from_target].into_iter().flatten() {
+        if !valid_authority(h) {
             return Err(bad("invalid Host"));
         }
     }
@@ -466,6 +467,84 @@ pub fn parse_request<'h, 'b>(
         headers: hdrs,
         connection,
     }))
+}
+
+/// Is `h` exactly RFC 3986 `host [":" port]` (reg-name, IPv4 or IP-literal)? Anything else
+/// (raw UTF-8, quotes, backslashes, spaces, controls, userinfo, a path) is refused, so the
+/// host routing, ESP and the real server read the same name. An empty Host is allowed (the
+/// RFC allows it when the target has no authority).
+pub fn valid_authority(h: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = h.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        let ok = std::str::from_utf8(literal)
+            .ok()
+            .is_some_and(|l| l.parse::<std::net::Ipv6Addr>().is_ok());
+        if !ok {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (&b""[..], None),
+            [b':', port @ ..] => (&b""[..], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match h.iter().rposition(|&b| b == b':') {
+            Some(i) => (&h[..i], Some(&h[i + 1..])),
+            None => (h, None),
+        }
+    };
+    if let Some(p) = port {
+        if p.len() > 5 || !p.iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        if !p.is_empty()
+            && std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none()
+        {
+            return false;
+        }
+    }
+    // reg-name (an IPv4 address is one too): unreserved / pct-encoded / sub-delims
+    let mut i = 0;
+    while i < host.len() {
+        let b = host[i];
+        if b == b'%' {
+            let hex = |j: usize| host.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let ok = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// What the proxy keeps of a response once its head buffer is released.

@@ -11,6 +11,24 @@ pub struct Forwarded {
     pub client_ip: IpAddr,
     /// "http" or "https".
     pub proto: &'static str,
+    /// The client is a trusted proxy: its forwarding headers are kept (X-Forwarded-For
+    /// appended to); from anyone else they are dropped and X-Forwarded-For is replaced.
+    pub trusted: bool,
+    /// Add an RFC 7239 Forwarded header.
+    pub rfc7239: bool,
+}
+
+/// Forwarding headers a client could forge: dropped unless the client is a trusted proxy
+/// (X-Forwarded-For and X-Forwarded-Proto are written by us in any case).
+fn is_forwarding(name: &str) -> bool {
+    [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+        "x-forwarded-port",
+    ]
+    .iter()
+    .any(|f| name.eq_ignore_ascii_case(f))
 }
 
 /// Append `n` in decimal (no formatting machinery: this runs for every request).
@@ -60,22 +78,36 @@ fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Append the upstream request head to `out`. `default_host` is sent when an HTTP/1.0
-/// client sent no Host. `expect_handled`: we answered 100-continue ourselves, so Expect goes.
+/// client sent no Host; then its place in `out` is returned (a retry on another real server
+/// rewrites it). `expect_handled`: we answered 100-continue ourselves, so Expect goes.
+/// `path`: the normalised path sent instead of the client's (its query is kept as it came).
 pub fn write_request_head(
     req: &ParsedRequest<'_, '_>,
     fwd: &Forwarded,
     default_host: &str,
     expect_handled: bool,
+    path: Option<&[u8]>,
     out: &mut Vec<u8>,
-) {
+) -> Option<std::ops::Range<usize>> {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    match req.target {
-        Target::Origin(p) => out.extend_from_slice(p.as_bytes()),
-        Target::Asterisk => out.push(b'*'),
+    match (req.target, path) {
+        (Target::Origin(p), Some(normal)) => {
+            out.extend_from_slice(normal);
+            if let Some(q) = p.find('?') {
+                out.extend_from_slice(&p.as_bytes()[q..]);
+            }
+        }
+        (Target::Origin(p), None) => out.extend_from_slice(p.as_bytes()),
+        (Target::Asterisk, _) => out.push(b'*'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let host_at = out.len() + "Host: ".len();
     put(out, "Host", req.host.unwrap_or(default_host.as_bytes()));
+    let default_host = req
+        .host
+        .is_none()
+        .then(|| host_at..host_at + default_host.len());
     let mut nr_xff = 0;
     for h in req.headers {
         let n = h.name;
@@ -83,8 +115,12 @@ pub fn write_request_head(
             nr_xff += 1;
             continue;
         }
+        if n.eq_ignore_ascii_case("forwarded") && fwd.rfc7239 {
+            continue; // written below, theirs first when trusted
+        }
         if n.eq_ignore_ascii_case("host")
             || n.eq_ignore_ascii_case("x-forwarded-proto")
+            || (!fwd.trusted && is_forwarding(n))
             || (expect_handled && n.eq_ignore_ascii_case("expect"))
             || req.connection.lists(n)
         {
@@ -102,9 +138,9 @@ pub fn write_request_head(
     if req.info.upgrade {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
     }
-    // Earlier hops first, in order, then the address this connection came from.
+    // Earlier hops first, in order (from a trusted proxy only), then this connection's address.
     out.extend_from_slice(b"X-Forwarded-For: ");
-    if nr_xff > 0 {
+    if nr_xff > 0 && fwd.trusted {
         for h in req
             .headers
             .iter()
@@ -118,7 +154,40 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(fwd.proto.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if fwd.rfc7239 {
+        out.extend_from_slice(b"Forwarded: ");
+        if fwd.trusted {
+            for h in req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("forwarded"))
+            {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(b"for=");
+        match fwd.client_ip {
+            IpAddr::V4(_) => put_ip(out, fwd.client_ip),
+            IpAddr::V6(_) => {
+                // RFC 7239: an IPv6 node is a quoted, bracketed string
+                out.extend_from_slice(b"\"[");
+                put_ip(out, fwd.client_ip);
+                out.extend_from_slice(b"]\"");
+            }
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(fwd.proto.as_bytes());
+        if let Some(h) = req.host {
+            // Host is validated (no quote or backslash), so it quotes as it is.
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(h);
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"\r\n");
+    }
     put_via_and_end(out, req.info.minor);
+    default_host
 }
 
 /// How the response head is to be framed for the client.

@@ -39,6 +39,8 @@ pub enum MeshMsg {
         at_unix_ms: u64,
         detail: String,
     },
+    /// `server` failed passive health on the sender: take it out now.
+    PassiveDown { server: usize },
     /// Operator enable/disable of `server`.
     Enabled { server: usize, enabled: bool },
     /// The admin shard asks every shard for its metrics.
@@ -99,6 +101,11 @@ fn apply(shard: &Shard, msg: MeshMsg) {
                     at_unix_ms,
                     detail,
                 });
+            }
+        }
+        MeshMsg::PassiveDown { server } => {
+            if server < shard.config.nr_servers {
+                shard.passive_down(ServerId(server));
             }
         }
         MeshMsg::Enabled { server, enabled } => shard.load.set_enabled(ServerId(server), enabled),

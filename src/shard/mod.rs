@@ -94,10 +94,19 @@ pub struct Shard {
     pub mesh: RefCell<Option<Rc<mesh::Outbox>>>,
     pub log: ShardLog,
     pub metrics: ShardMetrics,
-    /// Metrics gathering on the admin shard: query id and the replies so far.
+    /// Metrics gathering on the admin shard: the last query id, and the replies so far of
+    /// each gather in progress (two overlapping scrapes each get their own).
     metrics_query: Cell<u64>,
-    metrics_replies: RefCell<Vec<MetricsSnapshot>>,
+    metrics_replies: RefCell<Vec<(u64, Vec<MetricsSnapshot>)>>,
+    /// Per ServerId: connect failures or resets in a row seen by this shard (passive health).
+    passive: Vec<Cell<u32>>,
+    /// Repetitive diagnostics (refusals, failed handshakes) are rate-limited per kind.
+    diag_limit: crate::diag::RateLimit,
 }
+
+/// Without an active health check, a server taken out by passive health is tried again after
+/// this long (nginx's fail_timeout).
+pub const PASSIVE_RETRY: Duration = Duration::from_secs(10);
 
 /// One health-check outcome, for /status.
 #[derive(Debug, Clone)]
@@ -138,6 +147,14 @@ impl Shard {
             });
         }
         let nr_shards = config.runtime.cores.len();
+        let load = Rc::new(LoadView::new(id, nr_shards, config.nr_servers));
+        for pool in &config.pools {
+            if pool.health_check.as_ref().is_some_and(|h| !h.initial_up) {
+                for &s in &pool.servers {
+                    load.set_checking(s);
+                }
+            }
+        }
         Ok(Shard {
             acceptors,
             connectors,
@@ -145,7 +162,9 @@ impl Shard {
             id,
             nr_shards,
             core: config.runtime.cores[id],
-            load: Rc::new(LoadView::new(id, nr_shards, config.nr_servers)),
+            load,
+            passive: (0..config.nr_servers).map(|_| Cell::new(0)).collect(),
+            diag_limit: Default::default(),
             pools: Pools::new(config.nr_servers),
             schedulers: config
                 .pools
@@ -219,29 +238,126 @@ impl Shard {
         )
     }
 
+    /// A peer's answer to gather `id` (dropped when that gather has given up waiting).
     fn metrics_reply(&self, id: u64, snap: MetricsSnapshot) {
-        if id == self.metrics_query.get() {
-            self.metrics_replies.borrow_mut().push(snap);
+        let mut gathers = self.metrics_replies.borrow_mut();
+        if let Some((_, replies)) = gathers.iter_mut().find(|(g, _)| *g == id) {
+            replies.push(snap);
         }
     }
 
     /// Every shard's metrics, merged: own snapshot plus the peers' replies (those that answer
-    /// within a second).
+    /// within a second). Each gather has its own id and reply list, so overlapping scrapes
+    /// never take each other's replies.
     pub async fn gather_metrics(&self) -> Merged {
         let id = self.metrics_query.get() + 1;
         self.metrics_query.set(id);
-        self.metrics_replies.borrow_mut().clear();
+        self.metrics_replies.borrow_mut().push((id, Vec::new()));
         let me = self.id;
         self.tell_peers(|| mesh::MeshMsg::MetricsQuery { from: me, id })
             .await;
         let deadline = Instant::now() + Duration::from_secs(1);
-        while self.metrics_replies.borrow().len() + 1 < self.nr_shards && Instant::now() < deadline
-        {
+        let answered = || {
+            self.metrics_replies
+                .borrow()
+                .iter()
+                .find(|(g, _)| *g == id)
+                .map_or(0, |(_, r)| r.len())
+        };
+        while answered() + 1 < self.nr_shards && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        let mut all = std::mem::take(&mut *self.metrics_replies.borrow_mut());
+        let mut all = {
+            let mut gathers = self.metrics_replies.borrow_mut();
+            match gathers.iter().position(|(g, _)| *g == id) {
+                Some(i) => gathers.swap_remove(i).1,
+                None => Vec::new(),
+            }
+        };
+        if all.len() + 1 < self.nr_shards {
+            tracing::warn!(
+                answered = all.len() + 1,
+                shards = self.nr_shards,
+                "metrics gather: not every shard answered within 1s"
+            );
+        }
         all.push(self.metrics_snapshot());
         merge(all)
+    }
+
+    /// Log a diagnostic of a repetitive `kind` through `log`, unless this shard has logged
+    /// `diag::BURST` of that kind this second (those are counted and reported with the next).
+    pub fn diag(&self, kind: &'static str, log: impl FnOnce()) {
+        match self
+            .diag_limit
+            .allow(kind, self.started.elapsed().as_secs())
+        {
+            None => {}
+            Some(0) => log(),
+            Some(n) => {
+                tracing::warn!(suppressed = n, "{n} similar messages suppressed: {kind}");
+                log();
+            }
+        }
+    }
+
+    /// A connect failure or a reset before any response byte on `id`. After the service's
+    /// `passive_fall` in a row (seen by this shard) the server is taken out at once, on every
+    /// shard; its active check (or, without one, PASSIVE_RETRY) brings it back.
+    pub fn upstream_failed(&self, id: ServerId) {
+        let c = &self.passive[id.0];
+        c.set(c.get().saturating_add(1));
+        let vs = &self.config.services[self.config.pools[self.server(id).pool].service];
+        if vs.passive_fall == 0
+            || c.get() < vs.passive_fall
+            || self.load.health(id) == crate::balance::Health::Down
+        {
+            return;
+        }
+        tracing::warn!(
+            real_server = %self.server(id).name,
+            failures = c.get(),
+            "real server is down: consecutive connect failures or resets (passive health)"
+        );
+        c.set(0);
+        let counter = &self.metrics.servers[id.0].passive_downs;
+        counter.set(counter.get() + 1);
+        self.passive_down(id);
+        let outbox = self.mesh.borrow().clone();
+        if let Some(o) = outbox {
+            glommio::spawn_local(async move {
+                o.broadcast(|| mesh::MeshMsg::PassiveDown { server: id.0 })
+                    .await;
+            })
+            .detach();
+        }
+    }
+
+    /// An exchange with `id` got a response: its run of failures ends.
+    pub fn upstream_ok(&self, id: ServerId) {
+        let c = &self.passive[id.0];
+        if c.get() != 0 {
+            c.set(0);
+        }
+    }
+
+    /// Take `id` out on this shard (passive health, here or on a peer).
+    pub fn passive_down(&self, id: ServerId) {
+        self.load.set_up(id, false);
+        self.pools.drop_server(id);
+        if self.config.pools[self.server(id).pool]
+            .health_check
+            .is_none()
+        {
+            let load = self.load.clone();
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(PASSIVE_RETRY).await;
+                if load.health(id) == crate::balance::Health::Down {
+                    load.set_up(id, true);
+                }
+            })
+            .detach();
+        }
     }
 
     /// Buffer storage of `size` bytes: pooled when it is the standard size.
@@ -656,7 +772,9 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(shard = shard.id, "accept failed: {e}");
+                shard.diag("accept failed", || {
+                    tracing::warn!(shard = shard.id, "accept failed: {e}")
+                });
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -776,7 +894,9 @@ async fn serve_tls(
         Err(e) => {
             counters.tls_failures.set(counters.tls_failures.get() + 1);
             let service = &shard.config.services[vs];
-            tracing::info!(client = %peer, service = %service.name, "TLS handshake failed: {e}");
+            shard.diag("TLS handshake failed", || {
+                tracing::info!(client = %peer, service = %service.name, "TLS handshake failed: {e}")
+            });
             if service.logging.security {
                 let reason = e.to_string();
                 shard.log.security(&crate::log::SecurityRecord {

@@ -20,8 +20,13 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(req.info.body, BodyKind::Chunked);
         }
         let mut out = Vec::new();
-        let fwd = Forwarded { client_ip: "192.0.2.1".parse().unwrap(), proto: "http" };
-        write_request_head(&req, &fwd, "rs.example:80", req.info.expect_continue, &mut out);
+        let fwd = Forwarded {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            proto: "http",
+            trusted: false,
+            rfc7239: true,
+        };
+        write_request_head(&req, &fwd, "rs.example:80", req.info.expect_continue, None, &mut out);
         assert!(out.ends_with(b"\r\n\r\n"));
     }
 });
