@@ -10,10 +10,19 @@ use crate::shard::mesh::MeshMsg;
 use crate::shard::Shard;
 use glommio::net::{TcpListener, TcpStream};
 use serde_json::json;
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Admin connections served at once; beyond, new ones are closed at once (the admin port
+/// must not become a way to exhaust the shard that also serves traffic).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request head must arrive within this.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let open = Rc::new(Cell::new(0usize));
+    let access = shard.config.admin.as_ref().and_then(|a| a.access.clone());
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.closed().await;
@@ -23,20 +32,49 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+                let peer = match stream.peer_addr() {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                };
+                if access.as_ref().is_some_and(|a| !a.permits(peer.ip())) {
+                    shard.diag(
+                        "admin: client address not allowed",
+                        || tracing::warn!(client = %peer, "admin: client address not allowed"),
+                    );
+                    continue;
+                }
+                if open.get() >= MAX_ADMIN_CONNECTIONS {
+                    shard.diag(
+                        "admin: too many connections",
+                        || tracing::warn!(client = %peer, "admin: too many connections, closed"),
+                    );
+                    continue;
+                }
+                open.set(open.get() + 1);
+                let (shard, open) = (shard.clone(), open.clone());
+                crate::shard::spawn_connection(
+                    peer,
+                    Box::pin(async move {
+                        serve(shard, stream).await;
+                        open.set(open.get() - 1);
+                    }),
+                );
             }
             Some(Err(_)) => glommio::timer::sleep(Duration::from_millis(10)).await,
         }
     }
 }
 
-fn response(status: &str, ctype: &str, body: &str) -> Vec<u8> {
+/// A complete response; a HEAD request gets the head alone (same Content-Length).
+fn response(head_only: bool, status: &str, ctype: &str, body: &str) -> Vec<u8> {
     let mut resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    resp.extend_from_slice(body.as_bytes());
+    if !head_only {
+        resp.extend_from_slice(body.as_bytes());
+    }
     resp
 }
 
@@ -51,7 +89,7 @@ fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let mut buf = Buf::new(8192);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + ADMIN_HEAD_TIMEOUT;
     let (method, path) = loop {
         let mut hdrs = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut hdrs);
@@ -74,6 +112,8 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         }
     };
     let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
+    let head = method == "HEAD";
+    let response = |status: &str, ctype: &str, body: &str| response(head, status, ctype, body);
     let resp = match (method.as_str(), route) {
         ("GET" | "HEAD", "/status") => {
             let merged = shard.gather_metrics().await;

@@ -17,7 +17,7 @@ pub fn start(shard: &Rc<Shard>) {
     for rs in &shard.config.servers {
         let pool = &shard.config.pools[rs.pool];
         if pool.health_check.is_some() && rs.id.0 % shard.nr_shards == shard.id {
-            glommio::spawn_local(check_loop(shard.clone(), rs.id)).detach();
+            crate::runtime::supervise(shard.id, "health check", check_loop(shard.clone(), rs.id));
         }
     }
 }

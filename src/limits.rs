@@ -4,7 +4,7 @@
 //! the time passed in; bounded in memory.
 
 use crate::config::ClientLimits;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 
 /// Which limit refused something (metrics label and security-log reason).
@@ -61,6 +61,10 @@ struct Client {
 /// One virtual service's clients on one shard.
 pub struct ClientTable {
     clients: HashMap<IpAddr, Client>,
+    /// Addresses that had nothing open when queued, oldest first: eviction candidates. An
+    /// address may be queued more than once or have opened a connection since; both are
+    /// skipped when it comes up, so each new address costs O(1) amortised, never a scan.
+    idle: VecDeque<IpAddr>,
     max_entries: usize,
 }
 
@@ -71,16 +75,43 @@ impl ClientTable {
     pub fn new(max_entries: usize) -> ClientTable {
         ClientTable {
             clients: HashMap::new(),
+            idle: VecDeque::new(),
             max_entries: max_entries.max(16),
         }
     }
 
     fn entry(&mut self, ip: IpAddr) -> &mut Client {
-        if !self.clients.contains_key(&ip) && self.clients.len() >= self.max_entries {
-            // Forget addresses with nothing open; rate windows restart for them.
-            self.clients.retain(|_, c| c.conns > 0);
+        if !self.clients.contains_key(&ip) {
+            if self.clients.len() >= self.max_entries {
+                self.evict_one();
+            }
+            self.idle.push_back(ip);
         }
         self.clients.entry(ip).or_default()
+    }
+
+    /// Forget the longest-idle address with nothing open (its rate windows restart). When
+    /// every address has a connection open, none is forgotten: those are bounded by the
+    /// connection limits themselves.
+    fn evict_one(&mut self) {
+        while let Some(ip) = self.idle.pop_front() {
+            if self.clients.get(&ip).is_some_and(|c| c.conns == 0) {
+                self.clients.remove(&ip);
+                return;
+            }
+        }
+    }
+
+    /// Queue an address that has just closed its last connection; the queue's stale
+    /// entries are dropped when it outgrows the table (amortised O(1) per push).
+    fn queue_idle(&mut self, ip: IpAddr) {
+        self.idle.push_back(ip);
+        if self.idle.len() > 4 * self.max_entries {
+            let clients = &self.clients;
+            let mut seen = HashSet::new();
+            self.idle
+                .retain(|ip| clients.get(ip).is_some_and(|c| c.conns == 0) && seen.insert(*ip));
+        }
     }
 
     /// Count a new connection from `ip` at second `now`, unless a limit refuses it.
@@ -104,6 +135,9 @@ impl ClientTable {
     pub fn disconnect(&mut self, ip: IpAddr) {
         if let Some(c) = self.clients.get_mut(&ip) {
             c.conns = c.conns.saturating_sub(1);
+            if c.conns == 0 {
+                self.queue_idle(ip);
+            }
         }
     }
 
@@ -193,5 +227,40 @@ mod tests {
             let _ = t.request(a, 1, &limits(0, 0, 5));
         }
         assert!(t.len() <= 16, "{}", t.len());
+    }
+
+    #[test]
+    fn eviction_keeps_busy_addresses_and_forgets_the_oldest_idle() {
+        let l = limits(10, 0, 0);
+        let mut t = ClientTable::new(16);
+        let ip = |i: u32| IpAddr::from(i.to_be_bytes());
+        // 8 addresses hold a connection; 8 more came and went.
+        for i in 0..8 {
+            t.connect(ip(i), 1, &l).unwrap();
+        }
+        for i in 8..16 {
+            t.connect(ip(i), 1, &l).unwrap();
+            t.disconnect(ip(i));
+        }
+        // 10,000 new addresses: each evicts one idle address, never a busy one.
+        for i in 100..10_100 {
+            t.connect(ip(i), 1, &l).unwrap();
+            t.disconnect(ip(i));
+            assert!(t.len() <= 16);
+        }
+        for i in 0..8 {
+            assert_eq!(t.clients[&ip(i)].conns, 1, "busy address {i} kept");
+        }
+        assert!(
+            t.idle.len() <= 4 * 16 + 1,
+            "queue bounded: {}",
+            t.idle.len()
+        );
+        // With every entry busy, a new address is still admitted (table grows by it).
+        let mut full = ClientTable::new(16);
+        for i in 0..20 {
+            full.connect(ip(i), 1, &l).unwrap();
+        }
+        assert_eq!(full.len(), 20);
     }
 }

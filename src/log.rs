@@ -286,17 +286,24 @@ pub fn timestamp(out: &mut Vec<u8>, t: SystemTime) {
     );
 }
 
-/// A JSON string literal; bytes that are not printable ASCII are escaped.
+/// A JSON string literal. Valid UTF-8 is written as it is (`café` stays `café`); quotes,
+/// backslashes and control characters are escaped; each invalid sequence becomes `\ufffd`
+/// (as `String::from_utf8_lossy` would), so the record is always valid UTF-8 and JSON.
 fn json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
-    for &b in s {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
-                let _ = write!(out, "\\u{b:04x}");
+    for chunk in s.utf8_chunks() {
+        for &b in chunk.valid().as_bytes() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x00..=0x1f | 0x7f => {
+                    let _ = write!(out, "\\u{b:04x}");
+                }
+                _ => out.push(b),
             }
+        }
+        if !chunk.invalid().is_empty() {
+            out.extend_from_slice(b"\\ufffd");
         }
     }
     out.push(b'"');
@@ -476,7 +483,7 @@ mod tests {
             sub_service: None,
             host: b"a\"b",
             method: b"GET",
-            path: b"/x\x01\xff",
+            path: b"/x\x01\xff/caf\xc3\xa9",
             status: 200,
             bytes_in: 10,
             bytes_out: 20,
@@ -488,13 +495,17 @@ mod tests {
         r.write(&mut out, true);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["host"], "a\"b");
-        assert_eq!(v["path"], "/x\u{1}\u{ff}");
+        assert_eq!(v["path"], "/x\u{1}\u{fffd}/café");
+        assert!(
+            std::str::from_utf8(&out).unwrap().contains("/café"),
+            "valid UTF-8 is written as it is"
+        );
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["sub_service"], serde_json::Value::Null);
         let mut text = Vec::new();
         r.write(&mut text, false);
-        let t = String::from_utf8(text).unwrap();
+        let t = String::from_utf8(text).expect("text records are UTF-8 too");
         assert!(
             t.contains(" user_access client=192.0.2.1:5555 service=web")
                 && t.contains("status=200"),

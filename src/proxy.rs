@@ -470,7 +470,16 @@ async fn serve_requests(
                 ) {
                     Ok(Some(r)) => r,
                     Ok(None) => return Err(ProxyError::client(400, "malformed request head")),
-                    Err(e) => return Err(ProxyError::client(e.status, e.reason)),
+                    Err(e) => {
+                        // The security log says what was refused: the request line's method
+                        // and target as sent (bounded by max_request_line).
+                        let line = cbuf.filled().split(|&b| b == b'\n').next().unwrap_or(b"");
+                        let mut words = line.split(|&b| b == b' ');
+                        let method = words.next().unwrap_or(b"");
+                        let target = words.next().unwrap_or(b"");
+                        conn.remember(None, method, target);
+                        return Err(ProxyError::client(e.status, e.reason));
+                    }
                 };
                 if let (BodyKind::Length(n), true) = (req.info.body, vs.max_body_size > 0) {
                     if n > vs.max_body_size {

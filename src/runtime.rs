@@ -1,7 +1,9 @@
 //! Process-level concerns around the shards: locked-memory limits glommio needs, and
-//! synchronous signal handling on the main thread (no handler runs on a shard).
+//! synchronous signal handling on the main thread (no handler runs on a shard), and the
+//! supervision of every shard's long-lived tasks.
 
 use crate::config::Config;
+use std::time::Duration;
 
 /// glommio refuses to start an executor below this RLIMIT_MEMLOCK.
 const MIN_MEMLOCK: u64 = 512 * 1024;
@@ -84,6 +86,8 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        // Operators and tools send SIGHUP to "reload": it must never kill the appliance.
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -103,8 +107,48 @@ pub fn wait_for_shutdown(set: &libc::sigset_t, reopen_logs: impl Fn()) -> &'stat
                     reopen_logs();
                     continue;
                 }
+                libc::SIGHUP => {
+                    tracing::warn!("SIGHUP: configuration reload is not supported yet; still serving the configuration loaded at start (restart to change it)");
+                    continue;
+                }
                 _ => continue,
             };
         }
     }
+}
+
+/// Run one of a shard's long-lived tasks (accept loops, the parking lot, health checks, the
+/// mesh, the admin listener, the log flusher). Such a task dying would leave a shard that
+/// looks alive but no longer accepts, checks or answers: a panic in one ends the process
+/// (exit 70) so that the service manager restarts the appliance whole, never running on with
+/// a dead part. `EDGESHARD_FAILPOINT=<task>` panics that task at start (tests only).
+pub fn supervise(
+    shard: usize,
+    task: &'static str,
+    fut: impl std::future::Future<Output = ()> + 'static,
+) {
+    let fail = std::env::var_os("EDGESHARD_FAILPOINT").is_some_and(|v| v == task);
+    glommio::spawn_local(async move {
+        use futures_lite::FutureExt;
+        let run = async move {
+            if fail {
+                panic!("failpoint {task}");
+            }
+            fut.await
+        };
+        if std::panic::AssertUnwindSafe(run)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                shard,
+                task,
+                "shard task panicked (bug): exiting so that the service manager restarts edgeshard"
+            );
+            crate::diag::flush(Duration::from_secs(1));
+            std::process::exit(70);
+        }
+    })
+    .detach();
 }

@@ -52,7 +52,7 @@ fn forwarded_headers_and_hop_by_hop_removal() {
     let (_p, addr) = proxy_for(&[&o], "");
     let r = one(
         addr,
-        b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Other: kept\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 8443\r\nX-Other: kept\r\n\r\n",
     );
     assert_eq!(r.status, 200);
     assert!(r.header("via").unwrap().contains("edgeshard"));
@@ -65,6 +65,11 @@ fn forwarded_headers_and_hop_by_hop_removal() {
         "te",
         "trailer",
         "upgrade",
+        // forged forwarding headers from an untrusted client
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+        "x-forwarded-port",
     ] {
         assert!(
             s.header(h).is_none(),
@@ -73,11 +78,57 @@ fn forwarded_headers_and_hop_by_hop_removal() {
         );
     }
     assert_eq!(s.header("host"), Some("ws-ext.example"));
-    assert_eq!(s.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    // An untrusted client's X-Forwarded-For is replaced by its own address.
+    assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(s.headers_named("x-forwarded-for"), 1);
     assert_eq!(s.header("x-forwarded-proto"), Some("http"));
     assert_eq!(s.headers_named("x-forwarded-proto"), 1);
     assert_eq!(s.header("via"), Some("1.1 edgeshard"));
     assert_eq!(s.header("x-other"), Some("kept"));
+}
+
+/// From a trusted proxy the forwarding headers are kept and X-Forwarded-For is appended to;
+/// RFC 7239 Forwarded is written when asked; "append" alone trusts every client.
+#[test]
+fn trusted_proxies_keep_forwarding_headers_and_forwarded_is_written() {
+    let forged = b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nX-Forwarded-For: 203.0.113.9\r\nForwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\n\r\n";
+    let o = Origin::ok("x");
+    let (_p, addr) = proxy_for(
+        &[&o],
+        "trusted_proxies = [\"127.0.0.0/8\"]\nforwarded_header = true\n",
+    );
+    assert_eq!(one(addr, forged).status, 200);
+    let s = &o.requests()[0];
+    assert_eq!(s.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(s.header("x-real-ip"), Some("203.0.113.9"));
+    assert_eq!(
+        s.header("forwarded"),
+        Some("for=203.0.113.9, for=127.0.0.1;proto=http;host=\"ws-ext.example\"")
+    );
+    assert_eq!(s.headers_named("forwarded"), 1);
+
+    // A trusted list that does not hold the client: replaced and dropped as by default.
+    let o2 = Origin::ok("x");
+    let (_p2, addr2) = proxy_for(
+        &[&o2],
+        "trusted_proxies = [\"10.0.0.0/8\"]\nforwarded_header = true\n",
+    );
+    assert_eq!(one(addr2, forged).status, 200);
+    let s = &o2.requests()[0];
+    assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(s.header("x-real-ip"), None);
+    assert_eq!(
+        s.header("forwarded"),
+        Some("for=127.0.0.1;proto=http;host=\"ws-ext.example\"")
+    );
+
+    let o3 = Origin::ok("x");
+    let (_p3, addr3) = proxy_for(&[&o3], "forwarded_for = \"append\"\n");
+    assert_eq!(one(addr3, forged).status, 200);
+    assert_eq!(
+        o3.requests()[0].header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
 }
 
 fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {

@@ -89,9 +89,9 @@ pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Re
 }
 
 /// Start this shard's readiness loop; every data-path socket of the shard depends on it.
-pub fn start_poller(poll_before_park: Duration) -> io::Result<()> {
+pub fn start_poller(shard: usize, poll_before_park: Duration) -> io::Result<()> {
     let poller = poller::current()?;
-    glommio::spawn_local(poller::run(poller, poll_before_park)).detach();
+    crate::runtime::supervise(shard, "poller", poller::run(poller, poll_before_park));
     Ok(())
 }
 

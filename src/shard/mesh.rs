@@ -144,16 +144,15 @@ pub async fn start(shard: Rc<Shard>, mesh: Mesh) {
     };
     for (_, rx) in receivers.streams() {
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        crate::runtime::supervise(shard.id, "mesh", async move {
             while let Some(msg) = rx.recv().await {
                 apply(&shard, msg);
             }
-        })
-        .detach();
+        });
     }
     let outbox = Rc::new(Outbox { senders });
     *shard.mesh.borrow_mut() = Some(outbox.clone());
-    glommio::spawn_local(publish(shard, outbox)).detach();
+    crate::runtime::supervise(shard.id, "mesh publisher", publish(shard, outbox));
 }
 
 async fn publish(shard: Rc<Shard>, outbox: Rc<Outbox>) {

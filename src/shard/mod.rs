@@ -102,7 +102,12 @@ pub struct Shard {
     passive: Vec<Cell<u32>>,
     /// Repetitive diagnostics (refusals, failed handshakes) are rate-limited per kind.
     diag_limit: crate::diag::RateLimit,
+    /// Connections refused by a limit that are being told so (at most MAX_REFUSING).
+    refusing: Cell<usize>,
 }
+
+/// Refused connections a shard answers at once (429/503); beyond, they are closed unanswered.
+const MAX_REFUSING: usize = 256;
 
 /// Without an active health check, a server taken out by passive health is tried again after
 /// this long (nginx's fail_timeout).
@@ -165,6 +170,7 @@ impl Shard {
             load,
             passive: (0..config.nr_servers).map(|_| Cell::new(0)).collect(),
             diag_limit: Default::default(),
+            refusing: Cell::new(0),
             pools: Pools::new(config.nr_servers),
             schedulers: config
                 .pools
@@ -543,6 +549,30 @@ impl Shard {
         }
     }
 
+    /// Count a connection refused by service `vs`'s access list, and put it in the security
+    /// log once per address per interval.
+    pub fn access_refused(&self, vs: usize, peer: SocketAddr) {
+        let c = &self.metrics.services[vs].access_refusals;
+        c.set(c.get() + 1);
+        let svc = &self.config.services[vs];
+        if svc.logging.security
+            && self
+                .limit_log
+                .borrow_mut()
+                .should_log(peer.ip(), unix_secs())
+        {
+            self.log.security(&crate::log::SecurityRecord {
+                client: peer,
+                service: &svc.name,
+                event: "access",
+                reason: "client address not allowed",
+                status: None,
+                host: None,
+                path: None,
+            });
+        }
+    }
+
     /// Count a limit refusal, and put it in the security log once per client per interval.
     pub fn limit_refused(&self, vs: usize, peer: SocketAddr, limit: Limit) {
         let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
@@ -678,7 +708,7 @@ async fn run_shard(
         }
     };
     // Bind everything first: a failure is reported before anything serves.
-    if let Err(e) = net::start_poller(config.runtime.shards[id].poll_before_park) {
+    if let Err(e) = net::start_poller(id, config.runtime.shards[id].poll_before_park) {
         let _ = ready.send(Err(format!("shard {id}: cannot create its poller: {e}")));
         return;
     }
@@ -725,21 +755,20 @@ async fn run_shard(
         mesh::start(shard.clone(), mesh).await;
     }
     for (v, listener) in listeners {
-        glommio::spawn_local(accept_loop(shard.clone(), v, listener)).detach();
+        crate::runtime::supervise(id, "accept", accept_loop(shard.clone(), v, listener));
     }
-    glommio::spawn_local(crate::client::run_lot(shard.clone())).detach();
+    crate::runtime::supervise(id, "parking lot", crate::client::run_lot(shard.clone()));
     crate::health::start(&shard);
     // Hand buffered log records to the writer regularly, not only when a buffer fills.
     let flusher = shard.clone();
-    glommio::spawn_local(async move {
+    crate::runtime::supervise(id, "log flusher", async move {
         loop {
             glommio::timer::sleep(crate::log::FLUSH_EVERY).await;
             flusher.log.flush_all();
         }
-    })
-    .detach();
+    });
     if let Some(l) = admin_listener {
-        glommio::spawn_local(admin::accept_loop(shard.clone(), l)).detach();
+        crate::runtime::supervise(id, "admin", admin::accept_loop(shard.clone(), l));
     }
     // Shutdown comes from the main thread's signal wait as a flag.
     while !stop.load(Ordering::SeqCst) {
@@ -780,6 +809,13 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
             }
         };
         shard.accepted.set(shard.accepted.get() + 1);
+        if let Some(acl) = &shard.config.services[vs].access {
+            if !acl.permits(peer.ip()) {
+                // Refused before TLS and before any byte is read: the socket just closes.
+                shard.access_refused(vs, peer);
+                continue;
+            }
+        }
         let guard = match shard.admit(vs, peer) {
             Ok(g) => g,
             Err((limit, action)) => {
@@ -790,7 +826,14 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
                     LimitAction::Unavailable => Some(503),
                     LimitAction::Drop => None,
                 };
-                if let (Some(status), None) = (status, &shard.acceptors[vs]) {
+                // Bounded: a flood of refused connections must not become a flood of tasks
+                // holding sockets; beyond the bound they are closed at once.
+                let refusing = shard.refusing.get();
+                if let (Some(status), None, true) =
+                    (status, &shard.acceptors[vs], refusing < MAX_REFUSING)
+                {
+                    shard.refusing.set(refusing + 1);
+                    let shard = shard.clone();
                     glommio::spawn_local(async move {
                         let mut stream = stream;
                         crate::io::respond_and_close(
@@ -798,6 +841,7 @@ async fn accept_loop(shard: Rc<Shard>, vs: usize, listener: net::Listener) {
                             crate::http::canned::error_response(status),
                         )
                         .await;
+                        shard.refusing.set(shard.refusing.get() - 1);
                     })
                     .detach();
                 }
