@@ -180,11 +180,12 @@ async fn set_enabled(shard: &Shard, query: &str, enable: bool) -> Result<String,
 
 fn server_state(shard: &Shard, id: ServerId) -> &'static str {
     if !shard.load.is_enabled(id) {
-        "disabled"
-    } else if shard.load.is_up(id) {
-        "up"
-    } else {
-        "down"
+        return "disabled";
+    }
+    match shard.load.health(id) {
+        crate::balance::Health::Up => "up",
+        crate::balance::Health::Down => "down",
+        crate::balance::Health::Checking => "checking",
     }
 }
 
@@ -309,6 +310,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left} th{background:#f
 .up{color:#fff;background:#2a7d2a;padding:0 .4em;border-radius:3px}
 .down{color:#fff;background:#b3261e;padding:0 .4em;border-radius:3px}
 .disabled{color:#fff;background:#777;padding:0 .4em;border-radius:3px}
+.checking{color:#222;background:#e8c547;padding:0 .4em;border-radius:3px}
 #meta{color:#666}
 </style></head><body>
 <h1>edgeshard</h1><div id="meta">loading…</div><div id="services"></div>

@@ -10,8 +10,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Lines in flight to the writer thread.
-const CHANNEL_LINES: usize = 4096;
+/// Lines in flight to the writer thread: a burst's worth (rate limiting keeps the steady
+/// flow far below what a working stderr takes).
+const CHANNEL_LINES: usize = 512;
 /// How often the idle writer looks for lines (it polls: a receiver blocked in `recv` would
 /// make every sender take the channel's wake-up lock).
 const POLL: Duration = Duration::from_millis(5);

@@ -52,6 +52,10 @@ pub struct Origin {
     stop: Arc<AtomicBool>,
     /// False once the listener is closed after `stop`.
     running: Arc<AtomicBool>,
+    /// Every open accepted connection, to reset them all when the origin "crashes".
+    streams: Arc<Mutex<Vec<(usize, TcpStream)>>>,
+    /// Requests whose handler has returned (an answer was written).
+    pub answered: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -69,11 +73,15 @@ impl Origin {
         let stop = Arc::new(AtomicBool::new(false));
         let running = Arc::new(AtomicBool::new(true));
         let r2 = running.clone();
-        let (s2, c2, o2, st2) = (
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (s2, c2, o2, st2, str2, a2) = (
             seen.clone(),
             connections.clone(),
             open.clone(),
             stop.clone(),
+            streams.clone(),
+            answered.clone(),
         );
         listener.set_nonblocking(true).unwrap();
         thread::spawn(move || {
@@ -84,10 +92,22 @@ impl Origin {
                         // handlers write responses in pieces: no Nagle stalls
                         stream.set_nodelay(true).unwrap();
                         let id = c2.fetch_add(1, Ordering::SeqCst);
-                        let (seen, handler, open) = (s2.clone(), handler.clone(), o2.clone());
+                        if let Ok(c) = stream.try_clone() {
+                            str2.lock().unwrap().push((id, c));
+                        }
+                        let (seen, handler, open, answered, streams) = (
+                            s2.clone(),
+                            handler.clone(),
+                            o2.clone(),
+                            a2.clone(),
+                            str2.clone(),
+                        );
                         open.fetch_add(1, Ordering::SeqCst);
                         thread::spawn(move || {
-                            let _ = serve(stream, id, seen, handler);
+                            let _ = serve(stream, id, seen, handler, answered);
+                            // our clone must not keep the connection open after the handler
+                            // closed it
+                            streams.lock().unwrap().retain(|(i, _)| *i != id);
                             open.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
@@ -104,7 +124,26 @@ impl Origin {
             open,
             stop,
             running,
+            streams,
+            answered,
         }
+    }
+
+    /// Die as a crashed process does: the listener closes and every connection is reset at
+    /// once (SO_LINGER 0). Returns how many requests were in flight (received, unanswered).
+    pub fn crash(&self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let streams = std::mem::take(&mut *self.streams.lock().unwrap());
+        let in_flight = self.nr_requests() - self.answered.load(Ordering::SeqCst);
+        for (_, s) in &streams {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        drop(streams);
+        while self.running.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        in_flight
     }
 
     /// An origin answering 200 with its `name` as the body to everything.
@@ -175,6 +214,7 @@ fn serve(
     conn: usize,
     seen: Arc<Mutex<Vec<Seen>>>,
     handler: Handler,
+    answered: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut r = BufReader::new(stream);
@@ -220,7 +260,9 @@ fn serve(
             s.body = b;
         }
         seen.lock().unwrap().push(s.clone());
-        match handler(&s, &mut w) {
+        let next = handler(&s, &mut w);
+        answered.fetch_add(1, Ordering::SeqCst);
+        match next {
             Next::KeepAlive => {}
             Next::Close => return Ok(()),
             Next::Echo => {
