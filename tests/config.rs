@@ -132,6 +132,40 @@ fn wrong_types_and_values_are_refused() {
         "virtual_service[0].real_server[0].weight",
         "between 1 and 65535",
     );
+    refused(
+        &format!("{VS}retries = 11\n"),
+        3,
+        "virtual_service[0].retries",
+        "between 0 and 10",
+    );
+    refused(
+        &format!("{VS}slow_start = \"soon\"\n"),
+        3,
+        "virtual_service[0].slow_start",
+        "invalid duration",
+    );
+    refused(
+        &format!("{VS}forwarded_for = \"prepend\"\n"),
+        3,
+        "virtual_service[0].forwarded_for",
+        "unknown variant",
+    );
+    refused(
+        &format!("{VS}trusted_proxies = [\"10.0.0.0/8\", \"proxy.example\"]\n"),
+        3,
+        "virtual_service[0].trusted_proxies",
+        "expected an address or CIDR",
+    );
+    refused(
+        &format!("{VS}[virtual_service.health_check]\ninitial_state = \"maybe\"\n"),
+        4,
+        "virtual_service[0].health_check.initial_state",
+        "unknown variant",
+    );
+    let (ok, text, _) = check(&format!(
+        "{VS}slow_start = \"0s\"\nretries = 0\npassive_fall = 0\n[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\n"
+    ));
+    assert!(ok, "zero turns them off: {text}");
 }
 
 #[test]

@@ -559,8 +559,12 @@ impl Validator<'_> {
             };
             let reencrypting = reencrypt.is_some();
             let vs_idx = services.len();
-            let slow_start =
-                self.duration(&vs.slow_start, &format!("{p}.slow_start"), Duration::ZERO)?;
+            // "0s" turns slow start off
+            let slow_start = match &vs.slow_start {
+                None => Duration::ZERO,
+                Some(v) => parse_duration(v.get_ref())
+                    .map_err(|m| self.err(Some(v.span()), &format!("{p}.slow_start"), m))?,
+            };
             let own = PoolSpec {
                 slow_start,
                 scheduling: vs.scheduling,
