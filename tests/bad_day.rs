@@ -6,8 +6,9 @@ mod common;
 
 use common::client::{one, Client};
 use common::origin::Origin;
-use common::{bin, free_port, local, simple_config, tmpdir, wait_until, Proxy};
-use std::collections::HashMap;
+use common::{
+    bin, free_port, local, metrics, proxy_with_admin, simple_config, tmpdir, wait_until, Proxy,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::io::AsRawFd;
@@ -16,19 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
-    let r = one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
-    assert_eq!(r.status, 200);
-    r.text()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
 
 /// `edgeshard run` with the caller's stderr and environment; returns once `ready` accepts.
 fn spawn(
@@ -145,15 +133,7 @@ fn a_stderr_nobody_reads_never_stalls_a_shard() {
 #[test]
 fn concurrent_scrapes_never_see_a_counter_go_backwards() {
     let o = Origin::ok("ok");
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
-        &[o.addr],
-        "",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
-    );
-    let _p = Proxy::start(&cfg, listen);
+    let (_p, listen, admin) = proxy_with_admin(&[o.addr], "");
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     const CLIENTS: u64 = 4;

@@ -7,16 +7,11 @@ mod common;
 use common::client::{one, Client};
 use common::origin::{Next, Origin, Seen};
 use common::*;
-use serde_json::Value;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn status(admin: SocketAddr) -> Value {
-    serde_json::from_slice(&one(admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n").body).unwrap()
-}
 
 fn admin_post(admin: SocketAddr, path: &str) -> u16 {
     one(
@@ -351,41 +346,14 @@ fn source_ip_persistence_holds_across_shards() {
     );
 }
 
-fn health_origin(name: &'static str, healthy: Arc<AtomicBool>, addr: Option<SocketAddr>) -> Origin {
-    let handler: common::origin::Handler = Arc::new(move |s: &Seen, w: &mut TcpStream| {
-        if s.request_line.contains("/healthcheck.html") && !healthy.load(Ordering::SeqCst) {
-            let _ = w.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
-        } else {
-            let _ = write!(
-                w,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
-                name.len(),
-                name
-            );
-        }
-        Next::KeepAlive
-    });
-    match addr {
-        Some(a) => Origin::start_on(a, handler),
-        None => Origin::start(handler),
-    }
-}
-
-fn server_status(admin: SocketAddr, i: usize) -> String {
-    status(admin)["virtual_services"][0]["real_servers"][i]["status"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn health_checks_take_servers_down_and_up() {
     let (ha, hb) = (
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicBool::new(true)),
     );
-    let a = health_origin("a", ha.clone(), None);
-    let b = health_origin("b", hb.clone(), None);
+    let a = Origin::health_checked("a", ha.clone(), None);
+    let b = Origin::health_checked("b", hb.clone(), None);
     let listen = local(free_port());
     let admin = local(free_port());
     let cfg = simple_config(
@@ -430,7 +398,7 @@ fn health_checks_take_servers_down_and_up() {
     assert_eq!(r.status, 503);
     assert_eq!(status(admin)["virtual_services"][0]["status"], "down");
     // A restarts where it was: up again after `rise` successes
-    let _a2 = health_origin("a", ha.clone(), Some(a_addr));
+    let _a2 = Origin::health_checked("a", ha.clone(), Some(a_addr));
     wait_until(Duration::from_secs(5), "A up again", || {
         server_status(admin, 0) == "up"
     });

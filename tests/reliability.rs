@@ -7,8 +7,9 @@ mod common;
 
 use common::client::{one, Client};
 use common::origin::{Next, Origin, Seen};
-use common::{free_port, local, simple_config, wait_until, Proxy};
-use serde_json::Value;
+use common::{
+    free_port, local, metrics, proxy_with_admin, server_status, simple_config, wait_until, Proxy,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -17,46 +18,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn status(admin: SocketAddr) -> Value {
-    serde_json::from_slice(&one(admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n").body).unwrap()
-}
-
-fn server_status(admin: SocketAddr, i: usize) -> String {
-    status(admin)["virtual_services"][0]["real_servers"][i]["status"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-/// One Prometheus sample's value (the first line starting with `prefix`).
-fn metric(admin: SocketAddr, prefix: &str) -> f64 {
-    let text = one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").text();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+/// One Prometheus sample's value, by name and labels.
+fn metric(admin: SocketAddr, sample: &str) -> f64 {
+    let all = metrics(admin);
+    *all.get(sample)
+        .unwrap_or_else(|| panic!("no sample {sample} in {all:?}"))
 }
 
 /// An origin answering 200 with `name`; its health URL answers 503 while `healthy` is false.
 fn named(name: &'static str, healthy: Arc<AtomicBool>, addr: Option<SocketAddr>) -> Origin {
-    let handler: common::origin::Handler = Arc::new(move |s: &Seen, w: &mut TcpStream| {
-        if s.request_line.contains("/healthcheck.html") && !healthy.load(Ordering::SeqCst) {
-            let _ = w.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
-        } else {
-            let _ = write!(
-                w,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
-                name.len(),
-                name
-            );
-        }
-        Next::KeepAlive
-    });
-    match addr {
-        Some(a) => Origin::start_on(a, handler),
-        None => Origin::start(handler),
-    }
+    Origin::health_checked(name, healthy, addr)
 }
 
 /// A loopback address nothing listens on (connects are refused).
@@ -135,15 +106,10 @@ fn a_crashing_real_server_costs_no_request_that_was_not_in_flight() {
     let up = Arc::new(AtomicBool::new(true));
     let a = named("a", up.clone(), None);
     let b = named("b", up.clone(), None);
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
+    let (_p, listen, admin) = proxy_with_admin(
         &[a.addr, b.addr],
         "scheduling = \"least-connection\"\n[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nfall = 3\n",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
     );
-    let _p = Proxy::start(&cfg, listen);
     wait_until(Duration::from_secs(5), "both servers checked up", || {
         server_status(admin, 0) == "up" && server_status(admin, 1) == "up"
     });
@@ -211,20 +177,12 @@ fn a_dead_real_server_at_start_costs_no_request() {
     for check in [true, false] {
         let a = Origin::ok("a");
         let dead = dead_addr();
-        let listen = local(free_port());
-        let admin = local(free_port());
         let hc = if check {
             "[virtual_service.health_check]\nurl = \"/\"\ninterval = \"5s\"\ntimeout = \"1s\"\n"
         } else {
             ""
         };
-        let cfg = simple_config(
-            listen,
-            &[a.addr, dead],
-            hc,
-            &format!("[admin]\nlisten = \"{admin}\"\n"),
-        );
-        let p = Proxy::start(&cfg, listen);
+        let (p, listen, admin) = proxy_with_admin(&[a.addr, dead], hc);
         // at once, from several clients: every request answered by a
         let stop = Arc::new(AtomicBool::new(false));
         let runs: Vec<_> = (0..4)
@@ -278,21 +236,21 @@ fn a_dead_real_server_at_start_costs_no_request() {
 fn connect_failures_are_retried_up_to_retries_then_502() {
     let dead: Vec<SocketAddr> = (0..3).map(|_| dead_addr()).collect();
     let a = Origin::ok("a");
-    let listen = local(free_port());
-    let admin = local(free_port());
     // passive health off: every request meets the dead servers
     let mut servers = dead.clone();
     servers.push(a.addr);
-    let cfg = simple_config(
-        listen,
-        &servers,
-        "passive_fall = 0\nretries = 3\n",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
-    );
-    let _p = Proxy::start(&cfg, listen);
+    let (_p, listen, admin) = proxy_with_admin(&servers, "passive_fall = 0\nretries = 3\n");
     let mut c = Client::connect(listen);
     for _ in 0..20 {
         assert_eq!(c.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(), "a");
+    }
+    // every dead server was met (and left) along the way
+    let all = metrics(admin);
+    for d in &dead {
+        let tried = all[&format!(
+            "edgeshard_real_server_retries_total{{service=\"web\",pool=\"web\",real_server=\"{d}\"}}"
+        )];
+        assert!(tried >= 1.0, "{d} retried away from: {tried}");
     }
     drop(_p);
     // retries = 1 over three dead servers and no live one: 502, once
@@ -372,15 +330,10 @@ fn slow_start_ramps_a_server_that_comes_back() {
     );
     let a = named("a", ha, None);
     let b = named("b", hb.clone(), None);
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
+    let (_p, listen, admin) = proxy_with_admin(
         &[a.addr, b.addr],
         "slow_start = \"4s\"\n[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
     );
-    let _p = Proxy::start(&cfg, listen);
     wait_until(Duration::from_secs(5), "both up", || {
         server_status(admin, 0) == "up" && server_status(admin, 1) == "up"
     });

@@ -163,3 +163,44 @@ pub fn simple_config(
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// A proxy (two shards) in front of `servers` with an admin listener: (proxy, listen, admin).
+pub fn proxy_with_admin(servers: &[SocketAddr], extra_vs: &str) -> (Proxy, SocketAddr, SocketAddr) {
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let cfg = simple_config(
+        listen,
+        servers,
+        extra_vs,
+        &format!("[admin]\nlisten = \"{admin}\"\n"),
+    );
+    (Proxy::start(&cfg, listen), listen, admin)
+}
+
+/// GET /status on the admin listener, parsed.
+pub fn status(admin: SocketAddr) -> serde_json::Value {
+    let r = client::one(admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
+    serde_json::from_slice(&r.body).expect("status is JSON")
+}
+
+/// The `status` of real server `i` of the first virtual service.
+pub fn server_status(admin: SocketAddr, i: usize) -> String {
+    status(admin)["virtual_services"][0]["real_servers"][i]["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// GET /metrics on the admin listener: every sample by its name and labels.
+pub fn metrics(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let r = client::one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    r.text()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}

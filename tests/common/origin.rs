@@ -164,6 +164,33 @@ impl Origin {
         }))
     }
 
+    /// An origin answering 200 with `name`, except that its /healthcheck.html answers 503
+    /// while `healthy` is false; on `addr` when given (to restart one where it was).
+    pub fn health_checked(
+        name: &'static str,
+        healthy: Arc<AtomicBool>,
+        addr: Option<SocketAddr>,
+    ) -> Origin {
+        let handler: Handler = Arc::new(move |s: &Seen, w: &mut TcpStream| {
+            if s.request_line.contains("/healthcheck.html") && !healthy.load(Ordering::SeqCst) {
+                let _ =
+                    w.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+            } else {
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+                    name.len(),
+                    name
+                );
+            }
+            Next::KeepAlive
+        });
+        match addr {
+            Some(a) => Origin::start_on(a, handler),
+            None => Origin::start(handler),
+        }
+    }
+
     /// Stop accepting and close the listening socket; returns once it is closed.
     pub fn shut(&self) {
         self.stop.store(true, Ordering::SeqCst);
