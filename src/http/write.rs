@@ -18,6 +18,18 @@ pub struct Forwarded {
     pub rfc7239: bool,
 }
 
+/// The values of every `name` field, each followed by ", " (a list we append our hop to).
+fn put_earlier_hops(out: &mut Vec<u8>, req: &ParsedRequest<'_, '_>, name: &str) {
+    for h in req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+    {
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b", ");
+    }
+}
+
 /// Forwarding headers a client could forge: dropped unless the client is a trusted proxy
 /// (X-Forwarded-For and X-Forwarded-Proto are written by us in any case).
 fn is_forwarding(name: &str) -> bool {
@@ -141,14 +153,7 @@ pub fn write_request_head(
     // Earlier hops first, in order (from a trusted proxy only), then this connection's address.
     out.extend_from_slice(b"X-Forwarded-For: ");
     if nr_xff > 0 && fwd.trusted {
-        for h in req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-        {
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b", ");
-        }
+        put_earlier_hops(out, req, "x-forwarded-for");
     }
     put_ip(out, fwd.client_ip);
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
@@ -157,14 +162,7 @@ pub fn write_request_head(
     if fwd.rfc7239 {
         out.extend_from_slice(b"Forwarded: ");
         if fwd.trusted {
-            for h in req
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("forwarded"))
-            {
-                out.extend_from_slice(h.value);
-                out.extend_from_slice(b", ");
-            }
+            put_earlier_hops(out, req, "forwarded");
         }
         out.extend_from_slice(b"for=");
         match fwd.client_ip {
