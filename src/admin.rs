@@ -10,18 +10,23 @@ use crate::shard::mesh::MeshMsg;
 use crate::shard::Shard;
 use glommio::net::{TcpListener, TcpStream};
 use serde_json::json;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Admin connections served at once; beyond, new ones are closed at once (the admin port
 /// must not become a way to exhaust the shard that also serves traffic).
 const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Admin connections from one address at once: one client cannot hold the whole listener.
+const MAX_ADMIN_PER_ADDRESS: u32 = 16;
 /// A request head must arrive within this.
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let open = Rc::new(Cell::new(0usize));
+    let per_address: Rc<RefCell<HashMap<IpAddr, u32>>> = Default::default();
     let access = shard.config.admin.as_ref().and_then(|a| a.access.clone());
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -43,24 +48,62 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     );
                     continue;
                 }
-                if open.get() >= MAX_ADMIN_CONNECTIONS {
+                let mine = per_address.borrow().get(&peer.ip()).copied().unwrap_or(0);
+                if open.get() >= MAX_ADMIN_CONNECTIONS || mine >= MAX_ADMIN_PER_ADDRESS {
                     shard.diag(
                         "admin: too many connections",
                         || tracing::warn!(client = %peer, "admin: too many connections, closed"),
                     );
                     continue;
                 }
-                open.set(open.get() + 1);
-                let (shard, open) = (shard.clone(), open.clone());
+                let slot = Slot::take(&open, &per_address, peer.ip());
+                let shard = shard.clone();
                 crate::shard::spawn_connection(
                     peer,
                     Box::pin(async move {
                         serve(shard, stream).await;
-                        open.set(open.get() - 1);
+                        drop(slot);
                     }),
                 );
             }
             Some(Err(_)) => glommio::timer::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// One admin connection's place in the caps; given back when dropped (a panicking request
+/// included).
+struct Slot {
+    open: Rc<Cell<usize>>,
+    per_address: Rc<RefCell<HashMap<IpAddr, u32>>>,
+    ip: IpAddr,
+}
+
+impl Slot {
+    fn take(
+        open: &Rc<Cell<usize>>,
+        per_address: &Rc<RefCell<HashMap<IpAddr, u32>>>,
+        ip: IpAddr,
+    ) -> Slot {
+        open.set(open.get() + 1);
+        *per_address.borrow_mut().entry(ip).or_default() += 1;
+        Slot {
+            open: open.clone(),
+            per_address: per_address.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.set(self.open.get() - 1);
+        let mut map = self.per_address.borrow_mut();
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }

@@ -35,6 +35,7 @@ pub fn init() {
     if TX.set(tx).is_err() {
         return;
     }
+    install_panic_hook();
     let _ = std::thread::Builder::new()
         .name("stderr-writer".into())
         .spawn(move || writer(rx));
@@ -45,6 +46,25 @@ pub fn init() {
         .with_writer(|| Line(Vec::new()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Hand one finished line (newline included) to the writer, without waiting: for messages
+/// outside tracing (start-up errors), which must not block on a stalled stderr either.
+pub fn line(text: String) {
+    drop(Line(text.into_bytes()));
+}
+
+/// Panic messages go through the writer too: Rust's default hook writes to fd 2 from the
+/// panicking thread, so with stderr stalled a panicking shard would block there forever
+/// (and never reach the supervisor's exit).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        line(format!(
+            "panic in thread {}: {info}\n",
+            thread.name().unwrap_or("unnamed")
+        ));
+    }));
 }
 
 /// Wait (at most `limit`) for the lines already sent to reach stderr: at exit, so the last

@@ -136,6 +136,10 @@ pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
                             .unwrap_or(0);
                         out.truncate(prev + 1);
                     }
+                    // `..;x` is `..` to Tomcat and Jetty (path parameters): read two ways
+                    seg_bytes if is_dot_segment_with_params(seg_bytes) => {
+                        return Err(Refusal::UnsafePath)
+                    }
                     _ if c.is_some() => out.push(b'/'),
                     _ => {}
                 }
@@ -147,6 +151,11 @@ pub fn normalise(target: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
             Some(c) => out.push(c),
         }
     }
+}
+
+/// A `.` or `..` segment carrying path parameters (`..;jsessionid=x`).
+fn is_dot_segment_with_params(seg: &[u8]) -> bool {
+    seg.contains(&b';') && matches!(seg.split(|&b| b == b';').next(), Some(b"." | b".."))
 }
 
 /// Glob match: `*` any run of characters (slashes included), `?` one character; ASCII case
@@ -248,11 +257,24 @@ mod tests {
         assert_eq!(norm("/x/../admin/x").unwrap(), "/admin/x");
         assert_eq!(norm("/a..b/.c").unwrap(), "/a..b/.c");
         assert_eq!(norm("*").unwrap(), "*");
+        assert_eq!(norm("/a;b/..c;d").unwrap(), "/a;b/..c;d");
         assert_eq!(norm("/..").unwrap_err(), Refusal::UnsafePath);
         assert_eq!(norm("/a/../../etc").unwrap_err(), Refusal::UnsafePath);
         for bad in [
-            "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "/a%", "/a%4", "/a%zz", "/a%25", "rel",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a%00",
+            "/a%",
+            "/a%4",
+            "/a%zz",
+            "/a%25",
+            "rel",
             "/a\u{1}",
+            "/x/..;/admin",
+            "/admin/ok/..;x=1/secret",
+            "/.;/admin",
         ] {
             assert_eq!(norm(bad).unwrap_err(), Refusal::UnsafePath, "{bad}");
         }

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                edgeshard::diag::line(format!("error: {e}\n"));
                 ExitCode::from(2)
             }
         },
@@ -69,14 +69,17 @@ fn main() -> ExitCode {
                 "127.0.0.1:9002".parse().unwrap(),
             ];
             if let Err(e) = edgeshard::demo::start_real_servers(&servers) {
-                eprintln!(
-                    "error: cannot start the sample real servers on 127.0.0.1:9001/9002: {e}"
-                );
+                edgeshard::diag::line(format!(
+                    "error: cannot start the sample real servers on 127.0.0.1:9001/9002: {e}\n"
+                ));
                 return ExitCode::from(1);
             }
-            eprintln!("sample real servers on 127.0.0.1:9001 and 127.0.0.1:9002");
-            eprintln!(
-                "try:  curl -i http://127.0.0.1:8080/   and   curl http://127.0.0.1:9900/status"
+            edgeshard::diag::line(
+                "sample real servers on 127.0.0.1:9001 and 127.0.0.1:9002\n".into(),
+            );
+            edgeshard::diag::line(
+                "try:  curl -i http://127.0.0.1:8080/   and   curl http://127.0.0.1:9900/status\n"
+                    .into(),
             );
             run(config)
         }
@@ -89,12 +92,12 @@ fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            eprintln!("error: {e}");
+            edgeshard::diag::line(format!("error: {e}\n"));
             return ExitCode::from(2);
         }
     };
     if let Err(e) = edgeshard::runtime::check_memlock(&config) {
-        eprintln!("error: {e}");
+        edgeshard::diag::line(format!("error: {e}\n"));
         return ExitCode::from(1);
     }
     let nofile = edgeshard::runtime::raise_nofile();
@@ -111,8 +114,9 @@ fn run(path: PathBuf) -> ExitCode {
     let running = match edgeshard::shard::start(config.clone(), log.clone()) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
-            // Shards that did start hold no state worth saving: exit without waiting.
+            edgeshard::diag::line(format!("error: {e}\n"));
+            // Shards that did start hold no state worth saving: exit without waiting for them.
+            edgeshard::diag::flush(Duration::from_secs(2));
             std::process::exit(1);
         }
     };

@@ -528,7 +528,8 @@ async fn serve_requests(
                 }
                 let raw_path = path.split('?').next().unwrap_or(path).as_bytes();
                 let forward_path = match normal {
-                    Ok(p) if p == raw_path => None,
+                    // normalisation changes letter case only in escapes' hex digits
+                    Ok(p) if p.eq_ignore_ascii_case(raw_path) => None,
                     _ if vs.path_normalization == PathNormalization::Refuse => {
                         return Err(ProxyError::client(400, "path is not in normal form"))
                     }
@@ -687,12 +688,10 @@ fn route(
     host: Option<&[u8]>,
     path: &[u8],
 ) -> Option<(usize, Option<usize>)> {
+    // As ESP and web servers read it: no port, no trailing dot, any case.
     let host = host.map(|h| {
-        if h.starts_with(b"[") {
-            h
-        } else {
-            h.split(|&b| b == b':').next().unwrap_or(h)
-        }
+        let h = crate::esp::host_only(h);
+        h.strip_suffix(b".").unwrap_or(h)
     });
     let host_matches = |patterns: &[String]| {
         patterns.is_empty()
@@ -708,8 +707,11 @@ fn route(
             })
     };
     for (i, sub) in vs.sub_services.iter().enumerate() {
-        let path_ok =
-            sub.paths.is_empty() || sub.paths.iter().any(|p| path.starts_with(p.as_bytes()));
+        // Any case, as IIS (and ESP's globs) read paths: /ADMIN is /admin.
+        let path_ok = sub.paths.is_empty()
+            || sub.paths.iter().any(|p| {
+                path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            });
         if path_ok && host_matches(&sub.hosts) {
             return Some((sub.pool, Some(i)));
         }
@@ -882,8 +884,11 @@ fn write_redirect(
 /// How an exchange with a real server failed before the client saw any response byte.
 enum Attempt {
     /// The connection closed or was reset before any response byte: a reused pooled one may
-    /// be retried on a fresh connection, an idempotent request without a body on another server.
-    Retry,
+    /// be retried on a fresh connection, an idempotent request without a body on another
+    /// server. `sent`: the request had been written whole (the server may have acted on it).
+    Retry {
+        sent: bool,
+    },
     Fail(ProxyError),
 }
 
@@ -985,6 +990,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut fresh_only = false;
     let mut server = first;
     let mut tried = Tried::new(first);
+    let mut resent = false;
     loop {
         let rs = shard.server(server);
         let _lease = shard.load.lease(server, rs.connection_limit);
@@ -1057,20 +1063,26 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 done.body_in += body_in;
                 return Ok((done, server));
             }
-            Err(Attempt::Retry) if replayable && up.reused => {
+            Err(Attempt::Retry { .. }) if replayable && up.reused => {
                 // A pooled connection the server had closed: not the server's failure.
                 fresh_only = true;
                 continue;
             }
-            Err(Attempt::Retry) => {
+            Err(Attempt::Retry { sent }) => {
                 let err =
                     ProxyError::upstream(502, "real server closed the connection before answering")
                         .at(server);
                 if up.reused {
                     return Err(err);
                 }
-                shard.upstream_failed(server);
-                if !replayable {
+                if !sent {
+                    // reset while taking the request: the server is failing. A server that
+                    // read it and closed is not counted: one "query of death" sent to every
+                    // server in turn must not take the whole pool out.
+                    shard.upstream_failed(server);
+                }
+                // After the request was sent, one other server at most is tried.
+                if !replayable || (sent && std::mem::replace(&mut resent, true)) {
                     return Err(err);
                 }
                 match next_server(
@@ -1112,7 +1124,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
     let body_in;
     if let Err(e) = write_all(&mut up.stream, req_out, vs.response_timeout).await {
         return Err(if upstream_gone(&e) {
-            Attempt::Retry
+            Attempt::Retry { sent: false }
         } else {
             Attempt::Fail(ProxyError::upstream(
                 502,
@@ -1201,7 +1213,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
             )));
         }
         match until(deadline, fill(&mut up.stream, &mut up.buf)).await {
-            Ok(0) if up.buf.is_empty() => return Err(Attempt::Retry),
+            Ok(0) if up.buf.is_empty() => return Err(Attempt::Retry { sent: true }),
             Ok(0) => {
                 return Err(Attempt::Fail(ProxyError::upstream(
                     502,
@@ -1216,7 +1228,7 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                 )))
             }
             Err(e) if up.buf.is_empty() && (e.kind() == io::ErrorKind::ConnectionReset) => {
-                return Err(Attempt::Retry)
+                return Err(Attempt::Retry { sent: true })
             }
             Err(_) => {
                 return Err(Attempt::Fail(ProxyError::upstream(

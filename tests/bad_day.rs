@@ -215,39 +215,72 @@ fn a_panicking_shard_task_ends_the_process_loudly() {
     let o = Origin::ok("ok");
     let listen = local(free_port());
     let dir = tmpdir("failpoint");
-    let log = dir.join("stderr.log");
     let cfg = simple_config(listen, &[o.addr], "", "");
     let config = dir.join("c.toml");
     std::fs::write(&config, cfg).unwrap();
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("EDGESHARD_FAILPOINT", "log flusher")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+    let run = |stderr: Stdio| {
+        let mut child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("EDGESHARD_FAILPOINT", "log flusher")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("still running with a dead shard task");
+            }
+            thread::sleep(Duration::from_millis(10));
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running with a dead shard task");
-        }
-        thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!(status.code(), Some(70));
+    let log = dir.join("stderr.log");
+    assert_eq!(run(std::fs::File::create(&log).unwrap().into()), Some(70));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("shard task panicked") && text.contains("log flusher"),
         "{text}"
     );
+    assert!(
+        text.contains("panic in thread shard-"),
+        "the panic message: {text}"
+    );
+    // Again with stderr a pipe already full that nobody reads: the panic message must not
+    // block the shard (the default panic hook writes to fd 2 from the panicking thread).
+    let mut fds = [0; 2];
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+        0
+    );
+    let (rd, wr) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    let junk = [b'x'; 512];
+    while unsafe { libc::write(fds[1], junk.as_ptr().cast(), junk.len()) } > 0 {}
+    // the child's end blocks, as a stalled reader's would
+    unsafe { libc::fcntl(fds[1], libc::F_SETFL, 0) };
+    assert_eq!(
+        run(Stdio::from(wr)),
+        Some(70),
+        "exits even with stderr stalled"
+    );
+    drop(rd);
 }
 
 /// The admin listener: HEAD has no body; a connection that sends nothing is closed after the
-/// head timeout; at most 64 connections at once, more are closed at once; an access list.
+/// head timeout; at most 16 connections per address and 64 at once, more are closed at once;
+/// an access list.
 #[test]
 fn the_admin_listener_is_bounded() {
     let o = Origin::ok("ok");
@@ -274,14 +307,27 @@ fn the_admin_listener_is_bounded() {
         "{head}"
     );
     assert_eq!(body, "", "HEAD has no body");
-    // hold 64 silent connections: a 65th is closed at once
-    let held: Vec<TcpStream> = (0..64)
-        .map(|_| TcpStream::connect(admin).unwrap())
-        .collect();
+    // 16 silent connections from one address: its 17th is closed at once, others still served
+    let ip = |n: u8| std::net::IpAddr::from([127, 0, 0, n]);
+    let connect_from = |n: u8| Client::connect_from(ip(n), admin).w;
+    let mut held: Vec<TcpStream> = (0..16).map(|_| connect_from(1)).collect();
     thread::sleep(Duration::from_millis(200));
-    let mut extra = Client::connect(admin);
-    extra.send(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
-    assert!(extra.read(false).is_err(), "the 65th connection is refused");
+    let refused = |n: u8| {
+        let mut c = Client::connect_from(ip(n), admin);
+        c.send(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
+        c.read(false).is_err()
+    };
+    assert!(
+        refused(1),
+        "the 17th connection from one address is refused"
+    );
+    assert!(!refused(2), "another address is served");
+    // 64 at once in all: from 4 addresses, then a 65th from a fifth is refused
+    for n in 2..5 {
+        held.extend((0..16).map(|_| connect_from(n)));
+    }
+    thread::sleep(Duration::from_millis(200));
+    assert!(refused(5), "the 65th connection is refused");
     // the silent ones are closed by the head timeout (5 s), then the admin answers again
     let t = Instant::now();
     let mut first = held.into_iter().next().unwrap();

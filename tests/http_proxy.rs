@@ -52,7 +52,7 @@ fn forwarded_headers_and_hop_by_hop_removal() {
     let (_p, addr) = proxy_for(&[&o], "");
     let r = one(
         addr,
-        b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 8443\r\nX-Other: kept\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nHost: ws-ext.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 8443\r\nX_Forwarded_For: 6.6.6.6\r\nX_Forwarded_Proto: https\r\nX_Real_IP: 6.6.6.6\r\nX-Original-URL: /admin\r\nFront-End-Https: on\r\nTrue-Client-IP: 6.6.6.6\r\nX-Other: kept\r\n\r\n",
     );
     assert_eq!(r.status, 200);
     assert!(r.header("via").unwrap().contains("edgeshard"));
@@ -70,6 +70,13 @@ fn forwarded_headers_and_hop_by_hop_removal() {
         "x-real-ip",
         "x-forwarded-host",
         "x-forwarded-port",
+        // underscore spellings (CGI/PHP/WSGI read them as the hyphenated ones) and others
+        "x_forwarded_for",
+        "x_forwarded_proto",
+        "x_real_ip",
+        "x-original-url",
+        "front-end-https",
+        "true-client-ip",
     ] {
         assert!(
             s.header(h).is_none(),

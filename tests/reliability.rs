@@ -320,6 +320,37 @@ fn only_idempotent_requests_are_retried_after_sending() {
     assert!(hits.load(Ordering::SeqCst) >= 8);
 }
 
+/// A request that makes every real server close without answering (a "query of death")
+/// reaches two servers at most, and takes none of them out: passive health counts connect
+/// failures and resets while sending, not a server that read a request and closed.
+#[test]
+fn a_query_of_death_reaches_two_servers_at_most_and_takes_none_out() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let mute = || {
+        let h = hits.clone();
+        Origin::start(Arc::new(move |_s: &Seen, _w: &mut TcpStream| {
+            h.fetch_add(1, Ordering::SeqCst);
+            Next::Close
+        }))
+    };
+    let (m1, m2, m3) = (mute(), mute(), mute());
+    let (_p, listen, admin) = proxy_with_admin(&[m1.addr, m2.addr, m3.addr], "retries = 5\n");
+    for i in 1..=10 {
+        assert_eq!(
+            one(listen, b"GET /death HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            502
+        );
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            2 * i,
+            "two servers per request"
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(server_status(admin, i), "up", "server {i} still in");
+    }
+}
+
 /// slow_start: a server back up after being down takes a small share at first, its full
 /// share once the ramp is over.
 #[test]

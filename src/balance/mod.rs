@@ -92,6 +92,22 @@ impl Scheduler {
         }
     }
 
+    /// Does `c` take its turn now? Always, unless it ramps (slow start): then once per
+    /// whole credit, a credit growing by its current share each time it is considered.
+    fn takes_turn(&self, c: &Candidate, view: &LoadView, now: Instant) -> bool {
+        let r = self.ramp(c, view, now);
+        if r >= 1.0 {
+            return true;
+        }
+        let credit = c.credit.get() + r;
+        if credit < 1.0 {
+            c.credit.set(credit);
+            return false;
+        }
+        c.credit.set(credit - 1.0);
+        true
+    }
+
     /// May `id` (say, a persisted choice) take this request: up, enabled, below its limit?
     pub fn accepts(&self, id: ServerId, view: &LoadView) -> bool {
         self.servers
@@ -139,8 +155,6 @@ impl Scheduler {
         match self.method {
             Scheduling::RoundRobin => {
                 let start = self.next.get();
-                // A ramping server takes its turn only per whole credit; if every other
-                // server is out, it takes the request anyway.
                 let mut skipped = None;
                 for k in 0..n {
                     let i = (start + k) % n;
@@ -148,19 +162,14 @@ impl Scheduler {
                     if !available(c) {
                         continue;
                     }
-                    let r = self.ramp(c, view, now);
-                    if r < 1.0 {
-                        let credit = c.credit.get() + r;
-                        if credit < 1.0 {
-                            c.credit.set(credit);
-                            skipped.get_or_insert(i);
-                            continue;
-                        }
-                        c.credit.set(credit - 1.0);
+                    if !self.takes_turn(c, view, now) {
+                        skipped.get_or_insert(i);
+                        continue;
                     }
                     self.next.set((i + 1) % n);
                     return Some(c.id);
                 }
+                // every other server is out: a ramping one takes the request anyway
                 let i = skipped?;
                 self.next.set((i + 1) % n);
                 Some(self.servers[i].id)
@@ -189,17 +198,22 @@ impl Scheduler {
                 let weighted = self.method == Scheduling::WeightedLeastConnection;
                 let start = self.next.get();
                 let mut best: Option<(usize, u64, u64)> = None; // (index, count + 1, weight)
+                let mut skipped = None;
                 for k in 0..n {
                     let i = (start + k) % n;
                     let c = &self.servers[i];
                     if !available(c) {
                         continue;
                     }
-                    // (count + 1) / weight, as HAProxy: an idle server still weighs its weight,
-                    // so a ramping one with no connections does not take everything.
+                    // A ramping server competes only in its share of the picks: scaling its
+                    // weight instead would keep it out entirely while the pool is idle.
+                    if !self.takes_turn(c, view, now) {
+                        skipped.get_or_insert(i);
+                        continue;
+                    }
+                    // (count + 1) / weight, as HAProxy compares them.
                     let count = view.global(c.id) as u64 + 1;
-                    let base = if weighted { c.weight as f64 } else { 1000.0 };
-                    let w = ((base * self.ramp(c, view, now)) as u64).max(1);
+                    let w = if weighted { c.weight as u64 } else { 1 };
                     // compare count/w without division: a/wa < b/wb  <=>  a*wb < b*wa
                     let better = match best {
                         None => true,
@@ -209,7 +223,7 @@ impl Scheduler {
                         best = Some((i, count, w));
                     }
                 }
-                let (i, _, _) = best?;
+                let i = best.map(|(i, _, _)| i).or(skipped)?;
                 // rotate ties so equal servers share the load
                 self.next.set((i + 1) % n);
                 Some(self.servers[i].id)
@@ -311,6 +325,30 @@ mod tests {
         let _b = load.lease(ServerId(1), 0);
         // 2/3 < 1/1
         assert_eq!(s.pick(&load, &[], Instant::now()), Some(ServerId(0)));
+    }
+
+    #[test]
+    fn slow_start_ramps_least_connection_even_when_idle() {
+        let (mut p, servers) = pool(Scheduling::LeastConnection, &[(1, 0), (1, 0), (1, 0)]);
+        p.slow_start = Duration::from_secs(10);
+        let s = Scheduler::new(&p, &servers, 0);
+        let load = LoadView::new(0, 1, 3);
+        load.set_up(ServerId(2), false);
+        load.set_up(ServerId(2), true); // back up now: ramping
+        let share = |at: Instant| {
+            (0..3000)
+                .filter(|_| s.pick(&load, &[], at) == Some(ServerId(2)))
+                .count() as f64
+                / 3000.0
+        };
+        let now = Instant::now();
+        let early = share(now + Duration::from_secs(1));
+        let half = share(now + Duration::from_secs(5));
+        let done = share(now + Duration::from_secs(11));
+        // idle pool, one pick at a time: ~ramp x 1/3
+        assert!((0.02..0.06).contains(&early), "{early}");
+        assert!((0.13..0.20).contains(&half), "{half}");
+        assert!((0.30..0.37).contains(&done), "{done}");
     }
 
     #[test]

@@ -469,7 +469,7 @@ pub fn parse_request<'h, 'b>(
     }))
 }
 
-/// Is `h` exactly RFC 3986 `host [":" port]` (reg-name, IPv4 or IP-literal)? Anything else
+/// Is `h` RFC 3986 `host [":" port]` (reg-name, IPv4 or IP-literal), without percent-escapes? Anything else
 /// (raw UTF-8, quotes, backslashes, spaces, controls, userinfo, a path) is refused, so the
 /// host routing, ESP and the real server read the same name. An empty Host is allowed (the
 /// RFC allows it when the target has no authority).
@@ -509,19 +509,10 @@ pub fn valid_authority(h: &[u8]) -> bool {
             return false;
         }
     }
-    // reg-name (an IPv4 address is one too): unreserved / pct-encoded / sub-delims
-    let mut i = 0;
-    while i < host.len() {
-        let b = host[i];
-        if b == b'%' {
-            let hex = |j: usize| host.get(j).is_some_and(u8::is_ascii_hexdigit);
-            if !(hex(i + 1) && hex(i + 2)) {
-                return false;
-            }
-            i += 3;
-            continue;
-        }
-        let ok = b.is_ascii_alphanumeric()
+    // reg-name (an IPv4 address is one too): unreserved / sub-delims. Percent-encoded names
+    // are refused: no client sends them, and they would route one way and serve another.
+    host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
             || matches!(
                 b,
                 b'-' | b'.'
@@ -538,13 +529,8 @@ pub fn valid_authority(h: &[u8]) -> bool {
                     | b','
                     | b';'
                     | b'='
-            );
-        if !ok {
-            return false;
-        }
-        i += 1;
-    }
-    true
+            )
+    })
 }
 
 /// What the proxy keeps of a response once its head buffer is released.

@@ -31,16 +31,44 @@ fn put_earlier_hops(out: &mut Vec<u8>, req: &ParsedRequest<'_, '_>, name: &str) 
 }
 
 /// Forwarding headers a client could forge: dropped unless the client is a trusted proxy
-/// (X-Forwarded-For and X-Forwarded-Proto are written by us in any case).
+/// (X-Forwarded-For and X-Forwarded-Proto are written by us in any case). X-Original-URL and
+/// X-Rewrite-URL are IIS URL Rewrite's: a client's would route around path rules.
+const FORWARDING: [&str; 13] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "front-end-https",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// Fields we write ourselves: a client's spelling of them with `_` for `-` is dropped, since
+/// CGI, PHP and WSGI servers read `X_Forwarded_For` as `X-Forwarded-For`.
+const OURS: [&str; 4] = ["x-forwarded-for", "x-forwarded-proto", "via", "host"];
+
+/// `name` equals `want` (lower case, hyphenated) in any case, with `_` read as `-`.
+fn same_field(name: &str, want: &str) -> bool {
+    name.len() == want.len()
+        && name
+            .bytes()
+            .zip(want.bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+}
+
 fn is_forwarding(name: &str) -> bool {
-    [
-        "forwarded",
-        "x-real-ip",
-        "x-forwarded-host",
-        "x-forwarded-port",
-    ]
-    .iter()
-    .any(|f| name.eq_ignore_ascii_case(f))
+    FORWARDING.iter().any(|f| same_field(name, f))
+}
+
+/// An underscore spelling of a field we set (never forwarded, trusted or not).
+fn shadows_ours(name: &str) -> bool {
+    name.contains('_') && OURS.iter().any(|f| same_field(name, f))
 }
 
 /// Append `n` in decimal (no formatting machinery: this runs for every request).
@@ -133,6 +161,7 @@ pub fn write_request_head(
         if n.eq_ignore_ascii_case("host")
             || n.eq_ignore_ascii_case("x-forwarded-proto")
             || (!fwd.trusted && is_forwarding(n))
+            || shadows_ours(n)
             || (expect_handled && n.eq_ignore_ascii_case("expect"))
             || req.connection.lists(n)
         {
@@ -246,6 +275,27 @@ pub fn write_response_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forged_forwarding_fields_are_recognised_in_any_spelling() {
+        for f in [
+            "X-Real-IP",
+            "x_real_ip",
+            "X_FORWARDED_HOST",
+            "Front-End-Https",
+            "X-Original-URL",
+        ] {
+            assert!(is_forwarding(f), "{f}");
+        }
+        for f in ["X-Realip", "X-Forwarded-For", "Accept"] {
+            assert!(!is_forwarding(f), "{f}");
+        }
+        assert!(shadows_ours("X_Forwarded_For") && shadows_ours("x_forwarded_proto"));
+        assert!(
+            !shadows_ours("X-Forwarded-For"),
+            "the real one is handled apart"
+        );
+    }
 
     #[test]
     fn decimals_and_addresses_are_written_as_display_would() {
