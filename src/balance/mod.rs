@@ -197,34 +197,30 @@ impl Scheduler {
             Scheduling::LeastConnection | Scheduling::WeightedLeastConnection => {
                 let weighted = self.method == Scheduling::WeightedLeastConnection;
                 let start = self.next.get();
-                let mut best: Option<(usize, u64, u64)> = None; // (index, count + 1, weight)
-                let mut skipped = None;
-                for k in 0..n {
-                    let i = (start + k) % n;
-                    let c = &self.servers[i];
-                    if !available(c) {
-                        continue;
+                // The lowest (count + 1) / weight, as HAProxy compares them, ties rotated.
+                let best_of = |skip: Option<usize>| {
+                    let mut best: Option<(usize, u64, u64)> = None; // (index, count + 1, weight)
+                    for k in 0..n {
+                        let i = (start + k) % n;
+                        let c = &self.servers[i];
+                        if Some(i) == skip || !available(c) {
+                            continue;
+                        }
+                        let count = view.global(c.id) as u64 + 1;
+                        let w = if weighted { c.weight as u64 } else { 1 };
+                        // a/wa < b/wb  <=>  a*wb < b*wa
+                        if best.is_none_or(|(_, bc, bw)| count * bw < bc * w) {
+                            best = Some((i, count, w));
+                        }
                     }
-                    // A ramping server competes only in its share of the picks: scaling its
-                    // weight instead would keep it out entirely while the pool is idle.
-                    if !self.takes_turn(c, view, now) {
-                        skipped.get_or_insert(i);
-                        continue;
-                    }
-                    // (count + 1) / weight, as HAProxy compares them.
-                    let count = view.global(c.id) as u64 + 1;
-                    let w = if weighted { c.weight as u64 } else { 1 };
-                    // compare count/w without division: a/wa < b/wb  <=>  a*wb < b*wa
-                    let better = match best {
-                        None => true,
-                        Some((_, bc, bw)) => count * bw < bc * w,
-                    };
-                    if better {
-                        best = Some((i, count, w));
-                    }
+                    best.map(|(i, _, _)| i)
+                };
+                let mut i = best_of(None)?;
+                // A ramping winner takes only its share of the picks it would win: scaling
+                // its weight instead would keep it out entirely while the pool is idle.
+                if !self.takes_turn(&self.servers[i], view, now) {
+                    i = best_of(Some(i)).unwrap_or(i);
                 }
-                let i = best.map(|(i, _, _)| i).or(skipped)?;
-                // rotate ties so equal servers share the load
                 self.next.set((i + 1) % n);
                 Some(self.servers[i].id)
             }
@@ -345,10 +341,10 @@ mod tests {
         let early = share(now + Duration::from_secs(1));
         let half = share(now + Duration::from_secs(5));
         let done = share(now + Duration::from_secs(11));
-        // idle pool, one pick at a time: ~ramp x 1/3
-        assert!((0.02..0.06).contains(&early), "{early}");
-        assert!((0.13..0.20).contains(&half), "{half}");
-        assert!((0.30..0.37).contains(&done), "{done}");
+        // idle pool, one pick at a time: it grows with the ramp to its third
+        assert!((0.02..0.07).contains(&early), "{early} {half} {done}");
+        assert!((0.12..0.27).contains(&half), "{early} {half} {done}");
+        assert!((0.31..0.36).contains(&done), "{early} {half} {done}");
     }
 
     #[test]
