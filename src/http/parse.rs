@@ -333,7 +333,8 @@ pub fn parse_request<'h, 'b>(
         Err(httparse::Error::Version) => return Err(version_error(input)),
         Err(httparse::Error::HeaderName) => return Err(bad("invalid header field name")),
         Err(httparse::Error::HeaderValue) => return Err(bad("invalid header field value")),
-        Err(httparse::Error::Token) => return Err(bad("invalid method")),
+        // httparse reports a bad byte in the method or the target alike
+        Err(httparse::Error::Token) => return Err(bad("invalid method or request target")),
         Err(_) => return Err(bad("malformed request head")),
     };
     if head_len > limits.max_header_size {
