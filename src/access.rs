@@ -1,5 +1,5 @@
-//! IP access lists: CIDR blocks, deny wins, an empty allow list allows everyone. Pure: the
-//! listeners and the request path ask `permits`, nothing here does I/O.
+//! Who may do what: IP access lists (CIDR blocks, deny wins, an empty allow list allows
+//! everyone) and API token checks (hashes compared in constant time). Pure: no I/O.
 
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -37,6 +37,31 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
+}
+
+/// SHA-256 of `data` (API tokens are kept and compared only as hashes).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The configured token whose hash matches `presented`'s, compared in constant time against
+/// every token (the time says nothing about which one, or how much of it, matched).
+pub fn find_token<'t>(
+    tokens: &'t [crate::config::Token],
+    presented: &[u8],
+) -> Option<&'t crate::config::Token> {
+    use subtle::ConstantTimeEq;
+    let h = sha256(presented);
+    let mut found = None;
+    for t in tokens {
+        if bool::from(t.sha256.ct_eq(&h)) {
+            found = Some(t);
+        }
+    }
+    found
 }
 
 #[cfg(test)]

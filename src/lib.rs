@@ -11,6 +11,7 @@ pub mod admin;
 pub mod balance;
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod diag;
 pub mod error;

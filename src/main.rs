@@ -1,4 +1,5 @@
-//! The `edgeshard` binary: `check` validates a config, `run` serves it until SIGTERM/SIGINT.
+//! The `edgeshard` binary: `check` validates a config, `run` serves it until SIGTERM/SIGINT,
+//! `ctl` and `token` talk to and set up the runtime API.
 
 use clap::{Parser, Subcommand};
 use edgeshard::config::Config;
@@ -39,13 +40,192 @@ enum Command {
         #[arg(short, long, default_value = "config/demo.toml")]
         config: PathBuf,
     },
+    /// API tokens: `token new` prints a fresh one and the config lines holding its hash.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Talk to a running appliance's runtime API (the token from --token-file or
+    /// EDGESHARD_TOKEN). Exit 0: done; 1: the appliance refused or failed; 2: usage or no answer.
+    Ctl {
+        /// The admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9900")]
+        admin: String,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the API's JSON instead of a table or a line.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    New {
+        #[arg(long, default_value = "ops")]
+        name: String,
+        /// read | operator | admin
+        #[arg(long, default_value = "operator")]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every real server: pool, state, health, weight, active connections, requests.
+    Servers,
+    /// No new clients; persisted clients and requests in flight go on. --wait answers once its
+    /// last connection has ended (exit 1 if it has not by then).
+    Drain {
+        service: String,
+        address: String,
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// Back in service.
+    Ready { service: String, address: String },
+    /// Nothing new at all.
+    Maint {
+        service: String,
+        address: String,
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// Set a weight (1..65535).
+    Weight {
+        service: String,
+        address: String,
+        weight: u32,
+    },
+    /// Exit 0 when /healthz says the appliance is healthy, else 1.
+    Health,
+}
+
+fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) -> ExitCode {
+    use edgeshard::ctl::{servers_table, Target, EXIT_REFUSED, EXIT_USAGE};
+    use serde_json::json;
+    let target = match Target::new(admin, token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let state = |service: &str, address: &str, state: &str, wait: &Option<String>| {
+        let mut body = json!({ "state": state });
+        if let Some(w) = wait {
+            body["wait"] = json!(w);
+        }
+        (
+            "POST",
+            format!("/api/v1/services/{service}/real_servers/{address}/state"),
+            Some(body),
+        )
+    };
+    let (method, path, body) = match &cmd {
+        CtlCommand::Servers => ("GET", "/api/v1/services".to_string(), None),
+        CtlCommand::Health => ("GET", "/healthz".to_string(), None),
+        CtlCommand::Drain {
+            service,
+            address,
+            wait,
+        } => state(service, address, "drain", wait),
+        CtlCommand::Maint {
+            service,
+            address,
+            wait,
+        } => state(service, address, "maint", wait),
+        CtlCommand::Ready { service, address } => state(service, address, "ready", &None),
+        CtlCommand::Weight {
+            service,
+            address,
+            weight,
+        } => (
+            "PUT",
+            format!("/api/v1/services/{service}/real_servers/{address}/weight"),
+            Some(json!({ "weight": weight })),
+        ),
+    };
+    let wait = match &cmd {
+        CtlCommand::Drain { wait: Some(w), .. } | CtlCommand::Maint { wait: Some(w), .. } => {
+            edgeshard::config::parse_duration(w).unwrap_or_default()
+        }
+        _ => Duration::ZERO,
+    };
+    let (status, v) =
+        match target.call(method, &path, body.as_ref(), wait + Duration::from_secs(10)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+    let ok = (200..300).contains(&status);
+    if json || !ok {
+        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+        if ok {
+            println!("{text}");
+        } else {
+            eprintln!("error: HTTP {status}: {text}");
+        }
+    } else {
+        match cmd {
+            CtlCommand::Servers => print!("{}", servers_table(&v)),
+            CtlCommand::Health => println!("healthy"),
+            _ => println!(
+                "{} {}: state {}, weight {}, {} active connections",
+                v["pool"].as_str().unwrap_or("?"),
+                v["address"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?"),
+                v["weight"],
+                v["active_connections"]
+            ),
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_REFUSED)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The clients write straight to their terminal; no shard runs there.
+    match cli.command {
+        Command::Token {
+            command: TokenCommand::New { name, role },
+        } => {
+            if !["read", "operator", "admin"].contains(&role.as_str()) {
+                eprintln!("error: --role must be read, operator or admin");
+                return ExitCode::from(2);
+            }
+            return match edgeshard::ctl::token_new(&name, &role) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Ctl {
+            admin,
+            token_file,
+            json,
+            command,
+        } => return ctl(&admin, token_file, json, command),
+        _ => {}
+    }
     // Diagnostics go through a writer thread: a stalled stderr never blocks a shard.
     edgeshard::diag::init();
     let code = match cli.command {
+        // answered above, before diagnostics start
+        Command::Token { .. } | Command::Ctl { .. } => ExitCode::SUCCESS,
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -109,9 +289,20 @@ fn run(path: PathBuf) -> ExitCode {
     }
     // Block the shutdown signals before any shard thread exists, so they inherit the mask
     // and only this thread receives them, synchronously.
+    // Runtime changes (operator state, weights) kept from before: every shard starts with them.
+    let changes = match config.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
+        None => Vec::new(),
+        Some(f) => match edgeshard::admin::load_state_file(f, &config) {
+            Ok(c) => c,
+            Err(e) => {
+                edgeshard::diag::line(format!("error: [admin] state_file: {e}\n"));
+                return ExitCode::from(2);
+            }
+        },
+    };
     let signals = edgeshard::runtime::block_signals();
     let log = edgeshard::log::LogWriter::start(&config.log);
-    let running = match edgeshard::shard::start(config.clone(), log.clone()) {
+    let running = match edgeshard::shard::start(config.clone(), log.clone(), changes) {
         Ok(r) => r,
         Err(e) => {
             edgeshard::diag::line(format!("error: {e}\n"));

@@ -314,7 +314,7 @@ fn the_admin_listener_is_bounded() {
     thread::sleep(Duration::from_millis(200));
     let refused = |n: u8| {
         let mut c = Client::connect_from(ip(n), admin);
-        c.send(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
+        c.send(format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes());
         c.read(false).is_err()
     };
     assert!(
@@ -352,7 +352,7 @@ fn the_admin_listener_is_bounded() {
     });
     // a denied address is closed without a word
     let mut denied = Client::connect_from("127.0.0.9".parse().unwrap(), admin);
-    denied.send(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
+    denied.send(format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes());
     assert!(denied.read(false).is_err());
 }
 

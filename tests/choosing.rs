@@ -13,12 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A legacy operator call (maint / ready by address), with the test operator token.
 fn admin_post(admin: SocketAddr, path: &str) -> u16 {
-    one(
-        admin,
-        format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    )
-    .status
+    admin_call(admin, "POST", path, Some(OPERATOR_TOKEN), None).status
 }
 
 fn accepted(admin: SocketAddr) -> Vec<u64> {
@@ -104,7 +101,7 @@ fn least_connection_follows_the_appliance_wide_count() {
         listen,
         &[a.addr, b.addr],
         "scheduling = \"least-connection\"\nshard_steering = \"source-ip\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
     let _p = Proxy::start(&cfg, listen);
     let (x, y) = ips_on_two_shards(listen, admin);
@@ -236,7 +233,7 @@ fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_s
         listen,
         &[a.addr, b.addr],
         "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"MS-WSMAN\"\ntimeout = \"2s\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
     let _p = Proxy::start(&cfg, listen);
     let first = get_with_cookie(listen, None);
@@ -321,7 +318,7 @@ fn source_ip_persistence_holds_across_shards() {
         listen,
         &[a.addr, b.addr],
         "[virtual_service.persistence]\nmode = \"source-ip\"\ntimeout = \"20m\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
     let _p = Proxy::start(&cfg, listen);
     let mut per_ip = Vec::new();
@@ -360,7 +357,7 @@ fn health_checks_take_servers_down_and_up() {
         listen,
         &[a.addr, b.addr],
         "[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
     let _p = Proxy::start(&cfg, listen);
     wait_until(Duration::from_secs(5), "first checks reported", || {

@@ -314,7 +314,7 @@ fn prometheus(text: &str) -> HashMap<String, f64> {
 }
 
 fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
-    let r = one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = admin_get(admin, "/metrics");
     assert_eq!(r.status, 200);
     assert!(r
         .header("content-type")

@@ -313,7 +313,7 @@ fn per_client_limits_refuse_only_that_client_and_log_once() {
         1,
         "{records:?}"
     );
-    let m = one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").text();
+    let m = admin_get(admin, "/metrics").text();
     let line = m
         .lines()
         .find(|l| {

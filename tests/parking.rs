@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::client::{get, one, Client};
+use common::client::{get, Client};
 use common::origin::{Next, Origin, Seen};
 use common::*;
 use std::io::Write;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn parked(admin: std::net::SocketAddr) -> u64 {
-    let r = one(admin, b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = admin_get(admin, "/metrics");
     r.text()
         .lines()
         .filter(|l| l.starts_with("edgeshard_shard_parked_connections{"))

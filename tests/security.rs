@@ -5,7 +5,7 @@ mod common;
 
 use common::client::{one, Client};
 use common::origin::Origin;
-use common::{free_port, local, simple_config, tmpdir, wait_until, Proxy};
+use common::{admin_get, free_port, local, simple_config, tmpdir, wait_until, Proxy};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -253,7 +253,7 @@ fn access_lists_refuse_at_accept_and_per_sub_service() {
         assert_eq!(req("127.0.0.1", host).unwrap().0, 403, "{host}");
     }
     assert_eq!(inner.nr_requests(), 1);
-    let m = one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").text();
+    let m = admin_get(admin, "/metrics").text();
     assert!(
         m.contains("edgeshard_access_refusals_total{service=\"web\"} 8"),
         "{m}"

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn status(admin: std::net::SocketAddr) -> serde_json::Value {
-    let r = one(admin, b"GET /status HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = admin_get(admin, "/status");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/json"));
     serde_json::from_slice(&r.body).expect("status is JSON")
@@ -116,10 +116,7 @@ fn admin_answers_404_for_unknown_paths() {
         &format!("[admin]\nlisten = \"{admin}\"\n"),
     );
     let _p = Proxy::start(&cfg, listen);
-    assert_eq!(
-        one(admin, b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n").status,
-        404
-    );
+    assert_eq!(admin_get(admin, "/nope").status, 404);
 }
 
 #[test]

@@ -60,7 +60,7 @@ fn status_page_shows_services_and_real_servers_in_a_browser() {
         listen,
         &[a.addr, b.addr],
         "",
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
     let _p = Proxy::start(&cfg, listen);
     for _ in 0..5 {
@@ -70,7 +70,7 @@ fn status_page_shows_services_and_real_servers_in_a_browser() {
         );
     }
     // the page is self-contained: no external assets
-    let page = one(admin, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let page = admin_get(admin, "/");
     assert_eq!(page.status, 200);
     assert!(page
         .header("content-type")
@@ -84,10 +84,20 @@ fn status_page_shows_services_and_real_servers_in_a_browser() {
 
     let b_addr = b.addr.to_string();
     assert_eq!(
-        one(admin, format!("POST /real_server/disable?address={b_addr} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").as_bytes()).status,
+        admin_call(
+            admin,
+            "POST",
+            &format!("/api/v1/services/web/real_servers/{b_addr}/state"),
+            Some(OPERATOR_TOKEN),
+            Some(r#"{"state": "maint"}"#)
+        )
+        .status,
         200
     );
-    let dom = rendered(&format!("http://{admin}/"));
+    // without a token the page asks for one; a login link carries it in the fragment
+    let login = rendered(&format!("http://{admin}/"));
+    assert!(login.contains("id=\"login\""), "login form: {login}");
+    let dom = rendered(&format!("http://{admin}/#token={OPERATOR_TOKEN}"));
     assert!(
         dom.contains("<h2 class=\"vs\">web"),
         "service heading missing: {dom}"
@@ -98,8 +108,8 @@ fn status_page_shows_services_and_real_servers_in_a_browser() {
     );
     assert!(dom.contains("class=\"up\">Up"), "Up state missing: {dom}");
     assert!(
-        dom.contains("class=\"disabled\">Disabled"),
-        "Disabled state missing: {dom}"
+        dom.contains("class=\"maint\">Maint"),
+        "Maint state missing: {dom}"
     );
     assert!(dom.contains("2 shards"), "shard line missing: {dom}");
     // the request counts are on the page (5 requests: 3 + 2 or 2 + 3 by round robin)

@@ -234,8 +234,7 @@ fn sessions_resume_whichever_shard_the_connection_lands_on() {
         assert_eq!(r.status, 200);
     }
     let status: serde_json::Value =
-        serde_json::from_slice(&one(admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n").body)
-            .unwrap();
+        serde_json::from_slice(&admin_get(admin, "/status").body).unwrap();
     let per_shard: Vec<u64> = status["shards"]
         .as_array()
         .unwrap()

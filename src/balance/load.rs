@@ -9,6 +9,28 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+/// A real server's operator state (HAProxy's ready / drain / maint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    Ready,
+    /// No new clients; clients persisted to it (cookie, source IP) and requests in flight
+    /// go on: the LoadMaster's "disable" for patching.
+    Drain,
+    /// Nothing new at all.
+    Maint,
+}
+
+impl AdminState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+}
+
 /// A real server's health as this shard sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -53,8 +75,10 @@ pub struct LoadView {
     health: Vec<Cell<Health>>,
     /// When a server came back up after being down (for slow start); None at start.
     up_since: Vec<Cell<Option<Instant>>>,
-    /// Operator state (admin enable/disable).
-    enabled: Vec<Cell<bool>>,
+    /// Operator state (runtime API).
+    admin: Vec<Cell<AdminState>>,
+    /// Current weights (the config's, or the runtime API's).
+    weights: Vec<Cell<u32>>,
     dirty: Cell<bool>,
     publisher: RefCell<Option<Waker>>,
     /// Bumped whenever capacity may have freed up (a release here, a snapshot or an
@@ -78,7 +102,10 @@ impl LoadView {
             want_ack: Cell::new(false),
             health: (0..nr_servers).map(|_| Cell::new(Health::Up)).collect(),
             up_since: (0..nr_servers).map(|_| Cell::new(None)).collect(),
-            enabled: (0..nr_servers).map(|_| Cell::new(true)).collect(),
+            admin: (0..nr_servers)
+                .map(|_| Cell::new(AdminState::Ready))
+                .collect(),
+            weights: (0..nr_servers).map(|_| Cell::new(1000)).collect(),
             dirty: Cell::new(false),
             publisher: RefCell::new(None),
             capacity_gen: Cell::new(0),
@@ -119,14 +146,19 @@ impl LoadView {
             .collect()
     }
 
-    /// Healthy and enabled: may get new connections.
+    /// Healthy and ready: may get new clients.
     pub fn usable(&self, id: ServerId) -> bool {
-        self.health(id) == Health::Up && self.is_enabled(id)
+        self.health(id) == Health::Up && self.admin_state(id) == AdminState::Ready
     }
 
-    /// Not yet checked and enabled: a candidate only while nothing in its pool is up.
+    /// Healthy and ready or draining: may serve a client persisted to it.
+    pub fn keeps_persisted(&self, id: ServerId) -> bool {
+        self.health(id) == Health::Up && self.admin_state(id) != AdminState::Maint
+    }
+
+    /// Not yet checked and ready: a candidate only while nothing in its pool is up.
     pub fn fallback(&self, id: ServerId) -> bool {
-        self.health(id) == Health::Checking && self.is_enabled(id)
+        self.health(id) == Health::Checking && self.admin_state(id) == AdminState::Ready
     }
 
     pub fn health(&self, id: ServerId) -> Health {
@@ -149,8 +181,21 @@ impl LoadView {
         }
     }
 
-    pub fn is_enabled(&self, id: ServerId) -> bool {
-        self.enabled.get(id.0).is_some_and(Cell::get)
+    pub fn admin_state(&self, id: ServerId) -> AdminState {
+        self.admin
+            .get(id.0)
+            .map(Cell::get)
+            .unwrap_or(AdminState::Maint)
+    }
+
+    pub fn weight(&self, id: ServerId) -> u32 {
+        self.weights.get(id.0).map(Cell::get).unwrap_or(1)
+    }
+
+    pub fn set_weight(&self, id: ServerId, weight: u32) {
+        if let Some(c) = self.weights.get(id.0) {
+            c.set(weight.max(1));
+        }
     }
 
     pub fn set_up(&self, id: ServerId, up: bool) {
@@ -167,9 +212,9 @@ impl LoadView {
         }
     }
 
-    pub fn set_enabled(&self, id: ServerId, enabled: bool) {
-        if let Some(c) = self.enabled.get(id.0) {
-            if c.replace(enabled) != enabled {
+    pub fn set_admin_state(&self, id: ServerId, state: AdminState) {
+        if let Some(c) = self.admin.get(id.0) {
+            if c.replace(state) != state {
                 self.notify_capacity();
             }
         }

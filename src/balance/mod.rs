@@ -5,7 +5,7 @@
 pub mod load;
 pub mod persist;
 
-pub use load::{Health, Lease, LoadView, Snapshot};
+pub use load::{AdminState, Health, Lease, LoadView, Snapshot};
 
 use crate::config::{Pool, RealServer, Scheduling, ServerId};
 use std::cell::{Cell, RefCell};
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 struct Candidate {
     id: ServerId,
-    weight: u32,
     limit: u32,
     /// Round-robin credit of a server in slow start (it takes a turn per whole credit).
     credit: Cell<f64>,
@@ -44,7 +43,6 @@ impl Scheduler {
                 let r = &servers[id.0];
                 Candidate {
                     id: r.id,
-                    weight: r.weight,
                     limit: r.connection_limit,
                     credit: Cell::new(0.0),
                 }
@@ -108,11 +106,12 @@ impl Scheduler {
         true
     }
 
-    /// May `id` (say, a persisted choice) take this request: up, enabled, below its limit?
+    /// May `id`, a client's persisted choice, take this request: up, ready or draining (a
+    /// drained server keeps its persisted clients), below its limit?
     pub fn accepts(&self, id: ServerId, view: &LoadView) -> bool {
         self.servers
             .iter()
-            .any(|c| c.id == id && self.available(c, view, &[], false))
+            .any(|c| c.id == id && view.keeps_persisted(c.id) && view.admits(c.id, c.limit))
     }
 
     /// Would a server take the request once this shard's pending admission is acknowledged?
@@ -183,7 +182,7 @@ impl Scheduler {
                     if !available(c) {
                         continue;
                     }
-                    let w = ((c.weight as f64 * self.ramp(c, view, now)) as i64).max(1);
+                    let w = ((view.weight(c.id) as f64 * self.ramp(c, view, now)) as i64).max(1);
                     cur[i] += w;
                     total += w;
                     if best.is_none_or(|b| cur[i] > cur[b]) {
@@ -207,7 +206,11 @@ impl Scheduler {
                             continue;
                         }
                         let count = view.global(c.id) as u64 + 1;
-                        let w = if weighted { c.weight as u64 } else { 1 };
+                        let w = if weighted {
+                            view.weight(c.id) as u64
+                        } else {
+                            1
+                        };
                         // a/wa < b/wb  <=>  a*wb < b*wa
                         if best.is_none_or(|(_, bc, bw)| count * bw < bc * w) {
                             best = Some((i, count, w));
@@ -265,6 +268,15 @@ mod tests {
         Scheduler::new(&p, &s, 0)
     }
 
+    /// A view of `weights.len()` servers with their weights, as the shard sets it up.
+    fn view(shards: usize, weights: &[(u32, u32)]) -> LoadView {
+        let v = LoadView::new(0, shards, weights.len());
+        for (i, &(w, _)) in weights.iter().enumerate() {
+            v.set_weight(ServerId(i), w);
+        }
+        v
+    }
+
     fn counts(s: &Scheduler, load: &LoadView, n: usize, k: usize) -> Vec<usize> {
         let mut c = vec![0; k];
         for _ in 0..n {
@@ -285,7 +297,7 @@ mod tests {
 
     #[test]
     fn smooth_weighted_round_robin_is_proportional_and_interleaved() {
-        let load = LoadView::new(0, 1, 3);
+        let load = view(1, &[(5, 0), (1, 0), (1, 0)]);
         let s = sched(Scheduling::WeightedRoundRobin, &[(5, 0), (1, 0), (1, 0)]);
         let seq: Vec<_> = (0..7)
             .map(|_| s.pick(&load, &[], Instant::now()).unwrap().0)
@@ -315,7 +327,7 @@ mod tests {
 
     #[test]
     fn weighted_least_connection_divides_by_weight() {
-        let load = Rc::new(LoadView::new(0, 1, 2));
+        let load = Rc::new(view(1, &[(3, 0), (1, 0)]));
         let s = sched(Scheduling::WeightedLeastConnection, &[(3, 0), (1, 0)]);
         let _a: Vec<_> = (0..2).map(|_| load.lease(ServerId(0), 0)).collect();
         let _b = load.lease(ServerId(1), 0);
@@ -362,14 +374,28 @@ mod tests {
             "one at its limit, one down"
         );
         load.set_up(ServerId(1), true);
-        load.set_enabled(ServerId(1), false);
+        load.set_admin_state(ServerId(1), AdminState::Maint);
         assert_eq!(
             s.pick(&load, &[], Instant::now()),
             None,
-            "one at its limit, one disabled"
+            "one at its limit, one in maint"
         );
         assert!(!s.accepts(ServerId(0), &load));
-        load.set_enabled(ServerId(1), true);
+        assert!(
+            !s.accepts(ServerId(1), &load),
+            "maint: not even persisted clients"
+        );
+        load.set_admin_state(ServerId(1), AdminState::Drain);
+        assert_eq!(
+            s.pick(&load, &[], Instant::now()),
+            None,
+            "draining: no new clients"
+        );
+        assert!(
+            s.accepts(ServerId(1), &load),
+            "draining: keeps its persisted ones"
+        );
+        load.set_admin_state(ServerId(1), AdminState::Ready);
         assert!(s.accepts(ServerId(1), &load));
     }
 }

@@ -105,10 +105,37 @@ pub struct FileShard {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: Spanned<String>,
+    /// API tokens: without one, only the read-only pages are served.
+    #[serde(default)]
+    pub token: Vec<FileToken>,
+    /// /metrics and /healthz readable without a token (default: true on a loopback listener).
+    pub public_metrics: Option<bool>,
+    /// Host names the admin listener answers to besides its own address (DNS rebinding).
+    pub hosts: Option<Vec<String>>,
+    /// Runtime changes (state, weight) written here survive a restart.
+    pub state_file: Option<Spanned<String>>,
     /// Client addresses (CIDR) allowed to reach the admin listener (default: all).
     pub allow: Option<Spanned<Vec<String>>>,
     /// Client addresses refused (deny wins over allow).
     pub deny: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Read,
+    Operator,
+    Admin,
+}
+
+/// One API token: its SHA-256 (hex) in the config, or a file holding the token itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileToken {
+    pub name: Spanned<String>,
+    pub role: Role,
+    pub sha256: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
 }
 
 /// An IP access list: CIDR blocks (v4 and v6), deny wins, an empty allow list allows all.

@@ -9,7 +9,7 @@ mod units;
 pub use crate::access::Access;
 use file::*;
 pub use file::{
-    CheckType, ForwardedFor, LimitAction, LogFormat, PathNormalization, Scheduling, Steering,
+    CheckType, ForwardedFor, LimitAction, LogFormat, PathNormalization, Role, Scheduling, Steering,
 };
 pub use units::{parse_duration, parse_size};
 
@@ -236,6 +236,20 @@ impl Runtime {
 pub struct Admin {
     pub listen: SocketAddr,
     pub access: Option<Access>,
+    pub tokens: Vec<Token>,
+    /// /metrics and /healthz need no token.
+    pub public_metrics: bool,
+    /// Lower-case names accepted in Host besides the listener's own address.
+    pub hosts: Vec<String>,
+    pub state_file: Option<PathBuf>,
+}
+
+/// An API token as the appliance keeps it: only its hash.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub name: String,
+    pub role: Role,
+    pub sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -452,10 +466,7 @@ impl Validator<'_> {
         let file_runtime = file.runtime.unwrap_or_default();
         let mut runtime = self.runtime(&file_runtime)?;
         let admin = match &file.admin {
-            Some(a) => Some(Admin {
-                listen: self.socket_addr(&a.listen, "admin.listen")?,
-                access: self.access(&a.allow, &a.deny, "admin")?,
-            }),
+            Some(a) => Some(self.admin(a)?),
             None => None,
         };
         let mut listeners: HashSet<SocketAddr> = HashSet::new();
@@ -858,6 +869,76 @@ impl Validator<'_> {
             slow_start: spec.slow_start,
         });
         Ok(id)
+    }
+
+    fn admin(&self, a: &FileAdmin) -> Result<Admin, ConfigError> {
+        let listen = self.socket_addr(&a.listen, "admin.listen")?;
+        let mut tokens = Vec::new();
+        for (i, t) in a.token.iter().enumerate() {
+            let p = format!("admin.token[{i}]");
+            let sha256 = match (&t.sha256, &t.token_file) {
+                (Some(h), None) => parse_key(h.get_ref()).ok_or_else(|| {
+                    self.err(
+                        Some(h.span()),
+                        &format!("{p}.sha256"),
+                        "expected 64 hex digits (edgeshard token new prints them)".into(),
+                    )
+                })?,
+                (None, Some(f)) => {
+                    let field = format!("{p}.token_file");
+                    let path = self.path(f.get_ref());
+                    let err = |m: String| self.err(Some(f.span()), &field, m);
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+                        return Err(err(format!(
+                            "{} is readable by others: chmod 600 it",
+                            path.display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    let token = text.trim();
+                    if token.len() < 16 {
+                        return Err(err("the token is shorter than 16 characters".into()));
+                    }
+                    crate::access::sha256(token.as_bytes())
+                }
+                _ => {
+                    return Err(self.err(
+                        Some(t.name.span()),
+                        &p,
+                        "give exactly one of sha256 and token_file".into(),
+                    ))
+                }
+            };
+            let name = t.name.get_ref().clone();
+            if tokens.iter().any(|x: &Token| x.name == name) {
+                return Err(self.err(
+                    Some(t.name.span()),
+                    &format!("{p}.name"),
+                    format!("duplicate token name {name:?}"),
+                ));
+            }
+            tokens.push(Token {
+                name,
+                role: t.role,
+                sha256,
+            });
+        }
+        Ok(Admin {
+            listen,
+            access: self.access(&a.allow, &a.deny, "admin")?,
+            tokens,
+            public_metrics: a.public_metrics.unwrap_or(listen.ip().is_loopback()),
+            hosts: a
+                .hosts
+                .iter()
+                .flatten()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            state_file: a.state_file.as_ref().map(|f| self.path(f.get_ref())),
+        })
     }
 
     /// CIDR blocks (or bare addresses), each checked.

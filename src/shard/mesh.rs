@@ -1,7 +1,7 @@
 //! The cross-shard mesh: the only way shards talk. Each shard publishes absolute snapshots of
 //! its per-real-server active connections (with sequence numbers and acknowledgements, see
 //! `balance::load`); the shard that health-checks a server tells the others each result; the
-//! admin shard tells the others operator enable/disable.
+//! admin shard tells the others operator changes and waits for their acknowledgements.
 //!
 //! Staleness bound: a load change is sent within PUBLISH_COALESCE of happening (plus one
 //! scheduling quantum of the receiving shard), and every REFRESH even without changes, so a
@@ -22,6 +22,13 @@ pub const PUBLISH_COALESCE: Duration = Duration::from_millis(1);
 pub const REFRESH: Duration = Duration::from_millis(250);
 pub const CHANNEL_SIZE: usize = 256;
 
+/// A runtime change of a real server, applied on every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChange {
+    State(ServerId, crate::balance::AdminState),
+    Weight(ServerId, u32),
+}
+
 /// What one shard tells the others.
 #[derive(Debug)]
 pub enum MeshMsg {
@@ -41,8 +48,14 @@ pub enum MeshMsg {
     },
     /// `server` failed passive health on the sender: take it out now.
     PassiveDown { server: usize },
-    /// Operator enable/disable of `server`.
-    Enabled { server: usize, enabled: bool },
+    /// An operator's change (runtime API), to apply and acknowledge to `from`.
+    Admin {
+        from: usize,
+        id: u64,
+        change: AdminChange,
+    },
+    /// Change `id` is applied on the sender (sent to all: peer order is not shard order).
+    AdminAck { to: usize, id: u64 },
     /// The admin shard asks every shard for its metrics.
     MetricsQuery { from: usize, id: u64 },
     /// A shard's metrics, for shard `to` (sent to all: mesh peer order is not shard order).
@@ -108,7 +121,21 @@ fn apply(shard: &Shard, msg: MeshMsg) {
                 shard.passive_down(ServerId(server));
             }
         }
-        MeshMsg::Enabled { server, enabled } => shard.load.set_enabled(ServerId(server), enabled),
+        MeshMsg::Admin { from, id, change } => {
+            shard.apply_change(change);
+            let outbox = shard.mesh.borrow().clone();
+            if let Some(o) = outbox {
+                glommio::spawn_local(async move {
+                    o.broadcast(|| MeshMsg::AdminAck { to: from, id }).await;
+                })
+                .detach();
+            }
+        }
+        MeshMsg::AdminAck { to, id } => {
+            if to == shard.id {
+                shard.admin_acked(id);
+            }
+        }
         MeshMsg::MetricsQuery { from, id } => {
             // answer from a task: the reply may wait for channel room
             let snap = Box::new(shard.metrics_snapshot());

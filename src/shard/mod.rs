@@ -104,6 +104,9 @@ pub struct Shard {
     diag_limit: crate::diag::RateLimit,
     /// Connections refused by a limit that are being told so (at most MAX_REFUSING).
     refusing: Cell<usize>,
+    /// Operator changes sent from this shard: id, and the peers that acknowledged it.
+    admin_changes: Cell<u64>,
+    admin_acks: RefCell<Vec<(u64, usize)>>,
 }
 
 /// Refused connections a shard answers at once (429/503); beyond, they are closed unanswered.
@@ -127,6 +130,7 @@ impl Shard {
         config: Arc<Config>,
         secrets: &Secrets,
         log: Arc<LogWriter>,
+        changes: &[mesh::AdminChange],
     ) -> Result<Shard, String> {
         let mut acceptors = Vec::new();
         let mut connectors = Vec::new();
@@ -153,6 +157,16 @@ impl Shard {
         }
         let nr_shards = config.runtime.cores.len();
         let load = Rc::new(LoadView::new(id, nr_shards, config.nr_servers));
+        for rs in &config.servers {
+            load.set_weight(rs.id, rs.weight);
+        }
+        // runtime changes kept in the state file, the same on every shard from the start
+        for c in changes {
+            match *c {
+                mesh::AdminChange::State(id, s) => load.set_admin_state(id, s),
+                mesh::AdminChange::Weight(id, w) => load.set_weight(id, w),
+            }
+        }
         for pool in &config.pools {
             if pool.health_check.as_ref().is_some_and(|h| !h.initial_up) {
                 for &s in &pool.servers {
@@ -171,6 +185,8 @@ impl Shard {
             passive: (0..config.nr_servers).map(|_| Cell::new(0)).collect(),
             diag_limit: Default::default(),
             refusing: Cell::new(0),
+            admin_changes: Cell::new(0),
+            admin_acks: RefCell::new(Vec::new()),
             pools: Pools::new(config.nr_servers),
             schedulers: config
                 .pools
@@ -242,6 +258,64 @@ impl Shard {
             self.lot.nr_parked() as u64,
             dropped,
         )
+    }
+
+    /// Apply an operator's change on this shard.
+    pub fn apply_change(&self, change: mesh::AdminChange) {
+        match change {
+            mesh::AdminChange::State(id, state) => {
+                self.load.set_admin_state(id, state);
+                if state == crate::balance::AdminState::Maint {
+                    self.pools.drop_server(id);
+                }
+            }
+            mesh::AdminChange::Weight(id, w) => self.load.set_weight(id, w),
+        }
+    }
+
+    fn admin_acked(&self, id: u64) {
+        if let Some((_, n)) = self
+            .admin_acks
+            .borrow_mut()
+            .iter_mut()
+            .find(|(i, _)| *i == id)
+        {
+            *n += 1;
+        }
+    }
+
+    /// Apply `change` here and on every other shard; returns once every shard has applied it
+    /// (false if one has not acknowledged within a second), so the API answers with a state
+    /// that every new request already sees.
+    pub async fn apply_everywhere(&self, change: mesh::AdminChange) -> bool {
+        self.apply_change(change);
+        if self.nr_shards == 1 {
+            return true;
+        }
+        let id = self.admin_changes.get() + 1;
+        self.admin_changes.set(id);
+        self.admin_acks.borrow_mut().push((id, 0));
+        let me = self.id;
+        self.tell_peers(|| mesh::MeshMsg::Admin {
+            from: me,
+            id,
+            change,
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let acked = || {
+            self.admin_acks
+                .borrow()
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map_or(0, |(_, n)| *n)
+        };
+        while acked() + 1 < self.nr_shards && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let all = acked() + 1 >= self.nr_shards;
+        self.admin_acks.borrow_mut().retain(|(i, _)| *i != id);
+        all
     }
 
     /// A peer's answer to gather `id` (dropped when that gather has given up waiting).
@@ -648,7 +722,12 @@ impl Running {
 
 /// Start one shard per configured core. Returns once every shard has bound its listeners,
 /// or with the first error (the caller exits: no half-working proxy).
-pub fn start(config: Arc<Config>, log: Arc<LogWriter>) -> Result<Running, String> {
+pub fn start(
+    config: Arc<Config>,
+    log: Arc<LogWriter>,
+    changes: Vec<mesh::AdminChange>,
+) -> Result<Running, String> {
+    let changes = Arc::new(changes);
     let nr_shards = config.runtime.cores.len();
     let mesh = mesh::new_mesh(nr_shards);
     let secrets = Arc::new(Secrets::new(&config)?);
@@ -672,10 +751,10 @@ pub fn start(config: Arc<Config>, log: Arc<LogWriter>) -> Result<Running, String
             ready_tx.clone(),
             secrets.clone(),
         );
-        let log = log.clone();
+        let (log, changes) = (log.clone(), changes.clone());
         let handle = builder
             .spawn(move || async move {
-                run_shard(id, config, secrets, log, mesh, stop, ready_tx).await
+                run_shard(id, config, secrets, log, &changes, mesh, stop, ready_tx).await
             })
             .map_err(|e| format!("shard {id}: cannot start executor on CPU {core}: {e}"))?;
         handles.push(handle);
@@ -691,16 +770,18 @@ pub fn start(config: Arc<Config>, log: Arc<LogWriter>) -> Result<Running, String
     Ok(Running { handles, stop })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     id: usize,
     config: Arc<Config>,
     secrets: Arc<Secrets>,
     log: Arc<LogWriter>,
+    changes: &[mesh::AdminChange],
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
 ) {
-    let shard = match Shard::new(id, config.clone(), &secrets, log) {
+    let shard = match Shard::new(id, config.clone(), &secrets, log, changes) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));

@@ -177,9 +177,49 @@ pub fn proxy_with_admin(servers: &[SocketAddr], extra_vs: &str) -> (Proxy, Socke
     (Proxy::start(&cfg, listen), listen, admin)
 }
 
+/// GET `path` on the admin listener (Host: its own address, as a browser on it sends).
+pub fn admin_get(admin: SocketAddr, path: &str) -> client::Response {
+    admin_call(admin, "GET", path, None, None)
+}
+
+/// One admin call: `token` as a bearer token, `body` as JSON.
+pub fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> client::Response {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    client::one(admin, req.as_bytes())
+}
+
+/// An operator token for tests, and the config lines holding its hash (a `[admin]` table
+/// must come before them).
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789abcdef";
+pub fn operator_token_config() -> String {
+    let hash: String = edgeshard::access::sha256(OPERATOR_TOKEN.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("[[admin.token]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n")
+}
+
 /// GET /status on the admin listener, parsed.
 pub fn status(admin: SocketAddr) -> serde_json::Value {
-    let r = client::one(admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = admin_get(admin, "/status");
     serde_json::from_slice(&r.body).expect("status is JSON")
 }
 
@@ -193,7 +233,7 @@ pub fn server_status(admin: SocketAddr, i: usize) -> String {
 
 /// GET /metrics on the admin listener: every sample by its name and labels.
 pub fn metrics(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
-    let r = client::one(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = admin_get(admin, "/metrics");
     assert_eq!(r.status, 200);
     r.text()
         .lines()

@@ -1,0 +1,137 @@
+//! What the admin listener shows: /status as JSON from this shard's view of the mesh, and
+//! the self-contained status page (no external assets) that draws itself from it.
+
+use crate::balance::{AdminState, Health};
+use crate::config::{Persistence, ServerId};
+use crate::metrics::Merged;
+use crate::shard::Shard;
+use serde_json::json;
+
+/// The status page: refreshes itself from /status; asks for a token when /status wants one.
+pub const STATUS_PAGE: &str = include_str!("page.html");
+
+/// One word for the page: the operator state when it is not ready, else the health.
+fn server_state(shard: &Shard, id: ServerId) -> &'static str {
+    match (shard.load.admin_state(id), shard.load.health(id)) {
+        (AdminState::Maint, _) => "maint",
+        (AdminState::Drain, _) => "drain",
+        (_, Health::Up) => "up",
+        (_, Health::Down) => "down",
+        (_, Health::Checking) => "checking",
+    }
+}
+
+/// Appliance-wide status: per virtual service (and sub-service) its real servers with health,
+/// last check, and the active connection count summed over shards with the per-shard split.
+pub fn status_json(shard: &Shard, merged: &Merged) -> String {
+    let cfg = &shard.config;
+    let pool_json = |p: usize| {
+        let pool = &cfg.pools[p];
+        let servers: Vec<_> = pool
+            .servers
+            .iter()
+            .map(|&id| {
+                let rs = shard.server(id);
+                let check = shard.checks.borrow()[id.0].clone();
+                json!({
+                    "address": rs.name,
+                    "resolved": rs.address.to_string(),
+                    "status": server_state(shard, id),
+                    "state": shard.load.admin_state(id).name(),
+                    "health": match shard.load.health(id) {
+                        Health::Up => "up",
+                        Health::Down => "down",
+                        Health::Checking => "checking",
+                    },
+                    "weight": shard.load.weight(id),
+                    "config_weight": rs.weight,
+                    "connection_limit": rs.connection_limit,
+                    "active_connections": shard.load.global(id),
+                    "active_connections_per_shard": shard.load.per_shard(id),
+                    "requests_total": merged.servers.get(id.0).map(|s| s.requests).unwrap_or(0),
+                    "last_check": check.map(|c| json!({ "ok": c.ok, "at_unix_ms": c.at_unix_ms, "detail": c.detail })),
+                })
+            })
+            .collect();
+        let persistence = match &pool.persistence {
+            Persistence::None => json!("none"),
+            Persistence::ActiveCookie { cookie, timeout } => {
+                json!({ "mode": "active-cookie", "cookie": cookie, "timeout_seconds": timeout.as_secs() })
+            }
+            Persistence::SourceIp { timeout, .. } => {
+                json!({ "mode": "source-ip", "timeout_seconds": timeout.as_secs() })
+            }
+        };
+        let up = pool.servers.iter().any(|&id| shard.load.usable(id));
+        (
+            up,
+            json!({
+                "scheduling": format!("{:?}", pool.scheduling),
+                "persistence": persistence,
+                "health_check": pool.health_check.as_ref().map(|h| json!({
+                    "type": format!("{:?}", h.kind), "url": h.url, "interval_ms": h.interval.as_millis() as u64,
+                })),
+                "real_servers": servers,
+            }),
+        )
+    };
+    let services: Vec<_> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .map(|(vi, vs)| {
+            let (own_up, own) = pool_json(vs.pool);
+            let mut any_up = own_up;
+            let subs: Vec<_> = vs
+                .sub_services
+                .iter()
+                .map(|sub| {
+                    let (up, mut j) = pool_json(sub.pool);
+                    any_up |= up;
+                    j["name"] = json!(sub.name);
+                    j["hosts"] = json!(sub.hosts);
+                    j["paths"] = json!(sub.paths);
+                    j["status"] = json!(if up { "up" } else { "down" });
+                    j
+                })
+                .collect();
+            let mut v = own;
+            v["name"] = json!(vs.name);
+            v["listen"] = json!(vs.listen.to_string());
+            v["tls"] = json!(vs.tls.is_some());
+            v["redirect"] = json!(vs.redirect.is_some());
+            v["status"] = json!(if any_up || vs.redirect.is_some() {
+                "up"
+            } else {
+                "down"
+            });
+            v["sub_services"] = json!(subs);
+            if let Some(m) = merged.services.get(vi) {
+                v["requests_total"] = json!(m.requests);
+                v["connections_active"] = json!(m.connections_active);
+                v["responses"] = json!({ "1xx": m.responses[0], "2xx": m.responses[1], "3xx": m.responses[2], "4xx": m.responses[3], "5xx": m.responses[4] });
+            }
+            v
+        })
+        .collect();
+    let mut accepted = shard.accepted_per_shard();
+    let mut cpu = vec![None; accepted.len()];
+    for snap in &merged.per_shard {
+        if let Some(a) = accepted.get_mut(snap.shard) {
+            *a = snap.accepted;
+            cpu[snap.shard] = Some(snap.cpu_seconds);
+        }
+    }
+    let shards: Vec<_> = accepted
+        .iter()
+        .enumerate()
+        .map(|(i, a)| json!({ "id": i, "core": cfg.runtime.cores[i], "accepted_connections": a, "busy_seconds": cpu[i] }))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shard.started.elapsed().as_secs(),
+        "shards": shards,
+        "virtual_services": services,
+    })
+    .to_string()
+}

@@ -1,0 +1,446 @@
+//! The runtime API through the real binary: tokens and roles, CSRF and DNS-rebinding
+//! defences, drain / maint / ready with persistence, weights, the state file across a
+//! restart, and `edgeshard ctl` / `edgeshard token new`.
+
+mod common;
+
+use common::client::{one, Client};
+use common::origin::Origin;
+use common::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const READ_TOKEN: &str = "test-read-token-abcdef0123456789";
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A read token kept in a file (mode 0600), next to the operator token's hash.
+fn tokens(dir: &Path) -> String {
+    let f = dir.join("read.token");
+    std::fs::write(&f, READ_TOKEN).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    format!(
+        "{}[[admin.token]]\nname = \"grafana\"\nrole = \"read\"\ntoken_file = \"{}\"\n",
+        operator_token_config(),
+        f.display()
+    )
+}
+
+fn state_of(admin: SocketAddr, pool_index: usize, i: usize) -> (String, u64) {
+    let v: Value = serde_json::from_slice(
+        &admin_call(admin, "GET", "/api/v1/services", Some(READ_TOKEN), None).body,
+    )
+    .unwrap();
+    let rs = &v["virtual_services"][pool_index]["real_servers"][i];
+    (
+        rs["state"].as_str().unwrap().to_string(),
+        rs["weight"].as_u64().unwrap(),
+    )
+}
+
+fn set_state(admin: SocketAddr, server: SocketAddr, state: &str, token: Option<&str>) -> u16 {
+    admin_call(
+        admin,
+        "POST",
+        &format!("/api/v1/services/web/real_servers/{server}/state"),
+        token,
+        Some(&format!("{{\"state\": \"{state}\"}}")),
+    )
+    .status
+}
+
+#[test]
+fn without_a_token_the_admin_listener_only_reads() {
+    let o = Origin::ok("ok");
+    let (_p, _listen, admin) = proxy_with_admin(&[o.addr], "");
+    for page in ["/status", "/metrics", "/healthz", "/api/v1/services", "/"] {
+        assert_eq!(admin_get(admin, page).status, 200, "{page}");
+    }
+    let r = admin_call(
+        admin,
+        "POST",
+        &format!("/api/v1/services/web/real_servers/{}/state", o.addr),
+        None,
+        Some(r#"{"state": "maint"}"#),
+    );
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("[[admin.token]]"), "{}", r.text());
+    assert_eq!(
+        admin_call(
+            admin,
+            "POST",
+            &format!("/real_server/disable?address={}", o.addr),
+            None,
+            None
+        )
+        .status,
+        403,
+        "the legacy call needs a token too"
+    );
+}
+
+/// No token, a wrong one, or a read token on a change: 401/403, nothing changed, a security
+/// record; a form-encoded or cross-origin change and a foreign Host are refused.
+#[test]
+fn tokens_roles_csrf_and_host_are_enforced() {
+    let o = Origin::ok("ok");
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let dir = tmpdir("api");
+    let security = dir.join("security.log");
+    let cfg = simple_config(
+        listen,
+        &[o.addr],
+        "",
+        &format!(
+            "[log]\nsecurity = \"{}\"\n[admin]\nlisten = \"{admin}\"\n{}",
+            security.display(),
+            tokens(&dir)
+        ),
+    );
+    let _p = Proxy::start(&cfg, listen);
+    // reads: a token for /status and the API; /metrics and /healthz public on loopback
+    let r = admin_get(admin, "/status");
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    assert_eq!(
+        admin_call(admin, "GET", "/status", Some(READ_TOKEN), None).status,
+        200
+    );
+    assert_eq!(admin_get(admin, "/metrics").status, 200);
+    assert_eq!(admin_get(admin, "/healthz").status, 200);
+    // changes
+    assert_eq!(set_state(admin, o.addr, "maint", None), 401);
+    assert_eq!(
+        set_state(admin, o.addr, "maint", Some("not-the-token-at-all")),
+        401
+    );
+    assert_eq!(set_state(admin, o.addr, "maint", Some(READ_TOKEN)), 403);
+    let form = format!(
+        "POST /api/v1/services/web/real_servers/{}/state HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 11\r\n\r\nstate=maint",
+        o.addr
+    );
+    assert_eq!(one(admin, form.as_bytes()).status, 415, "form-encoded");
+    let cross = format!(
+        "POST /api/v1/services/web/real_servers/{}/state HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://evil.example\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{{\"state\":\"maint\"}}",
+        o.addr
+    );
+    assert_eq!(one(admin, cross.as_bytes()).status, 403, "cross-origin");
+    let rebound = format!(
+        "GET /status HTTP/1.1\r\nHost: evil.example:{}\r\nAuthorization: Bearer {READ_TOKEN}\r\n\r\n",
+        admin.port()
+    );
+    assert_eq!(one(admin, rebound.as_bytes()).status, 421, "foreign Host");
+    assert_eq!(state_of(admin, 0, 0).0, "ready", "nothing changed");
+    assert_eq!(
+        one(listen, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    // the operator token changes it, from our own page's origin too, and the record says so
+    let own = format!(
+        "POST /api/v1/services/web/real_servers/{}/state HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://{admin}\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{{\"state\":\"maint\"}}",
+        o.addr
+    );
+    assert_eq!(one(admin, own.as_bytes()).status, 200);
+    assert_eq!(state_of(admin, 0, 0).0, "maint");
+    assert_eq!(
+        one(listen, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        503
+    );
+    wait_until(Duration::from_secs(5), "security records", || {
+        let recs = lines(&security);
+        recs.iter().any(|r| r["event"] == "api_change")
+            && recs.iter().any(|r| r["event"] == "api_auth")
+    });
+    let recs = lines(&security);
+    let change = recs.iter().find(|r| r["event"] == "api_change").unwrap();
+    let reason = change["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("ops:") && reason.contains("state ready -> maint"),
+        "{reason}"
+    );
+    let auth = recs.iter().filter(|r| r["event"] == "api_auth").count();
+    assert_eq!(auth, 1, "one 401 record per address per interval: {recs:?}");
+    // a token file others may read is refused by check, with the field named
+    let loose = dir.join("loose.token");
+    std::fs::write(&loose, "0123456789abcdef0123").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, text, _) = check_config(&format!(
+        "[admin]\nlisten = \"127.0.0.1:1\"\n[[admin.token]]\nname = \"x\"\nrole = \"read\"\ntoken_file = \"{}\"\n[[virtual_service]]\nlisten = \"127.0.0.1:2\"\n",
+        loose.display()
+    ));
+    assert!(
+        !ok && text.contains("admin.token[0]") && text.contains("chmod 600"),
+        "{text}"
+    );
+}
+
+fn cookie_of(r: &common::client::Response) -> String {
+    let v = r.header("set-cookie").expect("a persistence cookie");
+    v.split(';').next().unwrap().to_string()
+}
+
+/// Drain: pinned clients keep their server, new ones never get it, `wait` answers when its
+/// last request is done. Maint: nothing new, pinned clients move.
+#[test]
+fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
+    let a = Origin::named("a");
+    let b = Origin::start(std::sync::Arc::new(
+        |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
+            use std::io::Write;
+            if s.request_line.contains("/slow") {
+                std::thread::sleep(Duration::from_millis(800));
+            }
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb");
+            common::origin::Next::KeepAlive
+        },
+    ));
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let cfg = simple_config(
+        listen,
+        &[a.addr, b.addr],
+        "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"S\"\n",
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
+    );
+    let _p = Proxy::start(&cfg, listen);
+    // a client pinned to b
+    let pinned = (0..20)
+        .map(|_| one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .find(|r| r.text() == "b")
+        .map(|r| cookie_of(&r))
+        .expect("b answered once");
+    let with_cookie = |path: &str| {
+        one(
+            listen,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {pinned}\r\n\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(with_cookie("/").text(), "b");
+    assert_eq!(set_state(admin, b.addr, "drain", Some(OPERATOR_TOKEN)), 200);
+    for _ in 0..20 {
+        assert_eq!(
+            one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text(),
+            "a",
+            "new clients never reach a draining server"
+        );
+    }
+    for _ in 0..5 {
+        assert_eq!(with_cookie("/").text(), "b", "pinned clients keep it");
+    }
+    // a request in flight on b: drain with wait answers once it is done
+    let pinned2 = pinned.clone();
+    let slow = std::thread::spawn(move || {
+        one(
+            listen,
+            format!("GET /slow HTTP/1.1\r\nHost: x\r\nCookie: {pinned2}\r\n\r\n").as_bytes(),
+        )
+        .text()
+    });
+    wait_until(Duration::from_secs(5), "the slow request reached b", || {
+        b.requests()
+            .iter()
+            .any(|s| s.request_line.contains("/slow"))
+    });
+    let t = Instant::now();
+    let r = admin_call(
+        admin,
+        "POST",
+        &format!("/api/v1/services/web/real_servers/{}/state", b.addr),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"state": "drain", "wait": "5s"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        t.elapsed() > Duration::from_millis(300),
+        "waited for the request in flight"
+    );
+    assert_eq!(slow.join().unwrap(), "b");
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["active_connections"], 0);
+    // maint: even the pinned client moves
+    assert_eq!(set_state(admin, b.addr, "maint", Some(OPERATOR_TOKEN)), 200);
+    assert_eq!(with_cookie("/").text(), "a");
+    assert_eq!(set_state(admin, b.addr, "ready", Some(OPERATOR_TOKEN)), 200);
+    assert_eq!(
+        set_state(admin, b.addr, "sleeping", Some(OPERATOR_TOKEN)),
+        400
+    );
+}
+
+/// A weight set through the API shows in the split of the next requests, on every shard.
+#[test]
+fn a_weight_change_shows_in_the_split() {
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let cfg = simple_config(
+        listen,
+        &[a.addr, b.addr],
+        "scheduling = \"weighted-round-robin\"\n",
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
+    );
+    let _p = Proxy::start(&cfg, listen);
+    let r = admin_call(
+        admin,
+        "PUT",
+        &format!("/api/v1/services/web/real_servers/{}/weight", b.addr),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"weight": 3000}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // fresh connections land on both shards
+    let n = 400;
+    let to_b = (0..n)
+        .filter(|_| one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text() == "b")
+        .count();
+    let share = to_b as f64 / n as f64;
+    assert!((0.70..=0.80).contains(&share), "b's share {share}");
+    let bad = admin_call(
+        admin,
+        "PUT",
+        &format!("/api/v1/services/web/real_servers/{}/weight", b.addr),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"weight": 0}"#),
+    );
+    assert_eq!(bad.status, 400);
+}
+
+/// Runtime changes are kept in the state file and survive a restart.
+#[test]
+fn runtime_state_survives_a_restart() {
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let dir = tmpdir("state");
+    let state = dir.join("state.json");
+    let cfg = simple_config(
+        listen,
+        &[a.addr, b.addr],
+        "",
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\nstate_file = \"{}\"\n{}",
+            state.display(),
+            tokens(&dir)
+        ),
+    );
+    {
+        let _p = Proxy::start(&cfg, listen);
+        assert_eq!(set_state(admin, b.addr, "drain", Some(OPERATOR_TOKEN)), 200);
+        let r = admin_call(
+            admin,
+            "PUT",
+            &format!("/api/v1/services/web/real_servers/{}/weight", a.addr),
+            Some(OPERATOR_TOKEN),
+            Some(r#"{"weight": 500}"#),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(kept["servers"].as_array().unwrap().len(), 2, "{kept}");
+    let _p = Proxy::start(&cfg, listen);
+    assert_eq!(state_of(admin, 0, 0), ("ready".to_string(), 500));
+    assert_eq!(state_of(admin, 0, 1), ("drain".to_string(), 1000));
+    for _ in 0..6 {
+        assert_eq!(
+            one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text(),
+            "a"
+        );
+    }
+}
+
+fn ctl(admin: SocketAddr, token: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(["ctl", "--admin", &format!("http://{admin}")]);
+    if let Some(t) = token {
+        cmd.arg("--token-file").arg(t);
+    }
+    let out = cmd
+        .args(args)
+        .env_remove("EDGESHARD_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ctl_and_token_new_end_to_end() {
+    // token new: a token and the config lines with its hash, which the appliance accepts
+    let out = Command::new(bin())
+        .args(["token", "new", "--name", "deploy", "--role", "operator"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text.lines().nth(1).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let config_lines = text
+        .split_once("config (only the hash lives there):\n")
+        .unwrap()
+        .1;
+    assert!(
+        !config_lines.contains(&token),
+        "only the hash goes in the config"
+    );
+
+    let (a, b) = (Origin::named("a"), Origin::named("b"));
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let dir = tmpdir("ctl");
+    let cfg = simple_config(
+        listen,
+        &[a.addr, b.addr],
+        "",
+        &format!("[admin]\nlisten = \"{admin}\"\n{config_lines}"),
+    );
+    let _p = Proxy::start(&cfg, listen);
+    let tf = dir.join("deploy.token");
+    std::fs::write(&tf, &token).unwrap();
+    let t = Some(tf.as_path());
+    let (code, table, _) = ctl(admin, t, &["servers"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.starts_with("POOL") && table.contains(&b.addr.to_string()),
+        "{table}"
+    );
+    let b_addr = b.addr.to_string();
+    let (code, line, _) = ctl(admin, t, &["drain", "web", &b_addr, "--wait", "2s"]);
+    assert_eq!(code, 0, "{line}");
+    assert!(line.contains("state drain"), "{line}");
+    let (code, line, _) = ctl(admin, t, &["weight", "web", &b_addr, "250"]);
+    assert_eq!(code, 0);
+    assert!(line.contains("weight 250"), "{line}");
+    let (code, _, _) = ctl(admin, t, &["ready", "web", &b_addr]);
+    assert_eq!(code, 0);
+    let (code, json, _) = ctl(admin, t, &["--json", "servers"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["virtual_services"][0]["real_servers"][1]["weight"], 250);
+    assert_eq!(ctl(admin, t, &["health"]).0, 0);
+    // refused: exit 1 with the reason; no answer at all: exit 2
+    let (code, _, err) = ctl(admin, None, &["maint", "web", &b_addr]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("401"), "{err}");
+    let (code, _, err) = ctl(admin, t, &["maint", "web", "192.0.2.1:1"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(ctl(local(free_port()), t, &["servers"]).0, 2);
+    // unhealthy: every real server in maint
+    ctl(admin, t, &["maint", "web", &a.addr.to_string()]);
+    ctl(admin, t, &["maint", "web", &b_addr]);
+    assert_eq!(ctl(admin, t, &["health"]).0, 1);
+    let _ = Client::connect(listen);
+}
