@@ -228,6 +228,9 @@ fn main() -> ExitCode {
         Command::Token { .. } | Command::Ctl { .. } => ExitCode::SUCCESS,
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in c.warnings() {
+                    println!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} virtual services, {} real servers, {} shards)",
                     config.display(),
@@ -333,7 +336,10 @@ fn run(path: PathBuf) -> ExitCode {
         }
     }
     if let Some(a) = &config.admin {
-        tracing::info!(listen = %a.listen, "admin endpoint: GET /status");
+        tracing::info!(listen = %a.listen, tokens = a.tokens.len(), "admin endpoint: status page, /status, /metrics, /healthz, /api/v1");
+    }
+    for w in config.warnings() {
+        tracing::warn!("{w}");
     }
     let sig = edgeshard::runtime::wait_for_shutdown(&signals, || log.reopen());
     tracing::info!(signal = sig, drain = ?config.runtime.drain_timeout, "shutting down: no new connections, draining");

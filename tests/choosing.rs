@@ -127,7 +127,7 @@ fn least_connection_follows_the_appliance_wide_count() {
         "the other shard sees A's five",
         || {
             status(admin)["virtual_services"][0]["real_servers"][0]["active_connections"] == 5
-                && status(admin)["virtual_services"][0]["real_servers"][1]["enabled"] == true
+                && status(admin)["virtual_services"][0]["real_servers"][1]["state"] == "ready"
         },
     );
     // Shard Y has nothing locally: local counts would alternate A, B; the global view says B.
@@ -287,7 +287,7 @@ fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_s
             .as_array()
             .unwrap()
             .iter()
-            .all(|s| s["enabled"] == true)
+            .all(|s| s["state"] == "ready")
     });
     for _ in 0..4 {
         assert_eq!(

@@ -252,3 +252,21 @@ fn per_core_settings_are_validated() {
     let (ok, _, _) = check(&format!("[runtime]\ncores = [0]\n[[runtime.shard]]\ncore = 0\nring_depth = 512\nio_memory = \"2MiB\"\nbacklog = 4096\nmax_connections = 1000\n{VS}"));
     assert!(ok);
 }
+
+#[test]
+fn check_warns_about_what_is_valid_but_risky() {
+    let (ok, text, _) = check(&format!(
+        "[admin]\nlisten = \"0.0.0.0:{}\"\n{VS}[virtual_service.persistence]\nmode = \"active-cookie\"\n[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\n",
+        free_port()
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: admin.listen") && text.contains("no TLS"),
+        "{text}"
+    );
+    assert!(text.contains("warning: runtime.persistence_key"), "{text}");
+    let (ok, text, _) = check(&format!(
+        "{VS}[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\n"
+    ));
+    assert!(ok && !text.contains("warning"), "{text}");
+}

@@ -64,7 +64,11 @@ fn without_a_token_the_admin_listener_only_reads() {
     let o = Origin::ok("ok");
     let (_p, _listen, admin) = proxy_with_admin(&[o.addr], "");
     for page in ["/status", "/metrics", "/healthz", "/api/v1/services", "/"] {
-        assert_eq!(admin_get(admin, page).status, 200, "{page}");
+        assert_eq!(
+            admin_call(admin, "GET", page, None, None).status,
+            200,
+            "{page}"
+        );
     }
     let r = admin_call(
         admin,
@@ -110,15 +114,15 @@ fn tokens_roles_csrf_and_host_are_enforced() {
     );
     let _p = Proxy::start(&cfg, listen);
     // reads: a token for /status and the API; /metrics and /healthz public on loopback
-    let r = admin_get(admin, "/status");
+    let r = admin_call(admin, "GET", "/status", None, None);
     assert_eq!(r.status, 401);
     assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
     assert_eq!(
         admin_call(admin, "GET", "/status", Some(READ_TOKEN), None).status,
         200
     );
-    assert_eq!(admin_get(admin, "/metrics").status, 200);
-    assert_eq!(admin_get(admin, "/healthz").status, 200);
+    assert_eq!(admin_call(admin, "GET", "/metrics", None, None).status, 200);
+    assert_eq!(admin_call(admin, "GET", "/healthz", None, None).status, 200);
     // changes
     assert_eq!(set_state(admin, o.addr, "maint", None), 401);
     assert_eq!(

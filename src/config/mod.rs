@@ -358,6 +358,27 @@ pub struct RealServer {
 pub const MAX_HEADERS_CEILING: usize = 256;
 
 impl Config {
+    /// What is valid but probably not meant: `check` prints these, `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(a) = &self.admin {
+            if !a.listen.ip().is_loopback() {
+                w.push(format!(
+                    "admin.listen: {} is not a loopback address and the admin listener has no TLS: tokens and changes cross the network in clear; listen on 127.0.0.1 (or a management address with [admin] allow)",
+                    a.listen
+                ));
+            }
+        }
+        let cookies = self
+            .pools
+            .iter()
+            .any(|p| matches!(p.persistence, Persistence::ActiveCookie { .. }));
+        if cookies && self.runtime.persistence_key.is_none() {
+            w.push("runtime.persistence_key: not set, so persistence cookies are signed with a key chosen at each start: they do not survive a restart nor work across appliances".into());
+        }
+        w
+    }
+
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

@@ -177,9 +177,10 @@ pub fn proxy_with_admin(servers: &[SocketAddr], extra_vs: &str) -> (Proxy, Socke
     (Proxy::start(&cfg, listen), listen, admin)
 }
 
-/// GET `path` on the admin listener (Host: its own address, as a browser on it sends).
+/// GET `path` on the admin listener (Host: its own address, as a browser on it sends), with
+/// the test operator token (ignored where no token is configured).
 pub fn admin_get(admin: SocketAddr, path: &str) -> client::Response {
-    admin_call(admin, "GET", path, None, None)
+    admin_call(admin, "GET", path, Some(OPERATOR_TOKEN), None)
 }
 
 /// One admin call: `token` as a bearer token, `body` as JSON.
