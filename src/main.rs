@@ -238,6 +238,8 @@ fn main() -> ExitCode {
                     c.nr_servers,
                     c.runtime.cores.len()
                 );
+                // appliances that share clients must print the same
+                println!("fingerprint: {}", c.fingerprint());
                 ExitCode::SUCCESS
             }
             Err(e) => {

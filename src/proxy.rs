@@ -752,15 +752,33 @@ fn choose(
             .as_ref()
             .and_then(|t| t.borrow().get(peer.ip(), Instant::now())),
     };
-    // A persisted server that is down, disabled or at its limit is replaced (and re-persisted).
+    // A persisted server that is down, in maintenance or at its limit is replaced (and
+    // re-persisted). A new source-IP client's server comes from the rendezvous hash of its
+    // address: the same on every shard and appliance.
     let server = match persisted {
         Some(id) if sched.accepts(id, &shard.load) => id,
-        _ => sched
-            .pick(&shard.load, &[], Instant::now())
+        _ => pick_new(shard, pool_idx, peer, &[])
             .ok_or(ProxyError::policy(503, "no real server available"))?,
     };
     persist(shard, pool_idx, server, peer, proto, set_cookie);
     Ok(server)
+}
+
+/// A server for a client with no (usable) persisted one: by the pool's method, or, with
+/// source-IP persistence, by the rendezvous hash of the client's address.
+fn pick_new(
+    shard: &Shard,
+    pool_idx: usize,
+    peer: SocketAddr,
+    exclude: &[ServerId],
+) -> Option<ServerId> {
+    let sched = &shard.schedulers[pool_idx];
+    match shard.config.pools[pool_idx].persistence {
+        Persistence::SourceIp { .. } => {
+            sched.pick_hashed(&shard.load, crate::balance::client_key(peer.ip()), exclude)
+        }
+        _ => sched.pick(&shard.load, exclude, Instant::now()),
+    }
 }
 
 /// Record `server` as this client's choice in `pool_idx`: the cookie to set on the response
@@ -937,7 +955,7 @@ fn next_server(
     if tried.len > vs.retries as usize || tried.len >= tried.ids.len() || now >= retry.deadline {
         return None;
     }
-    let next = shard.schedulers[retry.pool].pick(&shard.load, tried.as_slice(), now)?;
+    let next = pick_new(shard, retry.pool, retry.peer, tried.as_slice())?;
     tried.ids[tried.len] = next;
     tried.len += 1;
     let c = &shard.metrics.servers[failed.0].retries;

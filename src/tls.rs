@@ -39,33 +39,50 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
-/// Session-ticket keys shared by every shard without a lock: a random master secret fixed at
-/// start-up; each ticket period's AES-256-GCM key is derived from it (HKDF) and cached per
-/// thread. Tickets of the current and the previous period decrypt, so a ticket lives one to
-/// two periods, and a resumed connection may land on any shard.
+/// Session-ticket keys shared by every shard without a lock: master secrets fixed at
+/// start-up (random, or from `[runtime] ticket_key_file`, newest last); each ticket period's
+/// AES-256-GCM key is derived from a master (HKDF) and cached per thread. The newest master
+/// encrypts; every master decrypts (a ticket names its master by a 4-byte id), so appliances
+/// sharing the file resume each other's sessions and a rotation keeps recent tickets valid.
+/// Tickets of the current and the previous period decrypt: a ticket lives one to two periods.
 #[derive(Debug)]
 pub struct TicketKeys {
     id: u64,
-    master: [u8; 32],
+    /// Newest last; each with its id (the first 4 bytes of its SHA-256).
+    masters: Vec<([u8; 4], [u8; 32])>,
     period_secs: u64,
     rng: SystemRandom,
 }
 
 thread_local! {
-    static TICKET_KEY: RefCell<Option<(u64, u64, LessSafeKey)>> = const { RefCell::new(None) };
+    /// The last derived key: (keys id, master index, period, key).
+    static TICKET_KEY: RefCell<Option<(u64, usize, u64, LessSafeKey)>> = const { RefCell::new(None) };
 }
 
 impl TicketKeys {
-    pub fn new(period_secs: u64) -> Result<Arc<TicketKeys>, String> {
+    /// `masters`: from a key file, newest last; None: one random master (this process only).
+    pub fn new(period_secs: u64, masters: Option<&[[u8; 32]]>) -> Result<Arc<TicketKeys>, String> {
         let rng = SystemRandom::new();
-        let mut master = [0u8; 32];
-        rng.fill(&mut master)
-            .map_err(|_| "no randomness for session-ticket keys".to_string())?;
+        let masters: Vec<[u8; 32]> = match masters {
+            Some(m) if !m.is_empty() => m.to_vec(),
+            _ => {
+                let mut master = [0u8; 32];
+                rng.fill(&mut master)
+                    .map_err(|_| "no randomness for session-ticket keys".to_string())?;
+                vec![master]
+            }
+        };
         let mut id = [0u8; 8];
         rng.fill(&mut id).map_err(|_| "no randomness".to_string())?;
         Ok(Arc::new(TicketKeys {
             id: u64::from_le_bytes(id),
-            master,
+            masters: masters
+                .into_iter()
+                .map(|m| {
+                    let h = crate::access::sha256(&m);
+                    ([h[0], h[1], h[2], h[3]], m)
+                })
+                .collect(),
             period_secs: period_secs.max(60),
             rng,
         }))
@@ -79,24 +96,52 @@ impl TicketKeys {
             / self.period_secs
     }
 
-    /// Run `f` with the key of `period` (None only if key derivation failed).
-    fn with_key<T>(&self, period: u64, f: impl FnOnce(&LessSafeKey) -> T) -> Option<T> {
+    /// Run `f` with master `m`'s key of `period` (None only if key derivation failed).
+    fn with_key<T>(&self, m: usize, period: u64, f: impl FnOnce(&LessSafeKey) -> T) -> Option<T> {
+        let master = &self.masters.get(m)?.1;
         TICKET_KEY.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let fresh = !matches!(&*slot, Some((id, p, _)) if *id == self.id && *p == period);
+            let fresh =
+                !matches!(&*slot, Some((id, i, p, _)) if *id == self.id && *i == m && *p == period);
             if fresh {
-                let prk =
-                    hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgeshard ticket").extract(&self.master);
+                let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgeshard ticket").extract(master);
                 let info = period.to_be_bytes();
                 let info = [&info[..]];
                 let key = prk
                     .expand(&info, &AES_256_GCM)
                     .map(|o| LessSafeKey::new(UnboundKey::from(o)));
-                *slot = Some((self.id, period, key.ok()?));
+                *slot = Some((self.id, m, period, key.ok()?));
             }
-            slot.as_ref().map(|(_, _, k)| f(k))
+            slot.as_ref().map(|(_, _, _, k)| f(k))
         })
     }
+}
+
+/// Read a ticket key file: one master per line as 64 hex digits, newest last; blank lines
+/// and `#` comments ignored; at most 8 kept (the newest).
+pub fn read_ticket_keys(text: &str) -> Result<Vec<[u8; 32]>, String> {
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let b = line.as_bytes();
+        if b.len() != 64 || !b.iter().all(u8::is_ascii_hexdigit) {
+            return Err(format!("line {}: expected 64 hex digits", i + 1));
+        }
+        let mut k = [0u8; 32];
+        for (j, pair) in b.chunks(2).enumerate() {
+            k[j] = u8::from_str_radix(std::str::from_utf8(pair).map_err(|e| e.to_string())?, 16)
+                .map_err(|e| e.to_string())?;
+        }
+        keys.push(k);
+    }
+    if keys.is_empty() {
+        return Err("no key in the file".into());
+    }
+    let skip = keys.len().saturating_sub(8);
+    Ok(keys.split_off(skip))
 }
 
 impl ProducesTickets for TicketKeys {
@@ -110,13 +155,15 @@ impl ProducesTickets for TicketKeys {
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let period = self.period_now();
+        let m = self.masters.len() - 1;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(8 + NONCE_LEN + plain.len() + 16);
+        let mut out = Vec::with_capacity(4 + 8 + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(&self.masters[m].0);
         out.extend_from_slice(&period.to_be_bytes());
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        self.with_key(period, |k| {
+        self.with_key(m, period, |k| {
             k.seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&period.to_be_bytes()),
@@ -129,9 +176,14 @@ impl ProducesTickets for TicketKeys {
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        if cipher.len() < 8 + NONCE_LEN + 16 {
+        if cipher.len() < 4 + 8 + NONCE_LEN + 16 {
             return None;
         }
+        let m = self
+            .masters
+            .iter()
+            .rposition(|(id, _)| cipher[..4] == id[..])?;
+        let cipher = &cipher[4..];
         let period = u64::from_be_bytes(cipher[..8].try_into().ok()?);
         let now = self.period_now();
         if period != now && period.checked_add(1) != Some(now) {
@@ -140,7 +192,7 @@ impl ProducesTickets for TicketKeys {
         let nonce: [u8; NONCE_LEN] = cipher[8..8 + NONCE_LEN].try_into().ok()?;
         let mut body = cipher[8 + NONCE_LEN..].to_vec();
         let len = self
-            .with_key(period, |k| {
+            .with_key(m, period, |k| {
                 k.open_in_place(
                     Nonce::assume_unique_for_key(nonce),
                     Aad::from(&period.to_be_bytes()),
@@ -292,7 +344,7 @@ mod tests {
 
     #[test]
     fn tickets_round_trip_and_reject_tampering() {
-        let t = TicketKeys::new(3600).unwrap();
+        let t = TicketKeys::new(3600, None).unwrap();
         let c = t.encrypt(b"session state").unwrap();
         assert_eq!(t.decrypt(&c).unwrap(), b"session state");
         let mut bad = c.clone();
@@ -301,8 +353,26 @@ mod tests {
         assert!(t.decrypt(&bad).is_none());
         assert!(t.decrypt(&c[..10]).is_none());
         // another appliance's keys cannot read it
-        let other = TicketKeys::new(3600).unwrap();
+        let other = TicketKeys::new(3600, None).unwrap();
         assert!(other.decrypt(&c).is_none());
+        // appliances sharing a key file read each other's; after a rotation (a newer key
+        // appended) the older tickets still decrypt and new ones use the newest key
+        let file = read_ticket_keys(&format!("# pair keys\n{}\n", "ab".repeat(32))).unwrap();
+        let (a, b) = (
+            TicketKeys::new(3600, Some(&file)).unwrap(),
+            TicketKeys::new(3600, Some(&file)).unwrap(),
+        );
+        let ca = a.encrypt(b"s").unwrap();
+        assert_eq!(b.decrypt(&ca).unwrap(), b"s");
+        let rotated =
+            read_ticket_keys(&format!("{}\n{}\n", "ab".repeat(32), "cd".repeat(32))).unwrap();
+        let r = TicketKeys::new(3600, Some(&rotated)).unwrap();
+        assert_eq!(r.decrypt(&ca).unwrap(), b"s");
+        assert!(
+            b.decrypt(&r.encrypt(b"n").unwrap()).is_none(),
+            "the newest encrypts"
+        );
+        assert!(read_ticket_keys("zz").is_err() && read_ticket_keys("# none").is_err());
         // decryptable from another thread (another shard)
         let t2 = t.clone();
         let c2 = c.clone();

@@ -247,6 +247,54 @@ fn sessions_resume_whichever_shard_the_connection_lands_on() {
     );
 }
 
+/// Two appliances sharing `[runtime] ticket_key_file` resume each other's sessions (a client
+/// keeps its session across a failover); one with its own random keys does not.
+#[test]
+fn a_shared_ticket_key_file_resumes_sessions_across_appliances() {
+    use std::os::unix::fs::PermissionsExt;
+    let st = setup();
+    let o = Origin::ok("ok");
+    let keys = st.dir.join("tickets.keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "# older\n{}\n# newest\n{}\n",
+            "11".repeat(32),
+            "22".repeat(32)
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let top = format!("[runtime]\nticket_key_file = \"{}\"\n", keys.display());
+    let shared =
+        |listen| tls_config(listen, &[o.addr], &st.certs, "", "").replace("[runtime]\n", &top);
+    let (la, lb, lc) = (local(free_port()), local(free_port()), local(free_port()));
+    let _a = Proxy::start(&shared(la), la);
+    let _b = Proxy::start(&shared(lb), lb);
+    let _c = Proxy::start(&tls_config(lc, &[o.addr], &st.certs, "", ""), lc);
+    let cfg = client_config(&st.ca);
+    let (r, _) = request(connect(la, &cfg, "ws-ext.example").unwrap(), GET);
+    assert_eq!(r.status, 200);
+    // the session from A resumes on B (the client's cache is keyed by the server name)
+    let s = connect(lb, &cfg, "ws-ext.example").unwrap();
+    assert_eq!(
+        s.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(request(s, GET).0.status, 200);
+    // and not on C, whose keys are its own: a full handshake that still works
+    let s = connect(lc, &cfg, "ws-ext.example").unwrap();
+    assert_eq!(s.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    assert_eq!(request(s, GET).0.status, 200);
+    // a key file others may read is refused, naming the field
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, text, _) = check_config(&shared(local(free_port())));
+    assert!(
+        !ok && text.contains("runtime.ticket_key_file") && text.contains("chmod 600"),
+        "{text}"
+    );
+}
+
 fn reencrypt_config(
     listen: SocketAddr,
     origin: SocketAddr,

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 struct Candidate {
     id: ServerId,
     limit: u32,
+    /// Stable hash of the server's address as configured: the rendezvous hash's server half.
+    name_hash: u64,
     /// Round-robin credit of a server in slow start (it takes a turn per whole credit).
     credit: Cell<f64>,
 }
@@ -30,6 +32,31 @@ pub struct Scheduler {
     current: RefCell<Vec<i64>>,
 }
 
+/// FNV-1a over `data`, then a SplitMix64 finaliser: the same on every build and appliance
+/// (std's hasher is neither guaranteed stable nor keyed the same everywhere).
+pub fn stable_hash(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The key a client address hashes to for rendezvous choices.
+pub fn client_key(ip: std::net::IpAddr) -> u64 {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => stable_hash(&v4.octets()),
+        std::net::IpAddr::V6(v6) => stable_hash(&v6.octets()),
+    }
+}
+
 /// Slow start never ramps below this share of a server's weight.
 const MIN_RAMP: f64 = 0.01;
 
@@ -44,6 +71,7 @@ impl Scheduler {
                 Candidate {
                     id: r.id,
                     limit: r.connection_limit,
+                    name_hash: stable_hash(r.name.as_bytes()),
                     credit: Cell::new(0.0),
                 }
             })
@@ -124,6 +152,36 @@ impl Scheduler {
     /// Does any server of this pool take new connections (health and operator state only)?
     pub fn any_usable(&self, view: &LoadView) -> bool {
         self.servers.iter().any(|c| view.usable(c.id))
+    }
+
+    /// The real server for a client `key` (`client_key`) by weighted rendezvous hashing: the
+    /// highest `-weight / ln(u)` where `u` comes from hashing the client with each server's
+    /// address. Every shard and every appliance with the same servers and weights picks the
+    /// same one, and a server leaving moves only its own clients. Health, operator state,
+    /// limits and `exclude` apply as in `pick`.
+    pub fn pick_hashed(&self, view: &LoadView, key: u64, exclude: &[ServerId]) -> Option<ServerId> {
+        let best_of = |fallback: bool| {
+            let mut best: Option<(f64, ServerId)> = None;
+            for c in &self.servers {
+                if !self.available(c, view, exclude, fallback) {
+                    continue;
+                }
+                // u in (0, 1), never 0: 53 bits of the mixed hash
+                let u = ((mix(key ^ c.name_hash) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let score = -(view.weight(c.id) as f64) / u.ln();
+                if best.is_none_or(|(b, _)| score > b) {
+                    best = Some((score, c.id));
+                }
+            }
+            best.map(|(_, id)| id)
+        };
+        best_of(false).or_else(|| {
+            if self.any_usable(view) {
+                None
+            } else {
+                best_of(true)
+            }
+        })
     }
 
     /// The real server for the next request, or None when none is usable and below its limit.
@@ -333,6 +391,47 @@ mod tests {
         let _b = load.lease(ServerId(1), 0);
         // 2/3 < 1/1
         assert_eq!(s.pick(&load, &[], Instant::now()), Some(ServerId(0)));
+    }
+
+    #[test]
+    fn rendezvous_is_stable_weighted_and_moves_only_a_leaving_servers_clients() {
+        let w = [(1000, 0), (1000, 0), (2000, 0), (1000, 0)];
+        let s = sched(Scheduling::RoundRobin, &w);
+        let load = view(1, &w);
+        let ip = |i: u32| std::net::IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+        let before: Vec<ServerId> = (0..5000)
+            .map(|i| s.pick_hashed(&load, client_key(ip(i)), &[]).unwrap())
+            .collect();
+        // another scheduler (shard, appliance) picks the same
+        let s2 = Scheduler::new(
+            &pool(Scheduling::LeastConnection, &w).0,
+            &pool(Scheduling::LeastConnection, &w).1,
+            1,
+        );
+        for (i, b) in before.iter().enumerate() {
+            assert_eq!(
+                s2.pick_hashed(&load, client_key(ip(i as u32)), &[]),
+                Some(*b)
+            );
+        }
+        // shares follow the weights (2000 is twice 1000): 1/5, 1/5, 2/5, 1/5
+        let share = |k: usize| before.iter().filter(|b| b.0 == k).count() as f64 / 5000.0;
+        assert!((0.37..0.43).contains(&share(2)), "{}", share(2));
+        assert!((0.17..0.23).contains(&share(0)), "{}", share(0));
+        // server 1 goes down: only its clients move
+        load.set_up(ServerId(1), false);
+        for (i, b) in before.iter().enumerate() {
+            let now = s.pick_hashed(&load, client_key(ip(i as u32)), &[]).unwrap();
+            if b.0 != 1 {
+                assert_eq!(now, *b, "client {i} moved though its server stayed");
+            } else {
+                assert_ne!(now.0, 1);
+            }
+        }
+        // IPv4 and its mapped IPv6 form are one client
+        let v4: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(v4), client_key(mapped));
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct FileRuntime {
     /// Secret (64 hex digits) that signs persistence cookies; the same on every appliance that
     /// must honour the others' cookies. Default: random at start-up.
     pub persistence_key: Option<Spanned<String>>,
+    /// TLS session-ticket master keys (64 hex digits a line, newest last), shared by the
+    /// appliances of a pair so a resumed session survives failover. Default: random at start.
+    pub ticket_key_file: Option<Spanned<String>>,
     /// Per-core settings: what the shard(s) on that core do and how.
     #[serde(default)]
     pub shard: Vec<FileShard>,

@@ -203,6 +203,8 @@ pub struct Runtime {
     pub max_connections: u32,
     /// Signs persistence cookies; None: a random key chosen at start-up.
     pub persistence_key: Option<[u8; 32]>,
+    /// Session-ticket masters from `ticket_key_file`, newest last (None: random at start).
+    pub ticket_keys: Option<Vec<[u8; 32]>>,
     /// Each shard's settings, in shard order (defaults above, per-core overrides applied).
     pub shards: Vec<ShardSettings>,
 }
@@ -358,6 +360,40 @@ pub struct RealServer {
 pub const MAX_HEADERS_CEILING: usize = 256;
 
 impl Config {
+    /// What two appliances of a pair or an ECMP group must agree on for their choices to be
+    /// the same (pools, methods, persistence, servers and weights, the persistence and ticket
+    /// keys), hashed: `check` prints it so the appliances' configs can be compared.
+    pub fn fingerprint(&self) -> String {
+        let mut text = String::new();
+        for p in &self.pools {
+            text.push_str(&format!(
+                "pool {} {:?} {:?}\n",
+                p.name, p.scheduling, p.persistence
+            ));
+            for &id in &p.servers {
+                let rs = &self.servers[id.0];
+                text.push_str(&format!(
+                    "  {} {} {}\n",
+                    rs.name, rs.weight, rs.connection_limit
+                ));
+            }
+        }
+        if let Some(k) = &self.runtime.persistence_key {
+            text.push_str("persistence key ");
+            text.extend(crate::access::sha256(k).iter().map(|b| format!("{b:02x}")));
+            text.push('\n');
+        }
+        for k in self.runtime.ticket_keys.iter().flatten() {
+            text.push_str("ticket key ");
+            text.extend(crate::access::sha256(k).iter().map(|b| format!("{b:02x}")));
+            text.push('\n');
+        }
+        crate::access::sha256(text.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// What is valid but probably not meant: `check` prints these, `run` logs them.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -1504,6 +1540,27 @@ impl Validator<'_> {
             shards: Vec::new(),
             backlog: rt.backlog.as_ref().map(|b| *b.get_ref()).unwrap_or(1024),
             max_connections: rt.max_connections.unwrap_or(0),
+            ticket_keys: match &rt.ticket_key_file {
+                None => None,
+                Some(f) => {
+                    let path = self.path(f.get_ref());
+                    let err = |m: String| self.err(Some(f.span()), "runtime.ticket_key_file", m);
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+                        return Err(err(format!(
+                            "{} is readable by others: chmod 600 it",
+                            path.display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    Some(
+                        crate::tls::read_ticket_keys(&text)
+                            .map_err(|m| err(format!("{}: {m}", path.display())))?,
+                    )
+                }
+            },
             persistence_key: match &rt.persistence_key {
                 None => None,
                 Some(k) => Some(parse_key(k.get_ref()).ok_or_else(|| {

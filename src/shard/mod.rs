@@ -694,7 +694,7 @@ impl Secrets {
             }
         };
         Ok(Secrets {
-            tickets: TicketKeys::new(6 * 3600)?,
+            tickets: TicketKeys::new(6 * 3600, config.runtime.ticket_keys.as_deref())?,
             cookie_key,
         })
     }
