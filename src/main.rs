@@ -49,12 +49,12 @@ enum Command {
     /// EDGESHARD_TOKEN). Exit 0: done; 1: the appliance refused or failed; 2: usage or no answer.
     Ctl {
         /// The admin listener.
-        #[arg(long, default_value = "http://127.0.0.1:9900")]
+        #[arg(long, global = true, default_value = "http://127.0.0.1:9900")]
         admin: String,
-        #[arg(long)]
+        #[arg(long, global = true)]
         token_file: Option<PathBuf>,
         /// Print the API's JSON instead of a table or a line.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         command: CtlCommand,
