@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod netns;
 pub mod origin;
 pub mod pki;
 pub mod tlsio;
