@@ -22,6 +22,8 @@ pub struct ProxyError {
     pub event: Option<&'static str>,
     /// The real server it happened on, for the logs (upstream failures).
     pub server: Option<crate::config::ServerId>,
+    /// Where with the real server it failed: connect, tls, send, response_head, body.
+    pub phase: Option<&'static str>,
 }
 
 /// The security-log event of a refused client request.
@@ -52,6 +54,7 @@ impl ProxyError {
             reason,
             event: Some(client_event(status, reason)),
             server: None,
+            phase: None,
         }
     }
     pub fn upstream(status: u16, reason: &'static str) -> Self {
@@ -61,6 +64,7 @@ impl ProxyError {
             reason,
             event: None,
             server: None,
+            phase: None,
         }
     }
     pub fn policy(status: u16, reason: &'static str) -> Self {
@@ -70,7 +74,13 @@ impl ProxyError {
             reason,
             event: None,
             server: None,
+            phase: None,
         }
+    }
+    /// The phase of the exchange with the real server it failed in.
+    pub fn in_phase(mut self, phase: &'static str) -> Self {
+        self.phase = Some(phase);
+        self
     }
     /// The real server this failure happened on.
     pub fn at(mut self, server: crate::config::ServerId) -> Self {

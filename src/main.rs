@@ -26,19 +26,22 @@ struct Cli {
 enum Command {
     /// Validate a configuration file and exit (non-zero, naming file:line:field, if invalid).
     Check {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Serve a configuration until SIGTERM or SIGINT.
     Run {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Start sample real servers on 127.0.0.1:9001 and :9002 and serve config/demo.toml
     /// (proxy on 127.0.0.1:8080, status on 127.0.0.1:9900).
     Demo {
-        #[arg(short, long, default_value = "config/demo.toml")]
-        config: PathBuf,
+        /// Another configuration to serve instead of the built-in demo (config/demo.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// API tokens: `token new` prints a fresh one and the config lines holding its hash.
     Token {
@@ -231,12 +234,15 @@ fn main() -> ExitCode {
                 for w in c.warnings() {
                     println!("warning: {w}");
                 }
+                let n = |k: usize, one: &str, many: &str| {
+                    format!("{k} {}", if k == 1 { one } else { many })
+                };
                 println!(
-                    "{}: ok ({} virtual services, {} real servers, {} shards)",
+                    "{}: ok ({}, {}, {})",
                     config.display(),
-                    c.services.len(),
-                    c.nr_servers,
-                    c.runtime.cores.len()
+                    n(c.services.len(), "virtual service", "virtual services"),
+                    n(c.nr_servers, "real server", "real servers"),
+                    n(c.runtime.cores.len(), "shard", "shards")
                 );
                 // appliances that share clients must print the same
                 println!("fingerprint: {}", c.fingerprint());
@@ -247,7 +253,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => run(config),
+        Command::Run { config } => run(Config::load(&config)),
         Command::Demo { config } => {
             let servers = [
                 "127.0.0.1:9001".parse().unwrap(),
@@ -266,15 +272,22 @@ fn main() -> ExitCode {
                 "try:  curl -i http://127.0.0.1:8080/   and   curl http://127.0.0.1:9900/status\n"
                     .into(),
             );
-            run(config)
+            // the demo's config is in the binary: `edgeshard demo` works from any directory
+            run(match config {
+                Some(path) => Config::load(&path),
+                None => Config::parse(
+                    std::path::Path::new("config/demo.toml (built in)"),
+                    include_str!("../config/demo.toml"),
+                ),
+            })
         }
     };
     edgeshard::diag::flush(Duration::from_secs(2));
     code
 }
 
-fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
+fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
+    let config = match loaded {
         Ok(c) => Arc::new(c),
         Err(e) => {
             edgeshard::diag::line(format!("error: {e}\n"));

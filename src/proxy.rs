@@ -319,7 +319,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
             tracing::info!(client = %conn.f.peer, service = %vs.name, status = e.status, "refused: {}", e.reason)
         }
         (_, Some(rs)) => {
-            tracing::warn!(client = %conn.f.peer, service = %vs.name, real_server = rs, status = e.status, "failed: {}", e.reason)
+            tracing::warn!(client = %conn.f.peer, service = %vs.name, real_server = rs, phase = e.phase.unwrap_or("-"), status = e.status, "failed: {}", e.reason)
         }
         (_, None) => {
             tracing::warn!(client = %conn.f.peer, service = %vs.name, status = e.status, "failed: {}", e.reason)
@@ -972,13 +972,18 @@ fn next_server(
 /// The response a failed connect stands for.
 fn connect_error(shard: &Shard, rs: &crate::config::RealServer, e: ConnectError) -> ProxyError {
     match e {
-        ConnectError::TimedOut => ProxyError::upstream(504, "real server connect timed out"),
-        ConnectError::Refused(_) => ProxyError::upstream(502, "real server refused the connection"),
+        ConnectError::TimedOut => {
+            ProxyError::upstream(504, "real server connect timed out").in_phase("connect")
+        }
+        ConnectError::Refused(_) => {
+            ProxyError::upstream(502, "real server refused the connection").in_phase("connect")
+        }
         ConnectError::Tls(e) => {
             shard.diag("re-encryption to real server failed", || {
                 tracing::warn!(real_server = %rs.name, "re-encryption to real server failed: {e}")
             });
             ProxyError::upstream(502, "real server certificate or TLS handshake failed")
+                .in_phase("tls")
                 .with_event("upstream_certificate")
         }
     }
@@ -1089,6 +1094,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Err(Attempt::Retry { sent }) => {
                 let err =
                     ProxyError::upstream(502, "real server closed the connection before answering")
+                        .in_phase("response_head")
                         .at(server);
                 if up.reused {
                     return Err(err);
@@ -1144,10 +1150,10 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(if upstream_gone(&e) {
             Attempt::Retry { sent: false }
         } else {
-            Attempt::Fail(ProxyError::upstream(
-                502,
-                "writing the request to the real server failed",
-            ))
+            Attempt::Fail(
+                ProxyError::upstream(502, "writing the request to the real server failed")
+                    .in_phase("send"),
+            )
         });
     }
     match relay_body(
@@ -1187,10 +1193,10 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(Attempt::Fail(ProxyError::client(400, c.reason())))
         }
         Err(RelayError::Sink(_)) => {
-            return Err(Attempt::Fail(ProxyError::upstream(
-                502,
-                "real server stopped reading the request body",
-            )))
+            return Err(Attempt::Fail(
+                ProxyError::upstream(502, "real server stopped reading the request body")
+                    .in_phase("send"),
+            ))
         }
     }
     let deadline = Instant::now() + vs.response_timeout;
@@ -1202,12 +1208,16 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
                 match parse_response(up.buf.filled(), &mut hdrs, info.method, up.buf.capacity()) {
                     Ok(Some(r)) => r,
                     Ok(None) => {
-                        return Err(Attempt::Fail(ProxyError::upstream(
-                            502,
-                            "malformed response head",
-                        )))
+                        return Err(Attempt::Fail(
+                            ProxyError::upstream(502, "malformed response head")
+                                .in_phase("response_head"),
+                        ))
                     }
-                    Err(reason) => return Err(Attempt::Fail(ProxyError::upstream(502, reason))),
+                    Err(reason) => {
+                        return Err(Attempt::Fail(
+                            ProxyError::upstream(502, reason).in_phase("response_head"),
+                        ))
+                    }
                 };
             let resp = parsed.info;
             if resp.status >= 100 && resp.status < 200 && resp.status != 101 {
@@ -1225,34 +1235,33 @@ async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
         }
         scanned = up.buf.len().saturating_sub(2);
         if up.buf.is_full() {
-            return Err(Attempt::Fail(ProxyError::upstream(
-                502,
-                "response head too large",
-            )));
+            return Err(Attempt::Fail(
+                ProxyError::upstream(502, "response head too large").in_phase("response_head"),
+            ));
         }
         match until(deadline, fill(&mut up.stream, &mut up.buf)).await {
             Ok(0) if up.buf.is_empty() => return Err(Attempt::Retry { sent: true }),
             Ok(0) => {
-                return Err(Attempt::Fail(ProxyError::upstream(
-                    502,
-                    "real server closed mid response head",
-                )))
+                return Err(Attempt::Fail(
+                    ProxyError::upstream(502, "real server closed mid response head")
+                        .in_phase("response_head"),
+                ))
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(Attempt::Fail(ProxyError::upstream(
-                    504,
-                    "real server did not answer in time",
-                )))
+                return Err(Attempt::Fail(
+                    ProxyError::upstream(504, "real server did not answer in time")
+                        .in_phase("response_head"),
+                ))
             }
             Err(e) if up.buf.is_empty() && (e.kind() == io::ErrorKind::ConnectionReset) => {
                 return Err(Attempt::Retry { sent: true })
             }
             Err(_) => {
-                return Err(Attempt::Fail(ProxyError::upstream(
-                    502,
-                    "reading the response failed",
-                )))
+                return Err(Attempt::Fail(
+                    ProxyError::upstream(502, "reading the response failed")
+                        .in_phase("response_head"),
+                ))
             }
         }
     }
@@ -1275,7 +1284,8 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(ProxyError::upstream(
             502,
             "101 Switching Protocols to a request that asked for no upgrade",
-        ));
+        )
+        .in_phase("response_head"));
     }
     let ClientFraming {
         keep_alive,

@@ -190,7 +190,16 @@ fn run_refuses_a_bad_config_without_serving() {
 
 #[test]
 fn shipped_configs_load() {
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+    let dirs = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+    ];
+    let entries: Vec<_> = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
+        .collect();
+    assert!(entries.len() > 8, "the examples are there");
+    for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = Command::new(bin())
@@ -269,4 +278,10 @@ fn check_warns_about_what_is_valid_but_risky() {
         "{VS}[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\n"
     ));
     assert!(ok && !text.contains("warning"), "{text}");
+    assert!(
+        text.contains("ok (1 virtual service, 1 real server,"),
+        "{text}"
+    );
+    let (ok, text, _) = check(VS);
+    assert!(ok && text.contains("has no real server"), "{text}");
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 fn demo_serves_through_both_sample_real_servers() {
     let mut child = Command::new(bin())
         .arg("demo")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // from any directory: the demo's config is built in
+        .current_dir(tmpdir("demo-cwd"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

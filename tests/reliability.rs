@@ -271,8 +271,8 @@ fn connect_failures_are_retried_up_to_retries_then_502() {
         .unwrap()
         .to_string();
     assert!(
-        dead.iter().any(|d| line.contains(&d.to_string())),
-        "the 502 line names the real server: {line}"
+        dead.iter().any(|d| line.contains(&d.to_string())) && line.contains("phase=\"connect\""),
+        "the 502 line names the real server and the phase: {line}"
     );
 }
 

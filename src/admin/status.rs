@@ -66,10 +66,10 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
         (
             up,
             json!({
-                "scheduling": format!("{:?}", pool.scheduling),
+                "scheduling": pool.scheduling.name(),
                 "persistence": persistence,
                 "health_check": pool.health_check.as_ref().map(|h| json!({
-                    "type": format!("{:?}", h.kind), "url": h.url, "interval_ms": h.interval.as_millis() as u64,
+                    "type": h.kind.name(), "url": h.url, "interval_ms": h.interval.as_millis() as u64,
                 })),
                 "real_servers": servers,
             }),

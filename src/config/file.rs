@@ -189,6 +189,29 @@ pub enum Scheduling {
     WeightedLeastConnection,
 }
 
+impl Scheduling {
+    /// As the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduling::RoundRobin => "round-robin",
+            Scheduling::WeightedRoundRobin => "weighted-round-robin",
+            Scheduling::LeastConnection => "least-connection",
+            Scheduling::WeightedLeastConnection => "weighted-least-connection",
+        }
+    }
+}
+
+impl CheckType {
+    /// As the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckType::Http => "http",
+            CheckType::Https => "https",
+            CheckType::Tcp => "tcp",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileVirtualService {

@@ -405,6 +405,18 @@ impl Config {
                 ));
             }
         }
+        for vs in &self.services {
+            let servers: usize = std::iter::once(vs.pool)
+                .chain(vs.sub_services.iter().map(|s| s.pool))
+                .map(|p| self.pools[p].servers.len())
+                .sum();
+            if servers == 0 && vs.redirect.is_none() {
+                w.push(format!(
+                    "virtual service {:?} has no real server: every request gets 503",
+                    vs.name
+                ));
+            }
+        }
         let cookies = self
             .pools
             .iter()
