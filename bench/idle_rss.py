@@ -7,7 +7,7 @@ connection (from /proc/PID/status). Bounded: it stops everything it started.
 
     python3 bench/idle_rss.py --binary target/release/edgeshard --connections 10000 [--tls]
 """
-import argparse, http.server, os, resource, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time
+import argparse, http.server, json, os, resource, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time
 
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
@@ -32,7 +32,9 @@ def free_port():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--binary", default="target/release/edgeshard")
+    td = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
+                                   capture_output=True, text=True, check=True).stdout)["target_directory"]
+    ap.add_argument("--binary", default=os.path.join(td, "release", "edgeshard"))
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--tls", action="store_true", help="TLS to the proxy (a certificate made with openssl)")
     args = ap.parse_args()

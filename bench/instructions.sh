@@ -11,19 +11,21 @@
 # Bounded: fixed request counts, and everything it starts is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${1:-target/release/edgeshard}
+# where cargo puts the binaries (CARGO_TARGET_DIR or .cargo/config included)
+rel=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+bin=${1:-$rel/edgeshard}
 requests=${REQUESTS:-20000}
 command -v valgrind >/dev/null || {
   echo "installing valgrind"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 }
-[ -x target/release/edgeshard-bench ] || cargo build --release -q -p edgeshard-bench
+[ -x $rel/edgeshard-bench ] || cargo build --release -q -p edgeshard-bench
 tmp=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 op=$(free_port)
-target/release/edgeshard-bench origin --listen "127.0.0.1:$op" >"$tmp/origin.log" 2>&1 &
+$rel/edgeshard-bench origin --listen "127.0.0.1:$op" >"$tmp/origin.log" 2>&1 &
 pids+=($!)
 
 # Instructions of one proxy run that serves $1 requests after one start-up probe.
@@ -38,12 +40,12 @@ count() {
   pids+=("$proxy")
   local up=""
   for _ in $(seq 1 100); do
-    if target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 1 \
+    if $rel/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 1 \
       --requests 1 --quiet >/dev/null 2>&1; then up=1; break; fi
     sleep 0.3
   done
   [ -n "$up" ] || { echo "the proxy did not start under valgrind" >&2; exit 1; }
-  target/release/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 8 \
+  $rel/edgeshard-bench load --url "http://127.0.0.1:$pp/" --connections 8 \
     --requests "$1" --quiet >/dev/null
   kill -INT "$proxy"
   wait "$proxy" || true

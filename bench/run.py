@@ -18,7 +18,13 @@ TLS); F open-loop latency near HAProxy's capacity.
 import argparse, json, os, shutil, signal, socket, ssl, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+def target_dir():
+    """Where cargo puts the binaries (CARGO_TARGET_DIR or .cargo/config included)."""
+    out = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["target_directory"]
+
+BIN = os.path.join(target_dir(), "release")
 
 def sh(*a, **k):
     return subprocess.run(list(a), check=True, **k)
@@ -448,6 +454,13 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
     a.tmp = tempfile.mkdtemp(prefix="edgeshard-bench-")
     print(f"work directory (configs, logs): {a.tmp}", flush=True)
+    try:
+        run_all(a, ncpu)
+    finally:
+        # removed on every exit path, a crash included
+        shutil.rmtree(a.tmp, ignore_errors=True)
+
+def run_all(a, ncpu):
     os.makedirs(a.out, exist_ok=True)
     sysm = Systems(a, a.tmp)
     results = {}
@@ -470,7 +483,6 @@ def main():
     for key in ("A", "B", "C", "D", "F", "F2"):
         if key in results: svg(key, results[key], os.path.join(a.out, f"latency-{key}.svg"))
     print(md)
-    shutil.rmtree(a.tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     main()

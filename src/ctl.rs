@@ -61,8 +61,17 @@ impl Target {
                     .trim()
                     .to_string(),
             ),
-            None => std::env::var("EDGESHARD_TOKEN").ok(),
+            None => std::env::var("EDGESHARD_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string()),
         };
+        // a token goes into a header line: nothing that could end it
+        if token
+            .as_ref()
+            .is_some_and(|t| t.bytes().any(|b| b.is_ascii_control()))
+        {
+            return Err("the token holds control characters".into());
+        }
         Ok(Target { authority, token })
     }
 

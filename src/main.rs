@@ -102,8 +102,36 @@ enum CtlCommand {
         address: String,
         weight: u32,
     },
-    /// Exit 0 when /healthz says the appliance is healthy, else 1.
-    Health,
+    /// Exit 0 when /healthz says the appliance is healthy, 1 when not, 2 when it cannot tell
+    /// (no answer, or the token is missing or wrong).
+    Health {
+        /// Only the appliance itself (its shards), not its real servers: the check for a
+        /// keepalived pair that shares its real servers.
+        #[arg(long)]
+        appliance: bool,
+    },
+}
+
+/// A path segment as the API reads it: `/` kept (a sub-service), everything but unreserved
+/// characters and the address's `:`, `[`, `]` percent-encoded.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z'
+            | b'A'..=b'Z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'.'
+            | b'_'
+            | b'~'
+            | b':'
+            | b'['
+            | b']'
+            | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) -> ExitCode {
@@ -123,13 +151,25 @@ fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) ->
         }
         (
             "POST",
-            format!("/api/v1/services/{service}/real_servers/{address}/state"),
+            format!(
+                "/api/v1/services/{}/real_servers/{}/state",
+                encode(service),
+                encode(address)
+            ),
             Some(body),
         )
     };
     let (method, path, body) = match &cmd {
         CtlCommand::Servers => ("GET", "/api/v1/services".to_string(), None),
-        CtlCommand::Health => ("GET", "/healthz".to_string(), None),
+        CtlCommand::Health { appliance } => (
+            "GET",
+            if *appliance {
+                "/healthz?scope=appliance".to_string()
+            } else {
+                "/healthz".to_string()
+            },
+            None,
+        ),
         CtlCommand::Drain {
             service,
             address,
@@ -147,13 +187,23 @@ fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) ->
             weight,
         } => (
             "PUT",
-            format!("/api/v1/services/{service}/real_servers/{address}/weight"),
+            format!(
+                "/api/v1/services/{}/real_servers/{}/weight",
+                encode(service),
+                encode(address)
+            ),
             Some(json!({ "weight": weight })),
         ),
     };
     let wait = match &cmd {
         CtlCommand::Drain { wait: Some(w), .. } | CtlCommand::Maint { wait: Some(w), .. } => {
-            edgeshard::config::parse_duration(w).unwrap_or_default()
+            match edgeshard::config::parse_duration(w) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: --wait: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
         }
         _ => Duration::ZERO,
     };
@@ -165,6 +215,10 @@ fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) ->
                 return ExitCode::from(EXIT_USAGE);
             }
         };
+    if matches!(cmd, CtlCommand::Health { .. }) && (status == 401 || status == 403) {
+        eprintln!("error: HTTP {status}: cannot tell the appliance's health: {v}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let ok = (200..300).contains(&status);
     if json || !ok {
         let text = serde_json::to_string_pretty(&v).unwrap_or_default();
@@ -176,7 +230,7 @@ fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) ->
     } else {
         match cmd {
             CtlCommand::Servers => print!("{}", servers_table(&v)),
-            CtlCommand::Health => println!("healthy"),
+            CtlCommand::Health { .. } => println!("healthy"),
             _ => println!(
                 "{} {}: state {}, weight {}, {} active connections",
                 v["pool"].as_str().unwrap_or("?"),
@@ -229,30 +283,44 @@ fn main() -> ExitCode {
     let code = match cli.command {
         // answered above, before diagnostics start
         Command::Token { .. } | Command::Ctl { .. } => ExitCode::SUCCESS,
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                for w in c.warnings() {
-                    println!("warning: {w}");
+        Command::Check { config } => {
+            match Config::load(&config) {
+                Ok(c) => {
+                    for w in c.warnings() {
+                        println!("warning: {w}");
+                    }
+                    if let Some(f) = c.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
+                        if let Err(e) = edgeshard::admin::load_state_file(f, &c) {
+                            println!("warning: admin.state_file: {e}: run will start from the config alone");
+                        }
+                        let dir = f.parent().filter(|d| !d.as_os_str().is_empty());
+                        if dir.is_some_and(|d| !d.is_dir()) {
+                            println!(
+                            "warning: admin.state_file: {} does not exist: runtime changes would not be kept",
+                            dir.map(|d| d.display().to_string()).unwrap_or_default()
+                        );
+                        }
+                    }
+                    let n = |k: usize, one: &str, many: &str| {
+                        format!("{k} {}", if k == 1 { one } else { many })
+                    };
+                    println!(
+                        "{}: ok ({}, {}, {})",
+                        config.display(),
+                        n(c.services.len(), "virtual service", "virtual services"),
+                        n(c.nr_servers, "real server", "real servers"),
+                        n(c.runtime.cores.len(), "shard", "shards")
+                    );
+                    // appliances that share clients must print the same
+                    println!("fingerprint: {}", c.fingerprint());
+                    ExitCode::SUCCESS
                 }
-                let n = |k: usize, one: &str, many: &str| {
-                    format!("{k} {}", if k == 1 { one } else { many })
-                };
-                println!(
-                    "{}: ok ({}, {}, {})",
-                    config.display(),
-                    n(c.services.len(), "virtual service", "virtual services"),
-                    n(c.nr_servers, "real server", "real servers"),
-                    n(c.runtime.cores.len(), "shard", "shards")
-                );
-                // appliances that share clients must print the same
-                println!("fingerprint: {}", c.fingerprint());
-                ExitCode::SUCCESS
+                Err(e) => {
+                    edgeshard::diag::line(format!("error: {e}\n"));
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                edgeshard::diag::line(format!("error: {e}\n"));
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Run { config } => run(Config::load(&config)),
         Command::Demo { config } => {
             let servers = [
@@ -310,13 +378,11 @@ fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
     // Runtime changes (operator state, weights) kept from before: every shard starts with them.
     let changes = match config.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
         None => Vec::new(),
-        Some(f) => match edgeshard::admin::load_state_file(f, &config) {
-            Ok(c) => c,
-            Err(e) => {
-                edgeshard::diag::line(format!("error: [admin] state_file: {e}\n"));
-                return ExitCode::from(2);
-            }
-        },
+        // the file only keeps what the API changed: unreadable, it is a warning, not a stop
+        Some(f) => edgeshard::admin::load_state_file(f, &config).unwrap_or_else(|e| {
+            tracing::warn!("[admin] state_file: {e}; starting from the config alone");
+            Vec::new()
+        }),
     };
     let signals = edgeshard::runtime::block_signals();
     let log = edgeshard::log::LogWriter::start(&config.log);

@@ -45,9 +45,9 @@ fn lab() -> Lab {
 fn keepalived_conf(name: &str, priority: u32) -> String {
     format!(
         "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  enable_script_security\n  script_user root\n}}\n\
-         vrrp_script chk_edgeshard {{\n  script \"{} ctl health --admin http://127.0.0.1:9900\"\n  interval 1\n  timeout 1\n  fall 1\n  rise 2\n}}\n\
+         vrrp_script chk_edgeshard {{\n  script \"{} ctl health --appliance --admin http://127.0.0.1:9900\"\n  interval 1\n  timeout 1\n  fall 1\n  rise 2\n}}\n\
          vrrp_instance VI_1 {{\n  state BACKUP\n  nopreempt\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int 0.5\n\
-           virtual_ipaddress {{\n    {VIP}/24\n  }}\n  track_script {{\n    chk_edgeshard\n  }}\n  garp_master_delay 0\n}}\n",
+           virtual_ipaddress {{\n    {VIP}/24\n  }}\n  track_script {{\n    chk_edgeshard\n  }}\n}}\n",
         bin()
     )
 }

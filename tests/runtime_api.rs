@@ -256,6 +256,39 @@ fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
             .iter()
             .any(|s| s.request_line.contains("/slow"))
     });
+    // a waiting call whose client leaves gives its admin slot back at once: with 15 more
+    // connections from its address held, a new call from there is served right after it
+    // leaves (all from 127.0.0.3, so that the calls below are not queued behind them)
+    {
+        use std::io::Write;
+        let from = || Client::connect_from(std::net::IpAddr::from([127, 0, 0, 3]), admin);
+        let wait_body = r#"{"state":"drain","wait":"30s"}"#;
+        let mut waiting = from();
+        waiting.send(
+            format!(
+                "POST /api/v1/services/web/real_servers/{}/state HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\nContent-Length: {}\r\n\r\n{wait_body}",
+                b.addr,
+                wait_body.len()
+            )
+            .as_bytes(),
+        );
+        let held: Vec<Client> = (0..15).map(|_| from()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(waiting);
+        wait_until(
+            Duration::from_secs(2),
+            "the waiting call's slot is free again",
+            || {
+                let mut c = from();
+                let _ = c.w.write_all(
+                format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\n\r\n")
+                    .as_bytes(),
+            );
+                c.read(false).is_ok_and(|r| r.status == 200)
+            },
+        );
+        drop(held);
+    }
     let t = Instant::now();
     let r = admin_call(
         admin,
@@ -447,4 +480,127 @@ fn ctl_and_token_new_end_to_end() {
     ctl(admin, t, &["maint", "web", &b_addr]);
     assert_eq!(ctl(admin, t, &["health"]).0, 1);
     let _ = Client::connect(listen);
+}
+
+/// What a hostile review found, held: strict request framing, the bearer scheme in any case,
+/// `wait` bounded and ended by its client leaving, a state file that cannot be written is an
+/// error, `ctl health` says when it cannot tell, `/healthz?scope=appliance`.
+#[test]
+fn api_edges_hold() {
+    use std::io::Write;
+    let a = Origin::named("a");
+    let b = Origin::start(std::sync::Arc::new(
+        |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
+            if s.request_line.contains("/slow") {
+                std::thread::sleep(Duration::from_millis(3000));
+            }
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb");
+            common::origin::Next::KeepAlive
+        },
+    ));
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let cfg = simple_config(
+        listen,
+        &[a.addr, b.addr],
+        "",
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\npublic_metrics = false\nstate_file = \"no/such/dir/state.json\"\n{}",
+            operator_token_config()
+        ),
+    );
+    let (ok, text, _) = check_config(&cfg);
+    assert!(ok && text.contains("no/such/dir does not exist"), "{text}");
+    let _p = Proxy::start(&cfg, listen);
+    let path = format!("/api/v1/services/web/real_servers/{}/state", b.addr);
+    let raw = |extra: &str, body: &str| {
+        one(
+            admin,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\n{extra}\r\n{body}"
+            )
+            .as_bytes(),
+        )
+        .status
+    };
+    let body = r#"{"state":"ready"}"#;
+    let auth = format!("Authorization: BEARER\t{OPERATOR_TOKEN}\r\n");
+    let cl = format!("Content-Length: {}\r\n", body.len());
+    assert_eq!(
+        raw(&format!("{auth}{cl}{cl}"), body),
+        400,
+        "two Content-Length"
+    );
+    assert_eq!(
+        raw(&format!("{auth}Content-Length: +17\r\n"), body),
+        400,
+        "a signed length"
+    );
+    assert_eq!(
+        raw(&format!("{auth}Transfer-Encoding: chunked\r\n"), body),
+        411
+    );
+    assert_eq!(
+        raw(&format!("{auth}{auth}{cl}"), body),
+        400,
+        "two Authorization"
+    );
+    // the scheme in any case; the change is applied but the state file cannot be written: 500
+    let r = one(
+        admin,
+        format!("POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\n{auth}{cl}\r\n{body}").as_bytes(),
+    );
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("not kept for a restart"), "{}", r.text());
+    for bad in [
+        r#"{"state":"drain","wait":5}"#,
+        r#"{"state":"drain","wait":"2h"}"#,
+    ] {
+        let r = admin_call(admin, "POST", &path, Some(OPERATOR_TOKEN), Some(bad));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    // percent-encoded address
+    let encoded = path.replace(':', "%3A");
+    assert_eq!(
+        admin_call(admin, "POST", &encoded, Some(OPERATOR_TOKEN), Some(body)).status,
+        500,
+        "found (and the state file still cannot be written)"
+    );
+    let path_a = path.replace(&b.addr.to_string(), &a.addr.to_string());
+    let maint = r#"{"state":"maint"}"#;
+    admin_call(admin, "POST", &path_a, Some(OPERATOR_TOKEN), Some(maint));
+    // healthz: the real servers' view, and the appliance's own
+    admin_call(
+        admin,
+        "POST",
+        &path.replace(&b.addr.to_string(), &a.addr.to_string()),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"state":"maint"}"#),
+    );
+    admin_call(
+        admin,
+        "POST",
+        &path,
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"state":"maint"}"#),
+    );
+    assert_eq!(admin_get(admin, "/healthz").status, 503);
+    assert_eq!(admin_get(admin, "/healthz?scope=appliance").status, 200);
+    // ctl health: 1 unhealthy, 0 for the appliance, 2 when it cannot tell (no token)
+    let health = |token: bool, appliance: bool| {
+        let mut c = Command::new(bin());
+        c.args(["ctl", "health", "--admin", &format!("http://{admin}")]);
+        if appliance {
+            c.arg("--appliance");
+        }
+        if token {
+            c.env("EDGESHARD_TOKEN", OPERATOR_TOKEN);
+        } else {
+            c.env_remove("EDGESHARD_TOKEN");
+        }
+        c.output().unwrap().status.code()
+    };
+    assert_eq!(health(true, false), Some(1));
+    assert_eq!(health(true, true), Some(0));
+    assert_eq!(health(false, true), Some(2), "401: cannot tell");
 }

@@ -13,6 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Longest `wait` a change may ask for (the call also ends when its client goes away).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// Write a security-log record (and a diagnostic line) for an API event.
 pub fn audit(
     shard: &Shard,
@@ -141,8 +144,11 @@ fn write_atomic(path: &PathBuf, data: &[u8]) -> Result<(), String> {
 }
 
 /// GET /healthz: 200 when every shard answers and every virtual service has a real server up
-/// (keepalived's and the routing daemon's check), else 503 with the reasons.
-pub async fn healthz(shard: &Shard) -> (bool, Value) {
+/// (keepalived's and the routing daemon's check), else 503 with the reasons. With
+/// `appliance_only` (`?scope=appliance`), the real servers are left out: the check a pair
+/// sharing its real servers wants, so that an outage of one service's servers does not take
+/// the VIP, and every other service with it, off both appliances.
+pub async fn healthz(shard: &Shard, appliance_only: bool) -> (bool, Value) {
     let merged = shard.gather_metrics().await;
     let mut problems = Vec::new();
     if merged.per_shard.len() < shard.nr_shards {
@@ -153,7 +159,11 @@ pub async fn healthz(shard: &Shard) -> (bool, Value) {
         ));
     }
     let cfg = &shard.config;
-    for vs in cfg.services.iter().filter(|vs| vs.redirect.is_none()) {
+    let services = cfg
+        .services
+        .iter()
+        .filter(|vs| vs.redirect.is_none() && !appliance_only);
+    for vs in services {
         let pools = std::iter::once(vs.pool).chain(vs.sub_services.iter().map(|s| s.pool));
         let up = pools
             .flat_map(|p| cfg.pools[p].servers.iter())
@@ -180,7 +190,8 @@ pub async fn change(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
         return legacy(shard, req, who, action == "enable").await;
     }
     // /api/v1/services/{service}[/{sub}]/real_servers/{address}/{state|weight}
-    let rest = req.path.trim_start_matches("/api/v1/services/");
+    let path = percent_decode(&req.path);
+    let rest = path.strip_prefix("/api/v1/services/").unwrap_or("");
     let Some((pool, tail)) = rest.split_once("/real_servers/") else {
         return err(
             404,
@@ -232,12 +243,14 @@ pub async fn change(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
         }
         _ => return err(405, format!("{} .../{what} is not a call", req.method)),
     };
-    let wait = match body.get("wait").and_then(Value::as_str) {
-        None => None,
-        Some(d) => match crate::config::parse_duration(d) {
-            Ok(d) => Some(d),
+    let wait = match body.get("wait") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => match crate::config::parse_duration(d) {
+            Ok(d) if d <= MAX_WAIT => Some(d),
+            Ok(_) => return err(400, "\"wait\" is at most 1h".into()),
             Err(m) => return err(400, format!("\"wait\": {m}")),
         },
+        Some(_) => return err(400, "\"wait\" is a duration like \"5m\"".into()),
     };
     if !shard.apply_everywhere(change).await {
         return err(
@@ -256,6 +269,12 @@ pub async fn change(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
     );
     if let Err(e) = save(shard).await {
         tracing::error!("admin: state file not written: {e}");
+        return err(
+            500,
+            format!(
+                "applied on every shard, but not kept for a restart: state file not written: {e}"
+            ),
+        );
     }
     if let Some(limit) = wait {
         let deadline = Instant::now() + limit;
@@ -270,6 +289,27 @@ pub async fn change(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
         }
     }
     (200, server_json(shard, id))
+}
+
+/// `%XX` escapes decoded (clients may encode `[`, `]` or `/` of an address or a sub-service).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        match (b[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn server_json(shard: &Shard, id: ServerId) -> Value {
@@ -324,6 +364,10 @@ async fn legacy(shard: &Shard, req: &Request, who: &str, enable: bool) -> (u16, 
     );
     if let Err(e) = save(shard).await {
         tracing::error!("admin: state file not written: {e}");
+        return (
+            500,
+            json!({ "error": format!("applied on every shard, but not kept for a restart: state file not written: {e}") }),
+        );
     }
     (
         200,

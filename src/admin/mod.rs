@@ -163,10 +163,34 @@ async fn read_request(stream: &mut TcpStream, peer: SocketAddr) -> Result<Reques
                 if header("transfer-encoding").is_some() {
                     return Err(Some(411));
                 }
+                let lengths = req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .count();
                 let length = match text("content-length") {
                     None => 0,
-                    Some(v) => v.trim().parse::<usize>().map_err(|_| Some(400))?,
+                    Some(v)
+                        if lengths == 1
+                            && !v.trim().is_empty()
+                            && v.trim().bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        v.trim().parse::<usize>().map_err(|_| Some(400))?
+                    }
+                    Some(_) => return Err(Some(400)),
                 };
+                // one Host and one Authorization: a second could be read differently elsewhere
+                for name in ["host", "authorization"] {
+                    if req
+                        .headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case(name))
+                        .count()
+                        > 1
+                    {
+                        return Err(Some(400));
+                    }
+                }
                 if length > MAX_BODY {
                     return Err(Some(413));
                 }
@@ -265,7 +289,10 @@ fn host_allowed(shard: &Shard, host: Option<&str>) -> bool {
     let h = h.trim().to_ascii_lowercase();
     let (name, port) = match h.rsplit_once(':') {
         Some((n, p)) if !n.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) => {
-            (n.to_string(), p.parse::<u16>().ok())
+            match p.parse::<u16>() {
+                Ok(p) => (n.to_string(), Some(p)),
+                Err(_) => return false, // an empty or out-of-range port
+            }
         }
         _ => (h.clone(), None),
     };
@@ -313,14 +340,13 @@ fn authorize<'a>(
             ))
         };
     }
-    let presented = req
-        .authorization
-        .as_deref()
-        .and_then(|v| {
-            v.strip_prefix(b"Bearer ")
-                .or_else(|| v.strip_prefix(b"bearer "))
-        })
-        .map(|t| t.trim_ascii());
+    // the scheme in any case (RFC 9110), then spaces or tabs, then the token
+    let presented = req.authorization.as_deref().and_then(|v| {
+        let (scheme, rest) = v.split_at(v.iter().position(|&b| b == b' ' || b == b'\t')?);
+        scheme
+            .eq_ignore_ascii_case(b"bearer")
+            .then(|| rest.trim_ascii())
+    });
     let Some(token) = presented.and_then(|t| crate::access::find_token(tokens, t)) else {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -368,13 +394,32 @@ async fn serve(
     let req = match read_request(&mut stream, peer).await {
         Ok(r) => r,
         Err(Some(status)) => {
-            return respond_and_close(&mut stream, crate::http::canned::error_response(status))
-                .await
+            return respond_and_close(&mut stream, &error(false, status, reason(status))).await
         }
         Err(None) => return,
     };
-    let resp = handle(&shard, &req, auth_log).await;
-    respond_and_close(&mut stream, &resp).await;
+    // A client that goes away (an operator's Ctrl-C on `ctl drain --wait`) ends its waiting
+    // call: a wait must not hold an admin slot until its deadline. (Only a waiting call: a
+    // client may half-close after sending an ordinary request and still read the answer.)
+    let waits = req.method == "POST"
+        && serde_json::from_slice::<Value>(&req.body).is_ok_and(|v| v.get("wait").is_some());
+    let gone = async {
+        if !waits {
+            return std::future::pending().await;
+        }
+        let mut b = [0u8; 512];
+        loop {
+            match futures_lite::AsyncReadExt::read(&mut stream, &mut b).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {} // pipelined bytes: ignored (the connection closes after one call)
+            }
+        }
+    };
+    let answer =
+        futures_lite::future::or(async { Some(handle(&shard, &req, auth_log).await) }, gone).await;
+    if let Some(resp) = answer {
+        respond_and_close(&mut stream, &resp).await;
+    }
 }
 
 async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -> Vec<u8> {
@@ -460,7 +505,7 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
             response(head, 200, "text/plain; version=0.0.4; charset=utf-8", &text)
         }
         "/healthz" => {
-            let (ok, v) = api::healthz(shard).await;
+            let (ok, v) = api::healthz(shard, req.param("scope") == Some("appliance")).await;
             json_response(head, if ok { 200 } else { 503 }, &v)
         }
         _ => {

@@ -968,6 +968,11 @@ impl Validator<'_> {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|e| err(format!("{}: {e}", path.display())))?;
                     let token = text.trim();
+                    if token.lines().count() > 1 {
+                        return Err(err(
+                            "the file holds more than one line: one token a file".into()
+                        ));
+                    }
                     if token.len() < 16 {
                         return Err(err("the token is shorter than 16 characters".into()));
                     }
