@@ -46,16 +46,30 @@ def wait_port(p, t=20, proc=None):
         logs = f" ({' '.join(proc.args)} exited {proc.poll()})"
     raise SystemExit(f"nothing listens on {p}{logs}")
 
-def cpu_ticks(pids):
-    t = 0
+def cpu_split(pids):
+    """(user, system) clock ticks the processes have used (utime, stime from /proc)."""
+    u = k = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            t += int(fields[11]) + int(fields[12])
+            u += int(fields[11]); k += int(fields[12])
         except OSError:
             pass
-    return t
+    return u, k
+
+def cpu_ticks(pids):
+    return sum(cpu_split(pids))
+
+def tls_handshakes(admin_port):
+    """edgeshard's own count of (full + resumed, resumed) TLS handshakes, from /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    total = resumed = 0
+    for line in text.splitlines():
+        if line.startswith("edgeshard_tls_handshakes_total{"): total += float(line.rsplit(" ", 1)[1])
+        if line.startswith("edgeshard_tls_resumed_handshakes_total{"): resumed += float(line.rsplit(" ", 1)[1])
+    return total, resumed
 
 def rss_kib(pids):
     t = 0
@@ -127,10 +141,12 @@ class Systems:
         return p
 
     def start_edgeshard(self, name, binary):
-        p = {"plain": port(), "tls": port(), "big": port()}
+        p = {"plain": port(), "tls": port(), "big": port(), "admin": port()}
         cores = ", ".join(self.a.proxy_cores.split(","))
         cfg = f'''[runtime]
 cores = [{cores}]
+[admin]
+listen = "127.0.0.1:{p["admin"]}"
 [[virtual_service]]
 name = "plain"
 listen = "127.0.0.1:{p["plain"]}"
@@ -255,7 +271,10 @@ def load(a, url, seconds, extra=()):
 SCEN = {
     "A": ("plain HTTP/1.1 keep-alive, small bodies", "plain", "http", ["--connections", "32"]),
     "B": ("TLS both sides, keep-alive (the Lync path)", "tls", "https", ["--connections", "32", "--sni", "bench.example"]),
-    "C": ("a new TLS connection per request, re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--sni", "bench.example"]),
+    # C: no session resumption on the client, so every connection is a full handshake (the
+    # server's own counters are checked below); C2: what real clients do, resuming by ticket.
+    "C": ("a new TLS connection per request, full handshake (no resumption), re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--sni", "bench.example"]),
+    "C2": ("a new TLS connection per request, resumed handshake, re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--resume", "--sni", "bench.example"]),
     "D": ("1 MiB responses", "big", "http", ["--connections", "8"]),
 }
 
@@ -268,14 +287,23 @@ def run_throughput(a, sysm, key, results):
         for n in order:
             url = f"{scheme}://127.0.0.1:{sysm.ports[n][kind]}/"
             pids = sysm.pids.get(n, [])
-            t0 = cpu_ticks(pids)
+            admin = sysm.ports[n].get("admin")
+            h0 = tls_handshakes(admin) if admin and kind == "tls" else None
+            (u0, k0) = cpu_split(pids)
             v = load(a, url, a.slice, extra)
-            t1 = cpu_ticks(pids)
+            (u1, k1) = cpu_split(pids)
             hz = os.sysconf("SC_CLK_TCK")
-            cpu_s = (t1 - t0) / hz
-            unit = (1 << 20) if key == "D" else 1
+            cpu_s = (u1 + k1 - u0 - k0) / hz
             per = cpu_s * 1e6 / max(v["requests"], 1)
+            user = (u1 - u0) / hz * 1e6 / max(v["requests"], 1)
+            resumed = None
+            if h0 is not None:
+                # checked from the server side: what the handshakes really were
+                h1 = tls_handshakes(admin)
+                done = h1[0] - h0[0]
+                resumed = (h1[1] - h0[1]) / done if done else None
             rounds[n].append({"rps": v["rps"], "cpu_us_per_req": per if pids else None,
+                              "user_us_per_req": user if pids else None, "resumed": resumed,
                               "p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"], "p999": v["latency_ms"]["p99_9"],
                               "errors": sum(v["errors"].values()), "hist": v["histogram_us"]})
     results[key] = {"title": title, "systems": rounds}
@@ -371,21 +399,28 @@ def report(a, results, meta):
     lines = [f"# edgeshard bench — {meta['date']}", "", f"Machine: {meta['machine']}. Proxy cores {a.proxy_cores}, load and origins on {a.load_cores}. "
              f"{a.rounds} rounds of {a.slice} s slices per system, order rotated. Versions: {meta['versions']}.", "",
              f"Command: `{meta['command']}`", ""]
-    for key in ("A", "B", "C", "D", "F", "F2"):
+    for key in ("A", "B", "C", "C2", "D", "F", "F2"):
         if key not in results: continue
         r = results[key]
-        lines += [f"## {key}: {r['title']}", "", "| system | req/s (median, min–max) | CPU µs per request | p50 ms | p99 ms | p99.9 ms | errors |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {key}: {r['title']}", "", "| system | req/s (median, min–max) | CPU µs per request | of it user space | p50 ms | p99 ms | p99.9 ms | errors |", "|---|---|---|---|---|---|---|---|"]
         for name, rounds in r["systems"].items():
             lo, hi = spread([x["rps"] for x in rounds])
             cpu = med([x["cpu_us_per_req"] for x in rounds])
-            if key == "D" and cpu is not None: cpu = cpu  # per 1 MiB response = per MiB moved
-            lines.append(f"| {name} | {fmt(med([x['rps'] for x in rounds]), 0)} ({fmt(lo, 0)}–{fmt(hi, 0)}) | {fmt(cpu)} | "
+            user = med([x.get("user_us_per_req") for x in rounds])
+            lines.append(f"| {name} | {fmt(med([x['rps'] for x in rounds]), 0)} ({fmt(lo, 0)}–{fmt(hi, 0)}) | {fmt(cpu)} | {fmt(user)} | "
                          f"{fmt(med([x['p50'] for x in rounds]), 3)} | {fmt(med([x['p99'] for x in rounds]), 3)} | {fmt(med([x['p999'] for x in rounds]), 3)} | {sum(x['errors'] for x in rounds)} |")
+        res = [x.get("resumed") for x in r["systems"].get("edgeshard", []) if x.get("resumed") is not None]
+        if res:
+            lines.append(f"\nedgeshard's own count: {100 * statistics.median(res):.0f} % of the TLS handshakes were resumed")
         es = med([x["cpu_us_per_req"] for x in r["systems"].get("edgeshard", [])])
         for other in ("baseline", "haproxy", "nginx"):
             o = med([x["cpu_us_per_req"] for x in r["systems"].get(other, [])])
             if es and o:
                 lines.append(f"\nedgeshard / {other} CPU per request: **{es / o:.2f}×**")
+                eu = med([x.get("user_us_per_req") for x in r["systems"].get("edgeshard", [])])
+                ou = med([x.get("user_us_per_req") for x in r["systems"].get(other, [])])
+                if eu and ou:
+                    lines.append(f"\nedgeshard / {other} user-space CPU per request: **{eu / ou:.2f}×**")
             if key in ("F", "F2") and other in r["systems"] and "edgeshard" in r["systems"]:
                 e99, o99 = med([x["p99"] for x in r["systems"]["edgeshard"]]), med([x["p99"] for x in r["systems"][other]])
                 lines.append(f"\nedgeshard / {other} p99: **{e99 / o99:.2f}×**")
@@ -431,7 +466,7 @@ def svg(key, r, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="A,B,C,D,E,F")
+    ap.add_argument("--scenarios", default="A,B,C,C2,D,E,F")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slice", type=float, default=2.0, help="seconds of load per system per round")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections for scenario E (mind the open-files limit)")
@@ -480,7 +515,7 @@ def run_all(a, ncpu):
     md = report(a, results, meta)
     open(os.path.join(a.out, "latest.md"), "w").write(md)
     json.dump({"meta": meta, "results": results}, open(os.path.join(a.out, "latest.json"), "w"), indent=1)
-    for key in ("A", "B", "C", "D", "F", "F2"):
+    for key in ("A", "B", "C", "C2", "D", "F", "F2"):
         if key in results: svg(key, results[key], os.path.join(a.out, f"latency-{key}.svg"))
     print(md)
 

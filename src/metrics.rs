@@ -30,6 +30,8 @@ pub struct ServiceCounters {
     pub connections_active: Cell<u64>,
     pub connections_total: Cell<u64>,
     pub tls_handshakes: Cell<u64>,
+    /// Of those, handshakes that resumed a session (a ticket): the rest were full.
+    pub tls_resumed: Cell<u64>,
     pub tls_failures: Cell<u64>,
     /// ESP refusals by `esp::Refusal::ALL` order.
     pub esp_refusals: [Cell<u64>; 5],
@@ -137,6 +139,7 @@ impl ShardMetrics {
                     connections_active: s.connections_active.get(),
                     connections_total: s.connections_total.get(),
                     tls_handshakes: s.tls_handshakes.get(),
+                    tls_resumed: s.tls_resumed.get(),
                     tls_failures: s.tls_failures.get(),
                     esp_refusals: s.esp_refusals.each_ref().map(get),
                     limit_refusals: s.limit_refusals.each_ref().map(get),
@@ -197,6 +200,7 @@ pub struct ServiceSnap {
     pub connections_active: u64,
     pub connections_total: u64,
     pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     pub tls_failures: u64,
     pub esp_refusals: [u64; 5],
     pub limit_refusals: [u64; 5],
@@ -251,6 +255,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.connections_active += v.connections_active;
             m.connections_total += v.connections_total;
             m.tls_handshakes += v.tls_handshakes;
+            m.tls_resumed += v.tls_resumed;
             m.tls_failures += v.tls_failures;
             add5(&mut m.esp_refusals, &v.esp_refusals);
             add5(&mut m.limit_refusals, &v.limit_refusals);
@@ -352,6 +357,11 @@ pub fn prometheus(
             "Connections and requests refused by an IP access list.",
             5,
         ),
+        (
+            "edgeshard_tls_resumed_handshakes_total",
+            "Completed TLS handshakes that resumed a session (the others were full handshakes).",
+            6,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         for (i, vs) in cfg.services.iter().enumerate() {
@@ -366,6 +376,7 @@ pub fn prometheus(
                         s.tls_handshakes,
                         s.tls_failures,
                         s.access_refusals,
+                        s.tls_resumed,
                     ][pick]
                 })
                 .unwrap_or(0);

@@ -245,6 +245,13 @@ fn sessions_resume_whichever_shard_the_connection_lands_on() {
         per_shard.iter().all(|&n| n > 0),
         "both shards accepted (and resumed) connections: {per_shard:?}"
     );
+    // the server's side says the same: 17 handshakes, 16 of them resumed
+    let m = metrics(admin);
+    assert_eq!(m["edgeshard_tls_handshakes_total{service=\"tls\"}"], 17.0);
+    assert_eq!(
+        m["edgeshard_tls_resumed_handshakes_total{service=\"tls\"}"],
+        16.0
+    );
 }
 
 /// Two appliances sharing `[runtime] ticket_key_file` resume each other's sessions (a client

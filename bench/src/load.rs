@@ -30,6 +30,10 @@ pub struct Args {
     /// A new connection (and TLS handshake) per request.
     #[arg(long)]
     new_connection: bool,
+    /// Offer the session tickets the server gave (resumed handshakes). Off by default: a
+    /// "new TLS connection" then costs the server a full handshake, as its name says.
+    #[arg(long)]
+    resume: bool,
     /// Request body size (POST with Content-Length when > 0).
     #[arg(long, default_value_t = 0)]
     body_size: usize,
@@ -187,6 +191,9 @@ fn target(a: &Args) -> Target {
             .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
             .with_no_client_auth();
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if !a.resume {
+            c.resumption = rustls::client::Resumption::disabled();
+        }
         let sni = a.sni.clone().unwrap_or(host_name);
         (
             Arc::new(c),

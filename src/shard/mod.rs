@@ -1001,6 +1001,9 @@ async fn serve_tls(
                 .tls_handshakes
                 .set(counters.tls_handshakes.get() + 1);
             let session = tls.get_ref().1;
+            if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                counters.tls_resumed.set(counters.tls_resumed.get() + 1);
+            }
             facts.sni = session.server_name().map(Box::from);
             facts.tls = match session.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
