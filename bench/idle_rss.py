@@ -3,9 +3,10 @@
 
 Starts a small keep-alive origin and `edgeshard run` (one shard), opens N client connections
 that each complete one request and then stay idle, and reports the proxy's RSS growth per
-connection (from /proc/PID/status). Bounded: it stops everything it started.
+connection (from /proc/PID/status): cold (the first N after start) and warm (a second N once
+the first have closed). Bounded: it stops everything it started.
 
-    python3 bench/idle_rss.py --binary target/release/edgeshard --connections 10000 [--tls]
+    python3 bench/idle_rss.py [--binary BIN] --connections 10000 [--tls]
 """
 import argparse, http.server, json, os, resource, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time
 
@@ -69,26 +70,42 @@ def main():
                 if time.time() > deadline: sys.exit("proxy did not start")
                 time.sleep(0.05)
         time.sleep(0.5)
-        before = rss_kib(proxy.pid)
-        conns = []
         req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-        for i in range(args.connections):
-            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
-            if ctx:
-                s = ctx.wrap_socket(s, server_hostname="bench.example")
-            s.sendall(req)
-            got = b""
-            while not got.endswith(b"ok"):
-                chunk = s.recv(4096)
-                if not chunk: sys.exit("connection closed early")
-                got += chunk
-            conns.append(s)
-        time.sleep(1.0)
-        after = rss_kib(proxy.pid)
-        per = (after - before) * 1024 / args.connections
+
+        def open_idle(n):
+            conns = []
+            for i in range(n):
+                s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+                if ctx:
+                    s = ctx.wrap_socket(s, server_hostname="bench.example")
+                s.sendall(req)
+                got = b""
+                while not got.endswith(b"ok"):
+                    chunk = s.recv(4096)
+                    if not chunk: sys.exit("connection closed early")
+                    got += chunk
+                conns.append(s)
+            time.sleep(1.0)
+            return conns
+
         kind = "TLS" if args.tls else "plain"
-        print(f"idle {kind} connections: {args.connections}, proxy RSS {before} KiB -> {after} KiB, "
-              f"{per:.0f} bytes per idle connection")
+        # cold: the first N connections after start, one-off growth (allocator arenas, pools)
+        # included, as an operator pays it the first time that many clients arrive
+        before = rss_kib(proxy.pid)
+        conns = open_idle(args.connections)
+        after = rss_kib(proxy.pid)
+        cold = (after - before) * 1024 / args.connections
+        # warm: the same again once those have come and gone
+        for s in conns: s.close()
+        time.sleep(1.5)
+        before2 = rss_kib(proxy.pid)
+        conns = open_idle(args.connections)
+        after2 = rss_kib(proxy.pid)
+        warm = (after2 - before2) * 1024 / args.connections
+        print(f"idle {kind} connections: {args.connections}; cold: proxy RSS {before} -> {after} KiB, "
+              f"{cold:.0f} bytes per idle connection; warm (a second batch after the first closed): "
+              f"{before2} -> {after2} KiB, {warm:.0f} bytes per idle connection (what the first batch left "
+              f"behind is reused: the cold figure is what the first {args.connections} clients cost)")
         for s in conns: s.close()
     finally:
         proxy.terminate()
