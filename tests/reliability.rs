@@ -262,7 +262,7 @@ fn connect_failures_are_retried_up_to_retries_then_502() {
     wait_until(
         Duration::from_secs(2),
         "failure logged with its server",
-        || p.log().contains("real server refused the connection"),
+        || p.log().contains("failed: real server refused"),
     );
     let line = p
         .log()
