@@ -4,6 +4,7 @@
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Exit codes scripts can trust.
@@ -41,19 +42,50 @@ pub struct Target {
     /// host:port of the admin listener.
     pub authority: String,
     pub token: Option<String>,
+    /// For an https:// admin URL: the client config trusting `--ca`, and the name to verify.
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 impl Target {
     /// `admin`: `http://HOST:PORT` (or `HOST:PORT`); the token from `token_file`, else from
     /// the EDGESHARD_TOKEN environment variable.
-    pub fn new(admin: &str, token_file: Option<&std::path::Path>) -> Result<Target, String> {
-        if admin.starts_with("https://") {
-            return Err("https admin URLs are not supported by ctl yet: use http://".into());
-        }
+    /// `ca`: PEM trust anchors for an https:// admin listener's certificate.
+    pub fn new(
+        admin: &str,
+        token_file: Option<&std::path::Path>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Target, String> {
+        let https = admin.starts_with("https://");
         let authority = admin
             .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .trim_end_matches('/')
             .to_string();
+        let tls = if https {
+            let ca =
+                ca.ok_or("an https:// admin URL needs --ca FILE (the certificate's issuer)")?;
+            let roots = crate::config::tls::load_roots(ca)?;
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let host = match authority.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+                None => authority.as_str(),
+            };
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|_| format!("{host:?} is not a name to verify"))?;
+            Some((Arc::new(c), name))
+        } else {
+            None
+        };
         let token = match token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
@@ -72,7 +104,11 @@ impl Target {
         {
             return Err("the token holds control characters".into());
         }
-        Ok(Target { authority, token })
+        Ok(Target {
+            authority,
+            token,
+            tls,
+        })
     }
 
     /// One request; returns the status and the body parsed as JSON (or a string).
@@ -83,14 +119,24 @@ impl Target {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(u16, Value), String> {
-        let addr = self
+        // every address the name has, in order (localhost may be ::1 first)
+        let addrs: Vec<_> = self
             .authority
             .to_socket_addrs()
             .map_err(|e| format!("{}: {e}", self.authority))?
-            .next()
-            .ok_or_else(|| format!("{}: no address", self.authority))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("cannot reach {}: {e}", self.authority))?;
+            .collect();
+        let mut last = format!("{}: no address", self.authority);
+        let mut s = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(c) => {
+                    s = Some(c);
+                    break;
+                }
+                Err(e) => last = format!("cannot reach {}: {e}", self.authority),
+            }
+        }
+        let mut s = s.ok_or(last)?;
         s.set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
         let body = body.map(Value::to_string).unwrap_or_default();
@@ -109,10 +155,27 @@ impl Target {
         }
         req.push_str("\r\n");
         req.push_str(&body);
-        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .map_err(|e| format!("reading the answer: {e}"))?;
+        match &self.tls {
+            None => {
+                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+                s.read_to_end(&mut raw)
+                    .map_err(|e| format!("reading the answer: {e}"))?;
+            }
+            Some((cfg, name)) => {
+                let conn = rustls::ClientConnection::new(cfg.clone(), name.clone())
+                    .map_err(|e| e.to_string())?;
+                let mut t = rustls::StreamOwned::new(conn, s);
+                t.write_all(req.as_bytes())
+                    .map_err(|e| format!("TLS to {}: {e}", self.authority))?;
+                // the server closes after its answer; a missing close_notify is not an error here
+                match t.read_to_end(&mut raw) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+                    Err(e) => return Err(format!("reading the answer: {e}")),
+                }
+            }
+        }
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
         let status = head

@@ -56,6 +56,9 @@ enum Command {
         admin: String,
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
+        /// PEM issuer of an https:// admin listener's certificate.
+        #[arg(long, global = true)]
+        ca: Option<PathBuf>,
         /// Print the API's JSON instead of a table or a line.
         #[arg(long, global = true)]
         json: bool,
@@ -134,10 +137,16 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
-fn ctl(admin: &str, token_file: Option<PathBuf>, json: bool, cmd: CtlCommand) -> ExitCode {
+fn ctl(
+    admin: &str,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    json: bool,
+    cmd: CtlCommand,
+) -> ExitCode {
     use edgeshard::ctl::{servers_table, Target, EXIT_REFUSED, EXIT_USAGE};
     use serde_json::json;
-    let target = match Target::new(admin, token_file.as_deref()) {
+    let target = match Target::new(admin, token_file.as_deref(), ca.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -273,9 +282,10 @@ fn main() -> ExitCode {
         Command::Ctl {
             admin,
             token_file,
+            ca,
             json,
             command,
-        } => return ctl(&admin, token_file, json, command),
+        } => return ctl(&admin, token_file, ca, json, command),
         _ => {}
     }
     // Diagnostics go through a writer thread: a stalled stderr never blocks a shard.

@@ -595,3 +595,76 @@ fn api_edges_hold() {
     assert_eq!(health(true, true), Some(0));
     assert_eq!(health(false, true), Some(2), "401: cannot tell");
 }
+
+/// `[admin] tls`: the admin listener speaks HTTPS; `ctl --ca` reaches it; plain HTTP gets no
+/// answer; `check` no longer warns about a non-loopback listener.
+#[test]
+fn the_admin_listener_speaks_https() {
+    use common::pki::{client_config, Ca};
+    let o = Origin::ok("ok");
+    let ca = Ca::new("Admin CA");
+    let dir = tmpdir("admin-tls");
+    let (cert, key) = ca.leaf(&["localhost"], false).write(&dir, "admin");
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let cfg = simple_config(
+        listen,
+        &[o.addr],
+        "",
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\n{tls}{}",
+            operator_token_config()
+        ),
+    );
+    let _p = Proxy::start(&cfg, listen);
+    // HTTPS, verified against the CA
+    let s = common::tlsio::connect(admin, &client_config(&ca), "localhost").unwrap();
+    let req = format!(
+        "GET /status HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\n\r\n",
+        admin.port()
+    );
+    let (r, _) = common::tlsio::request(s, req.as_bytes());
+    assert_eq!(r.status, 200);
+    // plain HTTP on it: no HTTP answer
+    let mut c = Client::connect(admin);
+    c.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(c.read(false).is_err(), "plain HTTP is not answered");
+    // ctl over https with --ca
+    let tf = dir.join("ops.token");
+    std::fs::write(&tf, OPERATOR_TOKEN).unwrap();
+    let url = format!("https://localhost:{}", admin.port());
+    let out = Command::new(bin())
+        .args(["ctl", "--admin", &url, "--ca"])
+        .arg(&ca_pem)
+        .arg("--token-file")
+        .arg(&tf)
+        .arg("servers")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&o.addr.to_string()), "{text}");
+    let no_ca = Command::new(bin())
+        .args(["ctl", "--admin", &url, "servers"])
+        .output()
+        .unwrap();
+    assert_eq!(no_ca.status.code(), Some(2), "https needs --ca");
+    // a non-loopback admin listener with TLS: no warning
+    let (ok, text, _) = check_config(&format!(
+        "[admin]\nlisten = \"0.0.0.0:{}\"\n{tls}[[virtual_service]]\nlisten = \"127.0.0.1:{}\"\n[[virtual_service.real_server]]\naddress = \"127.0.0.1:1\"\n",
+        free_port(),
+        free_port()
+    ));
+    assert!(ok && !text.contains("warning: admin.listen"), "{text}");
+}

@@ -15,7 +15,8 @@ use crate::http::Buf;
 use crate::io::{fill, respond_and_close, until};
 use crate::limits::ClientTable;
 use crate::shard::Shard;
-use glommio::net::{TcpListener, TcpStream};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpListener;
 use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -71,7 +72,20 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 crate::shard::spawn_connection(
                     peer,
                     Box::pin(async move {
-                        serve(shard, stream, peer, &auth_log).await;
+                        match shard.admin_acceptor.clone() {
+                            None => serve(&shard, stream, peer, &auth_log).await,
+                            Some(acceptor) => {
+                                let tls =
+                                    crate::io::timeout(ADMIN_HEAD_TIMEOUT, acceptor.accept(stream))
+                                        .await;
+                                match tls {
+                                    Ok(s) => serve(&shard, s, peer, &auth_log).await,
+                                    Err(e) => shard.diag("admin: TLS handshake failed", || {
+                                        tracing::info!(client = %peer, "admin: TLS handshake failed: {e}")
+                                    }),
+                                }
+                            }
+                        }
                         drop(slot);
                     }),
                 );
@@ -144,7 +158,10 @@ impl Request {
 
 /// Read a request head and its Content-Length body within ADMIN_HEAD_TIMEOUT. Err(Some(s)):
 /// answer status s; Err(None): the client went away.
-async fn read_request(stream: &mut TcpStream, peer: SocketAddr) -> Result<Request, Option<u16>> {
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+) -> Result<Request, Option<u16>> {
     let mut buf = Buf::new(16 * 1024);
     let deadline = Instant::now() + ADMIN_HEAD_TIMEOUT;
     loop {
@@ -385,9 +402,9 @@ fn authorize<'a>(
     Ok(Some(token))
 }
 
-async fn serve(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Shard,
+    mut stream: S,
     peer: SocketAddr,
     auth_log: &RefCell<ClientTable>,
 ) {
@@ -416,7 +433,7 @@ async fn serve(
         }
     };
     let answer =
-        futures_lite::future::or(async { Some(handle(&shard, &req, auth_log).await) }, gone).await;
+        futures_lite::future::or(async { Some(handle(shard, &req, auth_log).await) }, gone).await;
     if let Some(resp) = answer {
         respond_and_close(&mut stream, &resp).await;
     }

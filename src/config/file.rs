@@ -117,6 +117,8 @@ pub struct FileAdmin {
     pub hosts: Option<Vec<String>>,
     /// Runtime changes (state, weight) written here survive a restart.
     pub state_file: Option<Spanned<String>>,
+    /// HTTPS on the admin listener: `tls = { cert = "...", key = "..." }`.
+    pub tls: Option<FileCertificate>,
     /// Client addresses (CIDR) allowed to reach the admin listener (default: all).
     pub allow: Option<Spanned<Vec<String>>>,
     /// Client addresses refused (deny wins over allow).

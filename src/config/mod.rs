@@ -244,6 +244,8 @@ pub struct Admin {
     /// Lower-case names accepted in Host besides the listener's own address.
     pub hosts: Vec<String>,
     pub state_file: Option<PathBuf>,
+    /// HTTPS on the admin listener.
+    pub tls: Option<Tls>,
 }
 
 /// An API token as the appliance keeps it: only its hash.
@@ -398,9 +400,9 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if let Some(a) = &self.admin {
-            if !a.listen.ip().is_loopback() {
+            if !a.listen.ip().is_loopback() && a.tls.is_none() {
                 w.push(format!(
-                    "admin.listen: {} is not a loopback address and the admin listener has no TLS: tokens and changes cross the network in clear; listen on 127.0.0.1 (or a management address with [admin] allow)",
+                    "admin.listen: {} is not a loopback address and the admin listener has no TLS: tokens and changes cross the network in clear; set [admin] tls = {{ cert, key }}, or listen on 127.0.0.1",
                     a.listen
                 ));
             }
@@ -1012,6 +1014,13 @@ impl Validator<'_> {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             state_file: a.state_file.as_ref().map(|f| self.path(f.get_ref())),
+            tls: match &a.tls {
+                None => None,
+                Some(c) => Some(Tls {
+                    certs: vec![self.server_cert(c, "admin.tls")?],
+                    handshake_timeout: Duration::from_secs(5),
+                }),
+            },
         })
     }
 
@@ -1247,6 +1256,26 @@ impl Validator<'_> {
         }
     }
 
+    /// One certificate and its key, loaded and checked; `f` names the field.
+    fn server_cert(&self, c: &FileCertificate, f: &str) -> Result<tls::ServerCert, ConfigError> {
+        let loaded =
+            tls::load_server_cert(&self.path(c.cert.get_ref()), &self.path(c.key.get_ref()));
+        match loaded {
+            Ok(sc) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                if sc.not_after < now {
+                    tracing::warn!(cert = %c.cert.get_ref(), "certificate has expired; clients will refuse it");
+                }
+                Ok(sc)
+            }
+            Err((true, m)) => Err(self.err(Some(c.key.span()), &format!("{f}.key"), m)),
+            Err((false, m)) => Err(self.err(Some(c.cert.span()), &format!("{f}.cert"), m)),
+        }
+    }
+
     fn tls(&self, t: &FileTls, p: &str) -> Result<Tls, ConfigError> {
         if t.certificates.get_ref().is_empty() {
             return Err(self.err(
@@ -1257,25 +1286,7 @@ impl Validator<'_> {
         }
         let mut certs = Vec::new();
         for (k, c) in t.certificates.get_ref().iter().enumerate() {
-            let f = format!("{p}.tls.certificates[{k}]");
-            let loaded =
-                tls::load_server_cert(&self.path(c.cert.get_ref()), &self.path(c.key.get_ref()));
-            match loaded {
-                Ok(sc) => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
-                    if sc.not_after < now {
-                        tracing::warn!(cert = %c.cert.get_ref(), "certificate has expired; clients will refuse it");
-                    }
-                    certs.push(sc);
-                }
-                Err((true, m)) => return Err(self.err(Some(c.key.span()), &format!("{f}.key"), m)),
-                Err((false, m)) => {
-                    return Err(self.err(Some(c.cert.span()), &format!("{f}.cert"), m))
-                }
-            }
+            certs.push(self.server_cert(c, &format!("{p}.tls.certificates[{k}]"))?);
         }
         Ok(Tls {
             certs,

@@ -104,6 +104,8 @@ pub struct Shard {
     diag_limit: crate::diag::RateLimit,
     /// Connections refused by a limit that are being told so (at most MAX_REFUSING).
     refusing: Cell<usize>,
+    /// HTTPS on the admin listener (shard 0, when `[admin] tls` is set).
+    pub admin_acceptor: Option<TlsAcceptor>,
     /// Operator changes sent from this shard: id, and the peers that acknowledged it.
     admin_changes: Cell<u64>,
     admin_acks: RefCell<Vec<(u64, usize)>>,
@@ -155,6 +157,13 @@ impl Shard {
                 None => None,
             });
         }
+        let admin_acceptor = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+            Some(t) if id == 0 => Some(TlsAcceptor::from(tls::server_config(
+                t,
+                secrets.tickets.clone(),
+            )?)),
+            _ => None,
+        };
         let nr_shards = config.runtime.cores.len();
         let load = Rc::new(LoadView::new(id, nr_shards, config.nr_servers));
         for rs in &config.servers {
@@ -185,6 +194,7 @@ impl Shard {
             passive: (0..config.nr_servers).map(|_| Cell::new(0)).collect(),
             diag_limit: Default::default(),
             refusing: Cell::new(0),
+            admin_acceptor,
             admin_changes: Cell::new(0),
             admin_acks: RefCell::new(Vec::new()),
             pools: Pools::new(config.nr_servers),
