@@ -134,4 +134,37 @@ fn status_page_shows_services_and_real_servers_in_a_browser() {
         })
         .sum();
     assert_eq!(total, 5, "{rows:?}");
+
+    // a's Drain button, clicked in the browser, drains a on every shard through the API
+    let click = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/click.mjs"
+        ))
+        .arg(format!("http://{admin}/#token={OPERATOR_TOKEN}"))
+        .arg(a.addr.to_string())
+        .arg("Drain")
+        .arg("drain")
+        .output()
+        .expect("node (tests/run installs playwright-core into tests/browser)");
+    let out = String::from_utf8_lossy(&click.stdout);
+    assert!(
+        click.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&click.stderr)
+    );
+    assert!(
+        out.contains("message: ") && out.contains(": drain"),
+        "{out}"
+    );
+    let st = status(admin);
+    assert_eq!(
+        st["virtual_services"][0]["real_servers"][0]["state"],
+        "drain"
+    );
+    // b is in maint and a now drains: a new client finds no server
+    assert_eq!(
+        one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status,
+        503
+    );
 }
