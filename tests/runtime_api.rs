@@ -388,6 +388,16 @@ fn runtime_state_survives_a_restart() {
     let _p = Proxy::start(&cfg, listen);
     assert_eq!(state_of(admin, 0, 0), ("ready".to_string(), 500));
     assert_eq!(state_of(admin, 0, 1), ("drain".to_string(), 1000));
+    let v: Value = serde_json::from_slice(
+        &admin_call(admin, "GET", "/api/v1/services", Some(READ_TOKEN), None).body,
+    )
+    .unwrap();
+    let rs = &v["virtual_services"][0]["real_servers"];
+    assert_eq!(
+        (&rs[0]["weight_source"], &rs[0]["state_source"]),
+        (&Value::from("runtime"), &Value::from("config"))
+    );
+    assert_eq!(rs[1]["state_source"], "runtime");
     for _ in 0..6 {
         assert_eq!(
             one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text(),

@@ -45,6 +45,10 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                     },
                     "weight": shard.load.weight(id),
                     "config_weight": rs.weight,
+                    // where each value comes from: the config, or the runtime API (kept in
+                    // the state file, and kept over a config reload)
+                    "state_source": if shard.load.admin_state(id) == AdminState::Ready { "config" } else { "runtime" },
+                    "weight_source": if shard.load.weight(id) == rs.weight { "config" } else { "runtime" },
                     "connection_limit": rs.connection_limit,
                     "active_connections": shard.load.global(id),
                     "active_connections_per_shard": shard.load.per_shard(id),
