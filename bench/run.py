@@ -476,10 +476,12 @@ def main():
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks the runner works")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--out", default=None, help="where the report goes (default bench/results; with --smoke a temporary folder, so smoke figures never replace the committed ones)")
     a = ap.parse_args()
     if a.smoke:
         a.rounds, a.slice, a.idle = 1, 0.5, 200
+    if a.out is None:
+        a.out = tempfile.mkdtemp(prefix="edgeshard-smoke-") if a.smoke else os.path.join(ROOT, "bench", "results")
     ncpu = os.cpu_count() or 1
     proxy = [int(c) for c in a.proxy_cores.split(",")]
     a.load_cores = a.load_cores or ",".join(str(c) for c in range(ncpu) if c not in proxy) or "0"
