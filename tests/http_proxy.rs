@@ -459,3 +459,85 @@ fn an_ipv6_service_accepts_and_forwards_the_client_address() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].header("x-forwarded-for"), Some("::1"));
 }
+
+/// Header rules: set, add and delete on the request (what the real server sees) and the
+/// response (what the client sees), in order, with variables; a sub-service's replace the
+/// service's; HSTS only over HTTPS; bad rules are refused by check.
+#[test]
+fn header_rules_change_both_directions() {
+    let o = Origin::start(std::sync::Arc::new(
+        |_s: &common::origin::Seen, w: &mut std::net::TcpStream| {
+            use std::io::Write;
+            let _ = w.write_all(
+                b"HTTP/1.1 200 OK\r\nServer: IIS/10\r\nX-Powered-By: ASP.NET\r\nStrict-Transport-Security: max-age=1\r\nContent-Length: 2\r\n\r\nok",
+            );
+            common::origin::Next::KeepAlive
+        },
+    ));
+    let inner = Origin::ok("inner");
+    let listen = local(free_port());
+    let cfg = format!(
+        "[runtime]\nshards = 2\noversubscribe = true\n[[virtual_service]]\nname = \"web\"\nlisten = \"{listen}\"\n\
+         [virtual_service.headers]\nhsts = \"max-age=31536000\"\n\
+         request = [ {{ set = \"X-Client\", value = \"${{client_addr}} via ${{service}} to ${{real_server}}\" }}, {{ delete = \"X-Debug\" }}, {{ add = \"X-Tag\", value = \"one\" }} ]\n\
+         response = [ {{ set = \"X-Frame-Options\", value = \"DENY\" }}, {{ add = \"X-Served-By\", value = \"${{real_server}}\" }}, {{ delete = \"Server\" }}, {{ delete = \"X-Powered-By\" }} ]\n\
+         [[virtual_service.real_server]]\naddress = \"{}\"\n\
+         [[virtual_service.sub_service]]\nhosts = [\"inner.example\"]\n\
+         [virtual_service.sub_service.headers]\nresponse = [ {{ add = \"X-Inner\", value = \"yes\" }} ]\n\
+         [[virtual_service.sub_service.real_server]]\naddress = \"{}\"\n",
+        o.addr, inner.addr
+    );
+    let _p = Proxy::start(&cfg, listen);
+    let r = one(
+        listen,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Client: forged\r\nX-Debug: 1\r\nX-Tag: theirs\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    // what the real server saw
+    let s = &o.requests()[0];
+    assert_eq!(
+        s.header("x-client"),
+        Some(format!("127.0.0.1 via web to {}", o.addr).as_str())
+    );
+    assert_eq!(s.headers_named("x-client"), 1, "set replaced the client's");
+    assert_eq!(s.header("x-debug"), None);
+    assert_eq!(s.headers_named("x-tag"), 2, "add appended to the client's");
+    // what the client saw
+    assert_eq!(r.header("x-frame-options"), Some("DENY"));
+    assert_eq!(r.header("x-served-by"), Some(o.addr.to_string().as_str()));
+    assert_eq!(r.header("server"), None);
+    assert_eq!(r.header("x-powered-by"), None);
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=1"),
+        "HSTS is not added over plain HTTP (the real server's passes)"
+    );
+    // a sub-service's rules replace the service's
+    let r = one(listen, b"GET / HTTP/1.1\r\nHost: inner.example\r\n\r\n");
+    assert_eq!(r.header("x-inner"), Some("yes"));
+    assert_eq!(r.header("x-frame-options"), None);
+    // bad rules: refused with the field named
+    for (rule, words) in [
+        (
+            "{ set = \"Content-Length\", value = \"1\" }",
+            "may not be changed",
+        ),
+        (
+            "{ set = \"X-A\", value = \"a\\r\\nX-Evil: 1\" }",
+            "control characters",
+        ),
+        ("{ set = \"X-A\", value = \"${nope}\" }", "unknown variable"),
+        (
+            "{ set = \"X-A\", add = \"X-B\", value = \"1\" }",
+            "exactly one of",
+        ),
+    ] {
+        let (ok, text, _) = common::check_config(&format!(
+            "[[virtual_service]]\nlisten = \"127.0.0.1:1\"\n[virtual_service.headers]\nrequest = [ {rule} ]\n[[virtual_service.real_server]]\naddress = \"127.0.0.1:2\"\n"
+        ));
+        assert!(
+            !ok && text.contains("virtual_service[0].headers.request[0]") && text.contains(words),
+            "{rule}: {text}"
+        );
+    }
+}

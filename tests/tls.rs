@@ -533,3 +533,31 @@ fn rsa_certificates_work_too() {
     );
     assert_eq!(r.body, b"rsa");
 }
+
+/// `headers.hsts` is sent to HTTPS clients, replacing the real server's own.
+#[test]
+fn hsts_is_sent_over_https() {
+    let st = setup();
+    let o = Origin::ok("ok");
+    let listen = local(free_port());
+    let _p = Proxy::start(
+        &tls_config(
+            listen,
+            &[o.addr],
+            &st.certs,
+            "[virtual_service.headers]\nhsts = \"max-age=31536000; includeSubDomains\"\nresponse = [ { set = \"X-TLS\", value = \"${tls_version} ${sni}\" } ]\n",
+            "",
+        ),
+        listen,
+    );
+    let (r, _) = request(
+        connect(listen, &client_config(&st.ca), "ws-ext.example").unwrap(),
+        GET,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=31536000; includeSubDomains")
+    );
+    assert_eq!(r.header("x-tls"), Some("TLSv1.3 ws-ext.example"));
+}

@@ -151,6 +151,26 @@ pub struct FileAccess {
     pub deny: Option<Spanned<Vec<String>>>,
 }
 
+/// Header rules of a service or sub-service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHeaders {
+    /// Strict-Transport-Security on responses to HTTPS clients.
+    pub hsts: Option<Spanned<String>>,
+    pub request: Option<Spanned<Vec<FileHeaderRule>>>,
+    pub response: Option<Spanned<Vec<FileHeaderRule>>>,
+}
+
+/// One rule: exactly one of `set`, `add`, `delete` (a field name); `value` for set and add.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHeaderRule {
+    pub set: Option<String>,
+    pub add: Option<String>,
+    pub delete: Option<String>,
+    pub value: Option<String>,
+}
+
 /// Whether a request path that normalisation changed is forwarded normalised or refused.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -264,6 +284,8 @@ pub struct FileVirtualService {
     pub forwarded_header: Option<bool>,
     /// IP access list, checked at accept (before TLS).
     pub access: Option<FileAccess>,
+    /// Header rules on requests and responses, and HSTS.
+    pub headers: Option<FileHeaders>,
     /// How long an idle pooled upstream connection may be reused.
     pub pool_idle_timeout: Option<Spanned<String>>,
     /// Largest request head accepted (431 beyond).
@@ -366,6 +388,8 @@ pub struct FileSubService {
     pub esp: Option<FileEsp>,
     /// IP access list of this sub-service (403 for requests routed here from others).
     pub access: Option<FileAccess>,
+    /// Header rules of this sub-service (default: the virtual service's).
+    pub headers: Option<FileHeaders>,
     #[serde(default)]
     pub real_server: Vec<FileRealServer>,
 }

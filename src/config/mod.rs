@@ -186,6 +186,8 @@ pub struct SubService {
     pub esp: Option<Esp>,
     /// Who may reach it (checked once a request is routed here).
     pub access: Option<Access>,
+    /// Its own header rules (else the virtual service's).
+    pub headers: Option<crate::http::rules::HeaderRules>,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +302,8 @@ pub struct VirtualService {
     pub forwarded_header: bool,
     /// Who may connect (checked at accept, before TLS).
     pub access: Option<Access>,
+    /// Header rules and HSTS (a sub-service's replace them for its requests).
+    pub headers: Option<crate::http::rules::HeaderRules>,
 }
 
 /// TLS termination for a virtual service.
@@ -723,7 +727,12 @@ impl Validator<'_> {
                     Some(a) => self.access(&a.allow, &a.deny, &format!("{sp}.access"))?,
                     None => None,
                 };
+                let headers = match &sub.headers {
+                    Some(h) => Some(self.headers(h, &format!("{sp}.headers"))?),
+                    None => None,
+                };
                 sub_services.push(SubService {
+                    headers,
                     access,
                     esp: sub_esp,
                     name: sub_name,
@@ -771,7 +780,12 @@ impl Validator<'_> {
                 Some(a) => self.access(&a.allow, &a.deny, &format!("{p}.access"))?,
                 None => None,
             };
+            let headers = match &vs.headers {
+                Some(h) => Some(self.headers(h, &format!("{p}.headers"))?),
+                None => None,
+            };
             services.push(VirtualService {
+                headers,
                 retries: count(&vs.retries, "retries", 2, 10)?,
                 passive_fall: count(&vs.passive_fall, "passive_fall", 3, 100)?,
                 path_normalization: vs.path_normalization.unwrap_or_default(),
@@ -1021,6 +1035,56 @@ impl Validator<'_> {
                     handshake_timeout: Duration::from_secs(5),
                 }),
             },
+        })
+    }
+
+    /// Header rules, each checked (names, values, variables), with the field named on error.
+    fn headers(
+        &self,
+        h: &FileHeaders,
+        p: &str,
+    ) -> Result<crate::http::rules::HeaderRules, ConfigError> {
+        use crate::http::rules::{parse_rule, parse_value, HeaderRules, Op};
+        let list = |rules: &Option<Spanned<Vec<FileHeaderRule>>>, side: &str| {
+            let Some(rules) = rules else {
+                return Ok(Vec::new());
+            };
+            rules
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let field = format!("{p}.{side}[{i}]");
+                    let err = |m: String| self.err(Some(rules.span()), &field, m);
+                    let (op, name) = match (&r.set, &r.add, &r.delete) {
+                        (Some(n), None, None) => (Op::Set, n),
+                        (None, Some(n), None) => (Op::Add, n),
+                        (None, None, Some(n)) => (Op::Delete, n),
+                        _ => return Err(err("give exactly one of set, add and delete".into())),
+                    };
+                    parse_rule(op, name, r.value.as_deref()).map_err(err)
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()
+        };
+        let hsts = match &h.hsts {
+            None => None,
+            Some(v) => {
+                parse_value(v.get_ref())
+                    .map_err(|m| self.err(Some(v.span()), &format!("{p}.hsts"), m))?;
+                if v.get_ref().contains("${") {
+                    return Err(self.err(
+                        Some(v.span()),
+                        &format!("{p}.hsts"),
+                        "a fixed value, like \"max-age=31536000; includeSubDomains\"".into(),
+                    ));
+                }
+                Some(v.get_ref().clone())
+            }
+        };
+        Ok(HeaderRules {
+            hsts,
+            request: list(&h.request, "request")?,
+            response: list(&h.response, "response")?,
         })
     }
 

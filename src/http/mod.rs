@@ -5,6 +5,7 @@
 pub mod canned;
 pub mod chunked;
 pub mod parse;
+pub mod rules;
 pub mod write;
 
 pub use parse::{BodyKind, Method, RequestInfo, ResponseInfo};

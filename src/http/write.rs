@@ -2,6 +2,7 @@
 //! client sees it. Hop-by-hop fields go; X-Forwarded-For/-Proto and Via are added.
 
 use super::parse::{is_hop_by_hop, ParsedRequest, ParsedResponse, Target};
+use super::rules::{emit, removes, Rule, Vars};
 use std::io::Write;
 use std::net::IpAddr;
 
@@ -127,6 +128,7 @@ pub fn write_request_head(
     default_host: &str,
     expect_handled: bool,
     path: Option<&[u8]>,
+    rules: Option<(&[Rule], &Vars<'_>)>,
     out: &mut Vec<u8>,
 ) -> Option<std::ops::Range<usize>> {
     out.extend_from_slice(req.method.as_bytes());
@@ -162,6 +164,7 @@ pub fn write_request_head(
             || n.eq_ignore_ascii_case("x-forwarded-proto")
             || (!fwd.trusted && is_forwarding(n))
             || shadows_ours(n)
+            || rules.is_some_and(|(r, _)| removes(r, n))
             || (expect_handled && n.eq_ignore_ascii_case("expect"))
             || req.connection.lists(n)
         {
@@ -178,6 +181,9 @@ pub fn write_request_head(
     }
     if req.info.upgrade {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
+    }
+    if let Some((r, vars)) = rules {
+        emit(r, vars, out);
     }
     // Earlier hops first, in order (from a trusted proxy only), then this connection's address.
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -230,12 +236,21 @@ pub struct ClientFraming {
     pub interim: bool,
 }
 
+/// Response header rules for one response: the rules, HSTS (HTTPS clients only), the values.
+#[derive(Clone, Copy)]
+pub struct ResponseRules<'a> {
+    pub rules: &'a [Rule],
+    pub hsts: Option<&'a str>,
+    pub vars: Vars<'a>,
+}
+
 /// Append the client-facing response head to `out`; `extra` holds complete header lines of
 /// our own (a persistence cookie).
 pub fn write_response_head(
     resp: &ParsedResponse<'_, '_>,
     f: ClientFraming,
     extra: &[u8],
+    rules: Option<&ResponseRules<'_>>,
     out: &mut Vec<u8>,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -249,6 +264,12 @@ pub fn write_response_head(
         if resp.connection.lists(n) {
             continue;
         }
+        if let Some(r) = rules {
+            let hsts = r.hsts.is_some() && n.eq_ignore_ascii_case("strict-transport-security");
+            if hsts || removes(r.rules, n) {
+                continue;
+            }
+        }
         if is_hop_by_hop(n) {
             let keep = (switching && n.eq_ignore_ascii_case("upgrade"))
                 || (!f.dechunk && n.eq_ignore_ascii_case("transfer-encoding"))
@@ -260,6 +281,12 @@ pub fn write_response_head(
         put(out, n, h.value);
     }
     out.extend_from_slice(extra);
+    if let Some(r) = rules {
+        if let Some(h) = r.hsts {
+            put(out, "Strict-Transport-Security", h.as_bytes());
+        }
+        emit(r.rules, &r.vars, out);
+    }
     if switching {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
     } else if !f.interim {

@@ -2,6 +2,8 @@
 //! response head, relay the response to the client, pool the connection.
 
 use super::*;
+use crate::http::rules::{HeaderRules, Vars};
+use crate::http::write::ResponseRules;
 
 /// How an exchange with a real server failed before the client saw any response byte.
 pub(super) enum Attempt {
@@ -114,6 +116,7 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     info: RequestInfo,
     first: ServerId,
     mut retry: Retry,
+    rules: Option<(&HeaderRules, Vars<'_>)>,
 ) -> Result<(Done, ServerId), ProxyError> {
     // Only a request we can send again byte for byte, and may, is retried once sent.
     let replayable = info.body == BodyKind::None && info.method.is_idempotent() && !info.upgrade;
@@ -184,6 +187,15 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             out: &mut *resp_out,
             set_cookie: &set_cookie[..],
             shard,
+            rules: rules.map(|(r, vars)| ResponseRules {
+                rules: &r.response,
+                // HSTS means something only over HTTPS
+                hsts: r.hsts.as_deref().filter(|_| retry.proto == "https"),
+                vars: Vars {
+                    real_server: &rs.name,
+                    ..vars
+                },
+            }),
         };
         match send_and_receive(vs, client, cbuf, &mut up, req_out, info, head).await {
             Ok((resp, framing, body_in)) => {
@@ -338,7 +350,13 @@ pub(super) async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
             // Write the client's head from this one parse (the head is not parsed again).
             let framing = client_framing(info, resp, head.shard.is_closing());
             head.out.clear();
-            write_response_head(&parsed, framing, head.set_cookie, head.out);
+            write_response_head(
+                &parsed,
+                framing,
+                head.set_cookie,
+                head.rules.as_ref(),
+                head.out,
+            );
             return Ok((resp, framing, body_in));
         }
         scanned = up.buf.len().saturating_sub(2);
@@ -505,6 +523,8 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) struct ClientHead<'a> {
     out: &'a mut Vec<u8>,
     set_cookie: &'a [u8],
+    /// The response header rules and HSTS, with the values of this exchange.
+    rules: Option<ResponseRules<'a>>,
     /// Asked when the head is written: a shutdown meanwhile ends keep-alive.
     shard: &'a Shard,
 }

@@ -271,6 +271,20 @@ async fn serve_requests(
     let proto = conn.f.proto;
     let mut cbuf = Buf::detached();
     let ip = peer.ip().to_canonical();
+    // Header rules' ${client_addr}, made once per connection and only where rules exist.
+    let has_rules = vs.headers.is_some() || vs.sub_services.iter().any(|s| s.headers.is_some());
+    let client_addr = if has_rules {
+        ip.to_string()
+    } else {
+        String::new()
+    };
+    let vars = crate::http::rules::Vars {
+        client_addr: &client_addr,
+        tls_version: conn.f.tls.unwrap_or(""),
+        sni: sni.unwrap_or(""),
+        service: &vs.name,
+        real_server: "",
+    };
     let fwd = Forwarded {
         client_ip: peer.ip(),
         proto,
@@ -409,12 +423,18 @@ async fn serve_requests(
                 };
                 let rs = shard.server(server);
                 req_out.clear();
+                let rules = sub.and_then(|s| s.headers.as_ref()).or(vs.headers.as_ref());
+                let vars = crate::http::rules::Vars {
+                    real_server: &rs.name,
+                    ..vars
+                };
                 let default_host = write_request_head(
                     &req,
                     &fwd,
                     &rs.name,
                     req.info.expect_continue,
                     forward_path,
+                    rules.map(|r| (&r.request[..], &vars)),
                     req_out,
                 );
                 Ok(Route::Forward(req.info, server, pool, default_host))
@@ -486,8 +506,13 @@ async fn serve_requests(
         cbuf.consume(info.head_len);
         // The exchange's state is only needed while a request is in flight: boxed, it does not
         // weigh on every idle connection's task.
+        let rules = conn
+            .sub_service
+            .and_then(|i| vs.sub_services[i].headers.as_ref())
+            .or(vs.headers.as_ref())
+            .map(|r| (r, vars));
         match Box::pin(exchange(
-            shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server, retry,
+            shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server, retry, rules,
         ))
         .await
         {

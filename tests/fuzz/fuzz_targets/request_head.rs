@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             trusted: false,
             rfc7239: true,
         };
-        write_request_head(&req, &fwd, "rs.example:80", req.info.expect_continue, None, &mut out);
+        write_request_head(&req, &fwd, "rs.example:80", req.info.expect_continue, None, None, &mut out);
         assert!(out.ends_with(b"\r\n\r\n"));
     }
 });
