@@ -971,18 +971,8 @@ impl Validator<'_> {
                 })?,
                 (None, Some(f)) => {
                     let field = format!("{p}.token_file");
-                    let path = self.path(f.get_ref());
+                    let text = self.secret_file(f, &field)?;
                     let err = |m: String| self.err(Some(f.span()), &field, m);
-                    let meta = std::fs::metadata(&path)
-                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
-                    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
-                        return Err(err(format!(
-                            "{} is readable by others: chmod 600 it",
-                            path.display()
-                        )));
-                    }
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
                     let token = text.trim();
                     if token.lines().count() > 1 {
                         return Err(err(
@@ -1086,6 +1076,21 @@ impl Validator<'_> {
             request: list(&h.request, "request")?,
             response: list(&h.response, "response")?,
         })
+    }
+
+    /// A file holding a secret (a token, ticket keys): read, once its mode shows nobody but its
+    /// owner may read it.
+    fn secret_file(&self, f: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+        let path = self.path(f.get_ref());
+        let err = |m: String| self.err(Some(f.span()), field, m);
+        let meta = std::fs::metadata(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+            return Err(err(format!(
+                "{} is readable by others: chmod 600 it",
+                path.display()
+            )));
+        }
+        std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))
     }
 
     /// CIDR blocks (or bare addresses), each checked.
@@ -1635,18 +1640,10 @@ impl Validator<'_> {
             ticket_keys: match &rt.ticket_key_file {
                 None => None,
                 Some(f) => {
+                    let field = "runtime.ticket_key_file";
+                    let text = self.secret_file(f, field)?;
                     let path = self.path(f.get_ref());
-                    let err = |m: String| self.err(Some(f.span()), "runtime.ticket_key_file", m);
-                    let meta = std::fs::metadata(&path)
-                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
-                    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
-                        return Err(err(format!(
-                            "{} is readable by others: chmod 600 it",
-                            path.display()
-                        )));
-                    }
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    let err = |m: String| self.err(Some(f.span()), field, m);
                     Some(
                         crate::tls::read_ticket_keys(&text)
                             .map_err(|m| err(format!("{}: {m}", path.display())))?,
