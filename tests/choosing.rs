@@ -95,15 +95,10 @@ fn least_connection_follows_the_appliance_wide_count() {
     let (release, conc, max) = counters();
     let a = holding("a", release.clone(), conc.clone(), max.clone());
     let b = holding("b", release.clone(), conc.clone(), max.clone());
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
+    let (_p, listen, admin) = proxy_with_operator(
         &[a.addr, b.addr],
         "scheduling = \"least-connection\"\nshard_steering = \"source-ip\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
-    let _p = Proxy::start(&cfg, listen);
     let (x, y) = ips_on_two_shards(listen, admin);
     let (a0, b0) = (a.nr_requests(), b.nr_requests());
     // Shard X holds five connections on A (B disabled meanwhile).
@@ -227,15 +222,7 @@ fn get_with_cookie(addr: SocketAddr, cookie: Option<&str>) -> common::client::Re
 #[test]
 fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_servers() {
     let (a, b) = (Origin::named("a"), Origin::named("b"));
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
-        &[a.addr, b.addr],
-        "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"MS-WSMAN\"\ntimeout = \"2s\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
-    );
-    let _p = Proxy::start(&cfg, listen);
+    let (_p, listen, admin) = proxy_with_operator(&[a.addr, b.addr], "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"MS-WSMAN\"\ntimeout = \"2s\"");
     let first = get_with_cookie(listen, None);
     let server = first.text();
     let cookie = cookie_of(&first, "MS-WSMAN");
@@ -312,15 +299,10 @@ fn active_cookie_persistence_follows_expires_resists_forgery_and_replaces_down_s
 #[test]
 fn source_ip_persistence_holds_across_shards() {
     let (a, b) = (Origin::named("a"), Origin::named("b"));
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
+    let (_p, listen, admin) = proxy_with_operator(
         &[a.addr, b.addr],
         "[virtual_service.persistence]\nmode = \"source-ip\"\ntimeout = \"20m\"",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
-    let _p = Proxy::start(&cfg, listen);
     let mut per_ip = Vec::new();
     for n in 20..30u8 {
         // many connections from one address: one server, whichever shard would have taken them
@@ -351,15 +333,7 @@ fn health_checks_take_servers_down_and_up() {
     );
     let a = Origin::health_checked("a", ha.clone(), None);
     let b = Origin::health_checked("b", hb.clone(), None);
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
-        &[a.addr, b.addr],
-        "[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
-    );
-    let _p = Proxy::start(&cfg, listen);
+    let (_p, listen, admin) = proxy_with_operator(&[a.addr, b.addr], "[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2");
     wait_until(Duration::from_secs(5), "first checks reported", || {
         status(admin)["virtual_services"][0]["real_servers"][1]["last_check"]["ok"] == true
     });

@@ -209,15 +209,10 @@ fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
             common::origin::Next::KeepAlive
         },
     ));
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
+    let (_p, listen, admin) = proxy_with_operator(
         &[a.addr, b.addr],
         "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"S\"\n",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
     );
-    let _p = Proxy::start(&cfg, listen);
     // a client pinned to b
     let pinned = (0..20)
         .map(|_| one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
@@ -319,15 +314,8 @@ fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
 #[test]
 fn a_weight_change_shows_in_the_split() {
     let (a, b) = (Origin::named("a"), Origin::named("b"));
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
-        &[a.addr, b.addr],
-        "scheduling = \"weighted-round-robin\"\n",
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
-    );
-    let _p = Proxy::start(&cfg, listen);
+    let (_p, listen, admin) =
+        proxy_with_operator(&[a.addr, b.addr], "scheduling = \"weighted-round-robin\"\n");
     let r = admin_call(
         admin,
         "PUT",

@@ -219,6 +219,22 @@ pub fn operator_token_config() -> String {
     format!("[[admin.token]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n")
 }
 
+/// `proxy_with_admin` with the test operator token configured.
+pub fn proxy_with_operator(
+    servers: &[SocketAddr],
+    extra_vs: &str,
+) -> (Proxy, SocketAddr, SocketAddr) {
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let cfg = simple_config(
+        listen,
+        servers,
+        extra_vs,
+        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
+    );
+    (Proxy::start(&cfg, listen), listen, admin)
+}
+
 /// GET /status on the admin listener, parsed.
 pub fn status(admin: SocketAddr) -> serde_json::Value {
     let r = admin_get(admin, "/status");
