@@ -57,16 +57,10 @@ pub struct Vars<'a> {
     pub real_server: &'a str,
 }
 
-/// Fields no rule may touch: framing, hop-by-hop, the Host routing read, ours.
-const FORBIDDEN: [&str; 11] = [
+/// Fields no rule may touch beyond the hop-by-hop ones (`parse::is_hop_by_hop`): framing,
+/// the Host routing read, and the forwarding fields we write.
+const FORBIDDEN: [&str; 4] = [
     "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -78,7 +72,7 @@ pub fn parse_rule(op: Op, name: &str, value: Option<&str>) -> Result<Rule, Strin
     if name.is_empty() || !name.bytes().all(token) {
         return Err(format!("{name:?} is not a header field name"));
     }
-    if FORBIDDEN.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+    if super::parse::is_hop_by_hop(name) || FORBIDDEN.iter().any(|f| name.eq_ignore_ascii_case(f)) {
         return Err(format!(
             "{name} may not be changed by a rule (framing, hop-by-hop, Host or forwarding)"
         ));
@@ -177,6 +171,8 @@ mod tests {
     #[test]
     fn rules_parse_validate_and_emit_in_order() {
         assert!(parse_rule(Op::Set, "Content-Length", Some("1")).is_err());
+        assert!(parse_rule(Op::Delete, "Transfer-Encoding", None).is_err());
+        assert!(parse_rule(Op::Add, "Keep-Alive", Some("1")).is_err());
         assert!(parse_rule(Op::Set, "X-A", Some("a\r\nX-Evil: 1")).is_err());
         assert!(parse_rule(Op::Set, "X A", Some("1")).is_err());
         assert!(parse_rule(Op::Set, "X-A", Some("${nope}")).is_err());

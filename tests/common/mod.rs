@@ -167,13 +167,30 @@ pub fn local(port: u16) -> SocketAddr {
 
 /// A proxy (two shards) in front of `servers` with an admin listener: (proxy, listen, admin).
 pub fn proxy_with_admin(servers: &[SocketAddr], extra_vs: &str) -> (Proxy, SocketAddr, SocketAddr) {
+    proxy_with_admin_table(servers, extra_vs, "")
+}
+
+/// `proxy_with_admin` with the test operator token configured.
+pub fn proxy_with_operator(
+    servers: &[SocketAddr],
+    extra_vs: &str,
+) -> (Proxy, SocketAddr, SocketAddr) {
+    proxy_with_admin_table(servers, extra_vs, &operator_token_config())
+}
+
+/// A proxy whose `[admin]` table holds `admin_extra` after its listen line.
+fn proxy_with_admin_table(
+    servers: &[SocketAddr],
+    extra_vs: &str,
+    admin_extra: &str,
+) -> (Proxy, SocketAddr, SocketAddr) {
     let listen = local(free_port());
     let admin = local(free_port());
     let cfg = simple_config(
         listen,
         servers,
         extra_vs,
-        &format!("[admin]\nlisten = \"{admin}\"\n"),
+        &format!("[admin]\nlisten = \"{admin}\"\n{admin_extra}"),
     );
     (Proxy::start(&cfg, listen), listen, admin)
 }
@@ -217,22 +234,6 @@ pub fn operator_token_config() -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("[[admin.token]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n")
-}
-
-/// `proxy_with_admin` with the test operator token configured.
-pub fn proxy_with_operator(
-    servers: &[SocketAddr],
-    extra_vs: &str,
-) -> (Proxy, SocketAddr, SocketAddr) {
-    let listen = local(free_port());
-    let admin = local(free_port());
-    let cfg = simple_config(
-        listen,
-        servers,
-        extra_vs,
-        &format!("[admin]\nlisten = \"{admin}\"\n{}", operator_token_config()),
-    );
-    (Proxy::start(&cfg, listen), listen, admin)
 }
 
 /// GET /status on the admin listener, parsed.
