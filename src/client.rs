@@ -23,7 +23,11 @@ pub type ClientStream = crate::net::Stream<futures_rustls::server::TlsStream<Soc
 /// What is known of a client connection beyond one request: for routing, limits and the
 /// connection log.
 pub struct ConnFacts {
+    /// The virtual service, in the configuration of `generation`.
     pub vs_idx: usize,
+    /// The same, by slot: found again in a later configuration.
+    pub vs_slot: usize,
+    pub generation: u64,
     pub peer: SocketAddr,
     /// "http" or "https" (X-Forwarded-Proto).
     pub proto: &'static str,
@@ -38,7 +42,9 @@ pub struct ConnFacts {
 
 impl ConnFacts {
     pub fn record(&self, shard: &Shard, event: &str, reason: Option<&str>) {
-        let vs = &shard.config.services[self.vs_idx];
+        let Some(vs) = self.service(shard) else {
+            return; // its service left the configuration
+        };
         if vs.logging.connection {
             shard.log.connection(&ConnectionRecord {
                 event,
@@ -57,6 +63,21 @@ impl ConnFacts {
 }
 
 /// A client connection with a task or without: everything it needs to go on.
+impl ConnFacts {
+    /// The connection's virtual service in `shard`'s configuration (None: removed by a reload).
+    pub fn service<'a>(&self, shard: &'a Shard) -> Option<&'a crate::config::VirtualService> {
+        if self.generation == shard.generation {
+            shard.config.services.get(self.vs_idx)
+        } else {
+            shard
+                .config
+                .services
+                .iter()
+                .find(|v| v.slot == self.vs_slot)
+        }
+    }
+}
+
 pub struct Client {
     pub stream: ClientStream,
     pub facts: ConnFacts,
@@ -66,7 +87,7 @@ pub struct Client {
 
 /// A new connection: the connection record and the service's connection counters.
 pub fn opened(shard: &Shard, facts: &ConnFacts) {
-    let counters = &shard.metrics.services[facts.vs_idx];
+    let counters = &shard.metrics.services[facts.vs_slot];
     counters
         .connections_active
         .set(counters.connections_active.get() + 1);
@@ -85,7 +106,7 @@ pub async fn close(shard: &Shard, mut client: Client, reason: &'static str) {
     )
     .await;
     client.facts.record(shard, "close", Some(reason));
-    let counters = &shard.metrics.services[client.facts.vs_idx];
+    let counters = &shard.metrics.services[client.facts.vs_slot];
     counters
         .connections_active
         .set(counters.connections_active.get().saturating_sub(1));
@@ -249,25 +270,26 @@ impl ParkingLot {
 
 /// The lot's task: gives a connection that spoke a task again, closes those idle past their
 /// timeout, and at shutdown closes every parked one.
-pub async fn run_lot(shard: Rc<Shard>) {
-    let lot = &shard.lot;
+pub async fn run_lot(state: Rc<crate::shard::State>) {
+    let lot = &state.lot;
     let mut ready: Vec<Ticket> = Vec::new();
     loop {
         READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut ready));
         for t in ready.drain(..) {
             if let Some(c) = lot.take(t.idx, Some(t.gen)) {
-                let s = shard.clone();
+                // the connection's next request takes the current configuration
+                let s = state.current();
                 crate::shard::spawn_connection(c.facts.peer, Box::pin(crate::proxy::serve(s, c)));
             }
         }
         let now = Instant::now();
         while let Some(c) = lot.expired(now) {
-            let s = shard.clone();
+            let s = state.current();
             glommio::spawn_local(async move { close(&s, c, "idle_timeout").await }).detach();
         }
-        if shard.is_closing() {
+        if state.is_closing() {
             while let Some(c) = lot.next_deadline().and_then(|d| lot.expired(d)) {
-                let s = shard.clone();
+                let s = state.current();
                 glommio::spawn_local(async move { close(&s, c, "shutdown").await }).detach();
             }
         }
@@ -293,8 +315,8 @@ pub async fn run_lot(shard: Rc<Shard>) {
             }
         };
         let closing = async {
-            if !shard.is_closing() {
-                shard.closed().await
+            if !state.is_closing() {
+                state.closed().await
             } else {
                 std::future::pending::<()>().await
             }

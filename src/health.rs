@@ -5,19 +5,27 @@
 use crate::config::{CheckType, HealthCheck, ServerId};
 use crate::io::{timeout, until};
 use crate::shard::mesh::MeshMsg;
-use crate::shard::{CheckResult, Shard};
+use crate::shard::{CheckResult, Shard, State};
 use crate::upstream::{connect, ConnectError};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Start the check loops of the servers this shard is responsible for.
+/// Start the check loops of the servers this shard is responsible for that have none
+/// running (at start, and after a reload for servers it added or gave a check).
 pub fn start(shard: &Rc<Shard>) {
-    for rs in &shard.config.servers {
+    for rs in shard.config.live_servers() {
         let pool = &shard.config.pools[rs.pool];
-        if pool.health_check.is_some() && rs.id.0 % shard.nr_shards == shard.id {
-            crate::runtime::supervise(shard.id, "health check", check_loop(shard.clone(), rs.id));
+        if pool.health_check.is_none() || rs.id.0 % shard.nr_shards != shard.id {
+            continue;
+        }
+        if !std::mem::replace(&mut shard.checking.borrow_mut()[rs.id.0], true) {
+            crate::runtime::supervise(
+                shard.id,
+                "health check",
+                check_loop(shard.state.clone(), rs.id),
+            );
         }
     }
 }
@@ -76,13 +84,23 @@ impl HealthState {
     }
 }
 
-async fn check_loop(shard: Rc<Shard>, id: ServerId) {
-    let rs = shard.server(id).clone();
-    let Some(hc) = shard.config.pools[rs.pool].health_check.clone() else {
-        return;
-    };
-    let mut state = HealthState::new(hc.initial_up);
+async fn check_loop(lasting: Rc<State>, id: ServerId) {
+    let mut machine: Option<HealthState> = None;
     loop {
+        // Every round reads the current configuration: a reload may change the check, or
+        // remove it or the server (then the loop ends).
+        let shard = lasting.current();
+        let rs = shard.config.servers[id.0].clone();
+        let hc = match shard.config.pools.get(rs.pool).map(|p| &p.health_check) {
+            Some(Some(hc)) if !rs.retired => hc.clone(),
+            _ => {
+                lasting.checking.borrow_mut()[id.0] = false;
+                return;
+            }
+        };
+        // up to start with if configured so, or if already known up (a hand-over)
+        let known_up = shard.load.health(id) == crate::balance::Health::Up;
+        let state = machine.get_or_insert_with(|| HealthState::new(hc.initial_up || known_up));
         let started = Instant::now();
         let (ok, detail) = probe(&shard, id, &hc).await;
         if shard.is_closing() {

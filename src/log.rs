@@ -80,6 +80,27 @@ impl LogWriter {
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::SeqCst);
     }
+
+    /// A reload or an upgrade (from the main thread): one record in the security and the
+    /// connection logs, so that what changed the appliance's behaviour is in the same
+    /// timeline as the traffic.
+    pub fn lifecycle(&self, event: &str, generation: u64, result: &str, detail: &str) {
+        for kind in [Kind::Security, Kind::Connection] {
+            if !self.configured[kind as usize] {
+                continue;
+            }
+            let mut out = Vec::with_capacity(160);
+            Fields::new(&mut out, self.format == LogFormat::Json, kind.name())
+                .str("event", event.as_bytes())
+                .num("generation", generation)
+                .num("pid", std::process::id())
+                .str("result", result.as_bytes())
+                .str("detail", detail.as_bytes())
+                .end();
+            out.push(b'\n');
+            let _ = self.tx.try_send((kind, out));
+        }
+    }
 }
 
 fn open(t: &LogTarget) -> Option<Box<dyn Write>> {

@@ -30,11 +30,34 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Serve a configuration until SIGTERM or SIGINT.
+    /// Serve a configuration until SIGTERM or SIGINT. SIGHUP reloads it, SIGUSR2 upgrades
+    /// to the binary now at this path, SIGUSR1 reopens the log files.
     Run {
         /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Write the PID here once serving (else `[runtime] pid_file`); reloads' and
+        /// upgrades' outcomes go to `<pid-file>.status`.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Reload a running appliance's configuration (SIGHUP) and wait for the outcome. Exit 0:
+    /// every shard serves the new configuration; 1: refused (the error says why, and the old
+    /// configuration still serves); 2: no such process or no answer.
+    Reload {
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Upgrade a running appliance to the binary now at its path (SIGUSR2), with no
+    /// connection refused, and wait for the outcome. Exit codes as for reload.
+    Upgrade {
+        #[arg(long)]
+        pid_file: PathBuf,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
     },
     /// Start sample real servers on 127.0.0.1:9001 and :9002 and serve config/demo.toml
     /// (proxy on 127.0.0.1:8080, status on 127.0.0.1:9900).
@@ -286,13 +309,22 @@ fn main() -> ExitCode {
             json,
             command,
         } => return ctl(&admin, token_file, ca, json, command),
+        Command::Reload { pid_file, timeout } => {
+            return signal_and_wait(&pid_file, libc::SIGHUP, "reload", &timeout)
+        }
+        Command::Upgrade { pid_file, timeout } => {
+            return signal_and_wait(&pid_file, libc::SIGUSR2, "upgrade", &timeout)
+        }
         _ => {}
     }
     // Diagnostics go through a writer thread: a stalled stderr never blocks a shard.
     edgeshard::diag::init();
     let code = match cli.command {
         // answered above, before diagnostics start
-        Command::Token { .. } | Command::Ctl { .. } => ExitCode::SUCCESS,
+        Command::Token { .. }
+        | Command::Ctl { .. }
+        | Command::Reload { .. }
+        | Command::Upgrade { .. } => ExitCode::SUCCESS,
         Command::Check { config } => {
             match Config::load(&config) {
                 Ok(c) => {
@@ -331,7 +363,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => run(Config::load(&config)),
+        Command::Run { config, pid_file } => run(Config::load(&config), Some(config), pid_file),
         Command::Demo { config } => {
             let servers = [
                 "127.0.0.1:9001".parse().unwrap(),
@@ -351,30 +383,114 @@ fn main() -> ExitCode {
                     .into(),
             );
             // the demo's config is in the binary: `edgeshard demo` works from any directory
-            run(match config {
-                Some(path) => Config::load(&path),
-                None => Config::parse(
-                    std::path::Path::new("config/demo.toml (built in)"),
-                    include_str!("../config/demo.toml"),
+            match config {
+                Some(path) => run(Config::load(&path), Some(path), None),
+                None => run(
+                    Config::parse(
+                        std::path::Path::new("config/demo.toml (built in)"),
+                        include_str!("../config/demo.toml"),
+                    ),
+                    None,
+                    None,
                 ),
-            })
+            }
         }
     };
     edgeshard::diag::flush(Duration::from_secs(2));
     code
 }
 
-fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
-    let config = match loaded {
-        Ok(c) => Arc::new(c),
+/// `edgeshard reload|upgrade`: signal the process named by the pid file and wait until the
+/// outcome file beside it reports this operation.
+fn signal_and_wait(pid_file: &std::path::Path, sig: i32, op: &str, timeout: &str) -> ExitCode {
+    use edgeshard::control::read_outcome;
+    let timeout = match edgeshard::config::parse_duration(timeout) {
+        Ok(t) => t,
         Err(e) => {
-            edgeshard::diag::line(format!("error: {e}\n"));
+            eprintln!("error: --timeout: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = edgeshard::runtime::check_memlock(&config) {
+    let pid: i32 = match std::fs::read_to_string(pid_file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            t.trim()
+                .parse()
+                .map_err(|_| format!("not a PID: {:?}", t.trim()))
+        }) {
+        Ok(p) if p > 0 => p,
+        Ok(p) => {
+            eprintln!("error: {}: not a PID: {p}", pid_file.display());
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", pid_file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let before = read_outcome(pid_file).map_or(0, |o| o.seq);
+    // SAFETY: kill with a PID and a signal number.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        eprintln!(
+            "error: cannot signal process {pid} (from {}): {}",
+            pid_file.display(),
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::from(2);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(o) = read_outcome(pid_file).filter(|o| o.seq > before && o.op == op) {
+            return if o.ok {
+                match op {
+                    "upgrade" => println!(
+                        "upgraded: process {pid} handed over to {} (configuration generation {})",
+                        o.pid, o.generation
+                    ),
+                    _ => println!("reloaded: configuration generation {}", o.generation),
+                }
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "error: {op} failed (process {} still serves generation {}): {}",
+                    o.pid,
+                    o.generation,
+                    o.error.unwrap_or_default()
+                );
+                ExitCode::from(1)
+            };
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    eprintln!(
+        "error: no outcome of the {op} within {timeout:?} (see the appliance's log; is {} the pid file it was started with?)",
+        pid_file.display()
+    );
+    ExitCode::from(2)
+}
+
+fn run(
+    loaded: Result<Config, edgeshard::config::ConfigError>,
+    config_path: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+) -> ExitCode {
+    use edgeshard::control;
+    // Started by an upgrade: the old process waits on this socket for "ready".
+    let successor = control::successor_socket();
+    let fail = |code: u8, e: String| {
         edgeshard::diag::line(format!("error: {e}\n"));
-        return ExitCode::from(1);
+        if let Some(s) = &successor {
+            control::report(s, Err(&e));
+        }
+        edgeshard::diag::flush(Duration::from_secs(2));
+        ExitCode::from(code)
+    };
+    let config = match loaded {
+        Ok(c) => Arc::new(c),
+        Err(e) => return fail(2, e.to_string()),
+    };
+    if let Err(e) = edgeshard::runtime::check_memlock(&config) {
+        return fail(1, e);
     }
     let nofile = edgeshard::runtime::raise_nofile();
     if nofile < 4096 {
@@ -383,10 +499,8 @@ fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
             "open-files limit is low: raise LimitNOFILE / ulimit -n for many connections"
         );
     }
-    // Block the shutdown signals before any shard thread exists, so they inherit the mask
-    // and only this thread receives them, synchronously.
     // Runtime changes (operator state, weights) kept from before: every shard starts with them.
-    let changes = match config.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
+    let mut changes = match config.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
         None => Vec::new(),
         // the file only keeps what the API changed: unreadable, it is a warning, not a stop
         Some(f) => edgeshard::admin::load_state_file(f, &config).unwrap_or_else(|e| {
@@ -394,21 +508,65 @@ fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
             Vec::new()
         }),
     };
-    let signals = edgeshard::runtime::block_signals();
-    let log = edgeshard::log::LogWriter::start(&config.log);
-    let running = match edgeshard::shard::start(config.clone(), log.clone(), changes) {
-        Ok(r) => r,
-        Err(e) => {
-            edgeshard::diag::line(format!("error: {e}\n"));
-            // Shards that did start hold no state worth saving: exit without waiting for them.
-            edgeshard::diag::flush(Duration::from_secs(2));
-            std::process::exit(1);
+    // What the process this one replaces hands over: its sockets, keys and servers' state.
+    let (sockets, secrets, carried) = match &successor {
+        None => (Default::default(), None, None),
+        Some(sock) => {
+            let (doc, fds) = match edgeshard::upgrade::receive(sock) {
+                Ok(x) => x,
+                Err(e) => return fail(1, format!("upgrade hand-over: {e}")),
+            };
+            let secrets = match doc.to_secrets() {
+                Ok(s) => s,
+                Err(e) => return fail(1, e),
+            };
+            changes.extend(edgeshard::upgrade::changes(&doc.servers, &config));
+            let list = doc
+                .sockets
+                .iter()
+                .zip(fds)
+                .map(|(&(a, s), fd)| (a, s, fd))
+                .collect();
+            (
+                edgeshard::shard::sockets::Sockets::inherited(list),
+                Some(secrets),
+                Some(doc.control),
+            )
         }
     };
+    // Block the shutdown signals before any shard thread exists, so they inherit the mask
+    // and only this thread receives them, synchronously.
+    let signals = edgeshard::runtime::block_signals();
+    let log = edgeshard::log::LogWriter::start(&config.log);
+    let generation = carried.as_ref().map_or(1, |c| c.generation.max(1));
+    let mut running = match edgeshard::shard::start(
+        config.clone(),
+        log.clone(),
+        changes,
+        sockets,
+        secrets,
+        generation,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = fail(1, e);
+            // Shards that did start hold no state worth saving: exit without waiting.
+            std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+        }
+    };
+    let pid_file = pid_file.or_else(|| config.runtime.pid_file.clone());
+    let mut control = control::Control::new(
+        config_path.clone().unwrap_or_default(),
+        pid_file,
+        log.clone(),
+        carried.as_ref(),
+    );
     tracing::info!(
         shards = config.runtime.cores.len(),
         cores = ?config.runtime.cores,
         services = config.services.len(),
+        pid = std::process::id(),
+        generation = running.generation(),
         "edgeshard ready"
     );
     for vs in &config.services {
@@ -432,10 +590,42 @@ fn run(loaded: Result<Config, edgeshard::config::ConfigError>) -> ExitCode {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
-    let sig = edgeshard::runtime::wait_for_shutdown(&signals, || log.reopen());
-    tracing::info!(signal = sig, drain = ?config.runtime.drain_timeout, "shutting down: no new connections, draining");
+    match &successor {
+        None => control.serving("start"),
+        Some(sock) => {
+            control.serving("upgrade");
+            log.lifecycle(
+                "upgrade",
+                running.generation(),
+                "ok",
+                "serving: took over the listening sockets",
+            );
+            control::report(sock, Ok(()));
+        }
+    }
+    let why = loop {
+        match edgeshard::runtime::wait_signal(&signals) {
+            edgeshard::runtime::Signal::Stop(sig) => break sig,
+            edgeshard::runtime::Signal::ReopenLogs => log.reopen(),
+            edgeshard::runtime::Signal::Reload if config_path.is_none() => {
+                tracing::warn!("SIGHUP: the built-in demo configuration cannot be reloaded (run with --config)")
+            }
+            edgeshard::runtime::Signal::Reload => control.reload(&mut running),
+            edgeshard::runtime::Signal::Upgrade if config_path.is_none() => {
+                tracing::warn!("SIGUSR2: the built-in demo cannot be upgraded (run with --config)")
+            }
+            edgeshard::runtime::Signal::Upgrade => {
+                if control.upgrade(&running).is_ok() {
+                    break "upgrade";
+                }
+            }
+        }
+    };
+    let drain = running.config().runtime.drain_timeout;
+    tracing::info!(reason = why, drain = ?drain, "shutting down: no new connections, draining");
     running.stop();
     running.join();
+    control.exiting();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -55,9 +55,14 @@ pub struct ServerCounters {
 }
 
 pub struct ShardMetrics {
+    /// By service slot.
     pub services: Vec<ServiceCounters>,
+    /// By ServerId.
     pub servers: Vec<ServerCounters>,
-    latency: Vec<RefCell<Histogram<u64>>>,
+    /// By service slot, made at a service's first request.
+    latency: Vec<RefCell<Option<Histogram<u64>>>>,
+    /// Slots the configuration uses: snapshots carry only these.
+    in_use: Cell<(usize, usize)>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -65,24 +70,25 @@ fn bump(c: &Cell<u64>, n: u64) {
 }
 
 impl ShardMetrics {
-    pub fn new(cfg: &Config) -> ShardMetrics {
+    pub fn new(slots: &crate::config::Slots) -> ShardMetrics {
         ShardMetrics {
-            services: cfg
-                .services
-                .iter()
+            services: (0..slots.services)
                 .map(|_| ServiceCounters::default())
                 .collect(),
-            servers: cfg
-                .servers
-                .iter()
+            servers: (0..slots.servers)
                 .map(|_| ServerCounters::default())
                 .collect(),
-            latency: cfg
-                .services
-                .iter()
-                .map(|_| RefCell::new(histogram()))
-                .collect(),
+            latency: (0..slots.services).map(|_| RefCell::new(None)).collect(),
+            in_use: Cell::new((slots.used_services, slots.servers)),
         }
+    }
+
+    /// The configuration uses this many service and server slots.
+    pub fn set_in_use(&self, services: usize, servers: usize) {
+        self.in_use.set((
+            services.min(self.services.len()),
+            servers.min(self.servers.len()),
+        ));
     }
 
     /// One finished request of service `vs` (and real server `server`, if it got that far).
@@ -109,7 +115,10 @@ impl ShardMetrics {
             bump(&r.bytes_out, bytes_out);
         }
         if let Some(h) = self.latency.get(vs) {
-            let _ = h.borrow_mut().record(micros.clamp(1, LATENCY_MAX_US));
+            let _ = h
+                .borrow_mut()
+                .get_or_insert_with(histogram)
+                .record(micros.clamp(1, LATENCY_MAX_US));
         }
     }
 
@@ -127,8 +136,7 @@ impl ShardMetrics {
             parked,
             cpu_seconds: thread_cpu_seconds(),
             log_dropped,
-            services: self
-                .services
+            services: self.services[..self.in_use.get().0]
                 .iter()
                 .zip(&self.latency)
                 .map(|(s, h)| ServiceSnap {
@@ -144,11 +152,10 @@ impl ShardMetrics {
                     esp_refusals: s.esp_refusals.each_ref().map(get),
                     limit_refusals: s.limit_refusals.each_ref().map(get),
                     access_refusals: s.access_refusals.get(),
-                    latency: h.borrow().clone(),
+                    latency: h.borrow().clone().unwrap_or_else(histogram),
                 })
                 .collect(),
-            servers: self
-                .servers
+            servers: self.servers[..self.in_use.get().1]
                 .iter()
                 .map(|r| ServerSnap {
                     requests: r.requests.get(),
@@ -306,7 +313,8 @@ pub fn prometheus(
         "counter",
         "Requests answered, per virtual service.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         let v = m.services.get(i).map(|s| s.requests).unwrap_or(0);
         let _ = writeln!(
             o,
@@ -320,7 +328,8 @@ pub fn prometheus(
         "counter",
         "Responses by status class, per virtual service.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         for (c, class) in classes.iter().enumerate() {
             let v = m.services.get(i).map(|s| s.responses[c]).unwrap_or(0);
             let _ = writeln!(
@@ -364,7 +373,8 @@ pub fn prometheus(
         ),
     ] {
         family(&mut o, name, "counter", help);
-        for (i, vs) in cfg.services.iter().enumerate() {
+        for vs in &cfg.services {
+            let i = vs.slot;
             let v = m
                 .services
                 .get(i)
@@ -389,7 +399,8 @@ pub fn prometheus(
         "gauge",
         "Open client connections.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         let v = m.services.get(i).map(|s| s.connections_active).unwrap_or(0);
         let _ = writeln!(
             o,
@@ -403,7 +414,8 @@ pub fn prometheus(
         "counter",
         "Requests refused by ESP, by reason.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         for (r, refusal) in crate::esp::Refusal::ALL.iter().enumerate() {
             let v = m.services.get(i).map(|s| s.esp_refusals[r]).unwrap_or(0);
             let _ = writeln!(
@@ -420,7 +432,8 @@ pub fn prometheus(
         "counter",
         "Connections and requests refused by limits, by limit.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         for (r, limit) in crate::limits::Limit::ALL.iter().enumerate() {
             let v = m.services.get(i).map(|s| s.limit_refusals[r]).unwrap_or(0);
             let _ = writeln!(
@@ -437,7 +450,8 @@ pub fn prometheus(
         "histogram",
         "Request latency, per virtual service.",
     );
-    for (i, vs) in cfg.services.iter().enumerate() {
+    for vs in &cfg.services {
+        let i = vs.slot;
         let Some(s) = m.services.get(i) else { continue };
         let name = esc(&vs.name);
         for b in BUCKETS {
@@ -487,7 +501,7 @@ pub fn prometheus(
         "counter",
         "Requests sent to each real server.",
     );
-    for i in 0..cfg.servers.len() {
+    for i in cfg.live_servers().map(|rs| rs.id.0) {
         let v = m.servers.get(i).map(|s| s.requests).unwrap_or(0);
         let _ = writeln!(
             o,
@@ -501,7 +515,7 @@ pub fn prometheus(
         "counter",
         "Responses from each real server by status class.",
     );
-    for i in 0..cfg.servers.len() {
+    for i in cfg.live_servers().map(|rs| rs.id.0) {
         for (c, class) in classes.iter().enumerate() {
             let v = m.servers.get(i).map(|s| s.responses[c]).unwrap_or(0);
             let _ = writeln!(
@@ -539,7 +553,7 @@ pub fn prometheus(
         ),
     ] {
         family(&mut o, name, "counter", help);
-        for i in 0..cfg.servers.len() {
+        for i in cfg.live_servers().map(|rs| rs.id.0) {
             let v = m
                 .servers
                 .get(i)
@@ -562,7 +576,7 @@ pub fn prometheus(
         "gauge",
         "1 when the real server is healthy and enabled.",
     );
-    for i in 0..cfg.servers.len() {
+    for i in cfg.live_servers().map(|rs| rs.id.0) {
         let _ = writeln!(
             o,
             "edgeshard_real_server_up{{{}}} {}",
@@ -576,7 +590,7 @@ pub fn prometheus(
         "gauge",
         "Active upstream connections, appliance-wide.",
     );
-    for i in 0..cfg.servers.len() {
+    for i in cfg.live_servers().map(|rs| rs.id.0) {
         let _ = writeln!(
             o,
             "edgeshard_real_server_active_connections{{{}}} {}",
@@ -646,5 +660,58 @@ pub fn prometheus(
         "edgeshard_log_records_dropped_total{{log=\"stderr\"}} {}",
         crate::diag::dropped()
     );
+    let c = crate::control::counters();
+    family(
+        &mut o,
+        "edgeshard_config_generation",
+        "gauge",
+        "Configuration generation serving: 1 at start, one more per reload (kept over upgrades).",
+    );
+    let _ = writeln!(o, "edgeshard_config_generation {}", c.generation);
+    family(
+        &mut o,
+        "edgeshard_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP), by result: error means the previous configuration still serves.",
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_config_reloads_total{{result=\"ok\"}} {}",
+        c.reloads_ok
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_config_reloads_total{{result=\"error\"}} {}",
+        c.reloads_error
+    );
+    family(
+        &mut o,
+        "edgeshard_config_last_reload_timestamp_seconds",
+        "gauge",
+        "When the last reload was tried (0: never).",
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_config_last_reload_timestamp_seconds {:.3}",
+        c.last_reload_unix_ms as f64 / 1000.0
+    );
+    family(
+        &mut o,
+        "edgeshard_config_last_reload_success",
+        "gauge",
+        "1 if the last reload (or none yet) succeeded, 0 if it was refused.",
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_config_last_reload_success {}",
+        c.last_reload_ok as u8
+    );
+    family(
+        &mut o,
+        "edgeshard_upgrades_total",
+        "counter",
+        "Binary upgrades this appliance has gone through (carried from process to process).",
+    );
+    let _ = writeln!(o, "edgeshard_upgrades_total {}", c.upgrades);
     o
 }

@@ -86,6 +86,7 @@ pub fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         // Operators and tools send SIGHUP to "reload": it must never kill the appliance.
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -93,27 +94,34 @@ pub fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Block until SIGTERM or SIGINT (returns its name); SIGUSR1 calls `reopen_logs` meanwhile.
-pub fn wait_for_shutdown(set: &libc::sigset_t, reopen_logs: impl Fn()) -> &'static str {
+/// What a signal asks the process to do.
+pub enum Signal {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop(&'static str),
+    /// SIGUSR1: reopen the log files.
+    ReopenLogs,
+    /// SIGHUP: read the configuration again.
+    Reload,
+    /// SIGUSR2: start the binary again and hand over to it.
+    Upgrade,
+}
+
+/// Block until one of the blocked signals arrives.
+pub fn wait_signal(set: &libc::sigset_t) -> Signal {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: sigwait on a set of blocked signals.
-        let rc = unsafe { libc::sigwait(set, &mut sig) };
-        if rc == 0 {
-            return match sig {
-                libc::SIGTERM => "SIGTERM",
-                libc::SIGINT => "SIGINT",
-                libc::SIGUSR1 => {
-                    reopen_logs();
-                    continue;
-                }
-                libc::SIGHUP => {
-                    tracing::warn!("SIGHUP: configuration reload is not supported yet; still serving the configuration loaded at start (restart to change it)");
-                    continue;
-                }
-                _ => continue,
-            };
+        if unsafe { libc::sigwait(set, &mut sig) } != 0 {
+            continue;
         }
+        return match sig {
+            libc::SIGTERM => Signal::Stop("SIGTERM"),
+            libc::SIGINT => Signal::Stop("SIGINT"),
+            libc::SIGUSR1 => Signal::ReopenLogs,
+            libc::SIGHUP => Signal::Reload,
+            libc::SIGUSR2 => Signal::Upgrade,
+            _ => continue,
+        };
     }
 }
 

@@ -88,6 +88,11 @@ impl TicketKeys {
         }))
     }
 
+    /// The master secrets, newest last (handed to the process that replaces this one).
+    pub fn masters(&self) -> Vec<[u8; 32]> {
+        self.masters.iter().map(|(_, m)| *m).collect()
+    }
+
     fn period_now(&self) -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

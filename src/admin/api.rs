@@ -95,8 +95,7 @@ pub fn load_state_file(path: &Path, config: &Config) -> Result<Vec<AdminChange>,
 /// What differs from the config now, as the state file keeps it.
 fn runtime_entries(shard: &Shard) -> Vec<StateEntry> {
     let cfg = &shard.config;
-    cfg.servers
-        .iter()
+    cfg.live_servers()
         .filter_map(|rs| {
             let state = shard.load.admin_state(rs.id);
             let weight = shard.load.weight(rs.id);
@@ -332,8 +331,7 @@ async fn legacy(shard: &Shard, req: &Request, who: &str, enable: bool) -> (u16, 
     let service = req.param("service");
     let cfg = &shard.config;
     let matched: Vec<ServerId> = cfg
-        .servers
-        .iter()
+        .live_servers()
         .filter(|rs| rs.name == address || rs.address.to_string() == address)
         .filter(|rs| service.is_none_or(|s| cfg.services[cfg.pools[rs.pool].service].name == s))
         .map(|rs| rs.id)

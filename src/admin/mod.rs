@@ -14,7 +14,7 @@ use crate::config::{Role, ServerId, Token};
 use crate::http::Buf;
 use crate::io::{fill, respond_and_close, until};
 use crate::limits::ClientTable;
-use crate::shard::Shard;
+use crate::shard::{Shard, State};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpListener;
 use serde_json::{json, Value};
@@ -34,17 +34,19 @@ const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request body (API calls are small JSON documents).
 const MAX_BODY: usize = 64 * 1024;
 
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn accept_loop(state: Rc<State>, listener: TcpListener) {
     let open = Rc::new(Cell::new(0usize));
     let per_address: Rc<RefCell<HashMap<IpAddr, u32>>> = Default::default();
-    let access = shard.config.admin.as_ref().and_then(|a| a.access.clone());
     let auth_log = Rc::new(RefCell::new(ClientTable::new(10_000)));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.closed().await;
+            state.closed().await;
             None
         })
         .await;
+        // each connection is served by the configuration current when it arrived
+        let shard = state.current();
+        let access = shard.config.admin.as_ref().and_then(|a| a.access.as_ref());
         match accepted {
             None => return,
             Some(Ok(stream)) => {

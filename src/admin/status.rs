@@ -82,8 +82,7 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
     let services: Vec<_> = cfg
         .services
         .iter()
-        .enumerate()
-        .map(|(vi, vs)| {
+        .map(|vs| {
             let (own_up, own) = pool_json(vs.pool);
             let mut any_up = own_up;
             let subs: Vec<_> = vs
@@ -110,7 +109,7 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                 "down"
             });
             v["sub_services"] = json!(subs);
-            if let Some(m) = merged.services.get(vi) {
+            if let Some(m) = merged.services.get(vs.slot) {
                 v["requests_total"] = json!(m.requests);
                 v["connections_active"] = json!(m.connections_active);
                 v["responses"] = json!({ "1xx": m.responses[0], "2xx": m.responses[1], "3xx": m.responses[2], "4xx": m.responses[3], "5xx": m.responses[4] });
@@ -135,7 +134,23 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": shard.started.elapsed().as_secs(),
         "shards": shards,
+        "config": config_json(shard.generation),
         "virtual_services": services,
     })
     .to_string()
+}
+
+/// The configuration generation serving, and how the last reload went.
+fn config_json(generation: u64) -> serde_json::Value {
+    let c = crate::control::counters();
+    json!({
+        "generation": generation,
+        "pid": std::process::id(),
+        "reloads": { "ok": c.reloads_ok, "error": c.reloads_error },
+        "last_reload": (c.last_reload_unix_ms > 0).then(|| json!({
+            "at_unix_ms": c.last_reload_unix_ms,
+            "result": if c.last_reload_ok { "ok" } else { "error" },
+        })),
+        "upgrades": c.upgrades,
+    })
 }

@@ -80,6 +80,8 @@ pub struct LoadView {
     /// Current weights (the config's, or the runtime API's).
     weights: Vec<Cell<u32>>,
     dirty: Cell<bool>,
+    /// Server slots the configuration uses (snapshots carry only these).
+    in_use: Cell<usize>,
     publisher: RefCell<Option<Waker>>,
     /// Bumped whenever capacity may have freed up (a release here, a snapshot or an
     /// acknowledgement from a peer, an operator or health change): queued requests retry.
@@ -107,6 +109,7 @@ impl LoadView {
                 .collect(),
             weights: (0..nr_servers).map(|_| Cell::new(1000)).collect(),
             dirty: Cell::new(false),
+            in_use: Cell::new(nr_servers),
             publisher: RefCell::new(None),
             capacity_gen: Cell::new(0),
             capacity_waiters: RefCell::new(Vec::new()),
@@ -218,6 +221,11 @@ impl LoadView {
                 self.notify_capacity();
             }
         }
+    }
+
+    /// The configuration uses the first `n` server slots (it only grows).
+    pub fn set_in_use(&self, n: usize) {
+        self.in_use.set(n.min(self.local.len()));
     }
 
     /// Current capacity generation, to wait for the next change with `poll_capacity`.
@@ -340,7 +348,10 @@ impl LoadView {
         }
         Some(Snapshot {
             seq,
-            active: self.local.iter().map(Cell::get).collect(),
+            active: self.local[..self.in_use.get().min(self.local.len())]
+                .iter()
+                .map(Cell::get)
+                .collect(),
             acks: self.seen.borrow().clone(),
             want_ack: self.want_ack.replace(false),
         })
@@ -348,7 +359,8 @@ impl LoadView {
 
     /// Install a peer's absolute snapshot: a late or lost message is simply superseded.
     pub fn apply_snapshot(&self, from: usize, snap: Snapshot) {
-        if from == self.shard || from >= self.nr_shards || snap.active.len() != self.local.len() {
+        // a peer may still be on a configuration with fewer servers (a reload under way)
+        if from == self.shard || from >= self.nr_shards || snap.active.len() > self.local.len() {
             return;
         }
         {
@@ -411,10 +423,14 @@ mod tests {
         v.apply_snapshot(1, snap(3, vec![0, 0], vec![0; 3]));
         v.apply_snapshot(1, snap(2, vec![9, 9], vec![0; 3]));
         assert_eq!(v.global(ServerId(1)), 1 + 2);
-        // own row and malformed snapshots are ignored
+        // own row and malformed (longer) snapshots are ignored
         v.apply_snapshot(0, snap(9, vec![9, 9], vec![0; 3]));
-        v.apply_snapshot(2, snap(9, vec![9], vec![0; 3]));
+        v.apply_snapshot(2, snap(9, vec![9, 9, 9], vec![0; 3]));
         assert_eq!(v.global(ServerId(1)), 3);
+        // a shorter one is a peer still on a configuration with fewer servers
+        v.apply_snapshot(2, snap(10, vec![5], vec![0; 3]));
+        assert_eq!(v.global(ServerId(0)), 5);
+        assert_eq!(v.global(ServerId(1)), 1);
     }
 
     #[test]

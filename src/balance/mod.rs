@@ -306,10 +306,13 @@ mod tests {
                 name: format!("s{i}"),
                 weight: w,
                 connection_limit: l,
+                key: format!("t s{i}"),
+                retired: false,
             })
             .collect();
         let p = Pool {
             id: 0,
+            slot: 0,
             name: "t".into(),
             service: 0,
             scheduling: method,

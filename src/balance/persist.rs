@@ -44,13 +44,16 @@ impl CookieSigner {
     }
 
     /// The server index a cookie names, if it is authentic and not expired at `now_unix`.
-    /// `address_of` maps an index to the server's address (None: no such server).
+    /// `address_of` maps an index to the server's address (None: no such server); `len`:
+    /// the pool's size. A reload that removed a server before it in the pool moves a server's
+    /// index: the MAC names its address, so the server is found at its new place.
     pub fn verify<'a>(
         &self,
         pool: &str,
         value: &str,
         now_unix: u64,
         address_of: impl Fn(usize) -> Option<&'a str>,
+        len: usize,
     ) -> Option<usize> {
         let mut parts = value.split('.');
         let index = usize::from_str_radix(parts.next()?, 16).ok()?;
@@ -63,15 +66,28 @@ impl CookieSigner {
         for (i, b) in mac.iter_mut().enumerate() {
             *b = u8::from_str_radix(mac_hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
-        let expected = self.mac(pool, address_of(index)?, index, expiry);
-        // compare without an early exit, so timing says nothing about the MAC
-        let diff = expected
-            .iter()
-            .zip(mac.iter())
-            .fold(0u8, |d, (a, b)| d | (a ^ b));
-        (diff == 0).then_some(index)
+        let matches = |at: usize| {
+            let Some(address) = address_of(at) else {
+                return false;
+            };
+            let expected = self.mac(pool, address, index, expiry);
+            // compare without an early exit, so timing says nothing about the MAC
+            let diff = expected
+                .iter()
+                .zip(mac.iter())
+                .fold(0u8, |d, (a, b)| d | (a ^ b));
+            diff == 0
+        };
+        if matches(index) {
+            return Some(index);
+        }
+        // bounded: a forged cookie costs at most this many more MACs
+        (0..len.min(MOVED_SEARCH)).find(|&at| at != index && matches(at))
     }
 }
+
+/// Places searched for a server that a reload moved within its pool.
+const MOVED_SEARCH: usize = 256;
 
 /// Client address → real server, for one pool on one shard. Bounded: when full, expired
 /// entries go first, then the entry closest to expiry.
@@ -132,25 +148,34 @@ mod tests {
         let addrs = ["10.0.0.1:4443", "10.0.0.2:4443"];
         let at = |i: usize| addrs.get(i).copied();
         let c = s.issue("web", addrs[1], 1, 1000);
-        assert_eq!(s.verify("web", &c, 999, at), Some(1));
-        assert_eq!(s.verify("web", &c, 1000, at), None, "expired");
-        assert_eq!(s.verify("other", &c, 999, at), None, "another pool");
+        assert_eq!(s.verify("web", &c, 999, at, 3), Some(1));
+        assert_eq!(s.verify("web", &c, 1000, at, 3), None, "expired");
+        assert_eq!(s.verify("other", &c, 999, at, 3), None, "another pool");
         // pointing it at the other server breaks the MAC
         let forged = c.replacen('1', "0", 1);
-        assert_eq!(s.verify("web", &forged, 999, at), None);
+        assert_eq!(s.verify("web", &forged, 999, at, 3), None);
         // extending the expiry breaks the MAC
         let parts: Vec<&str> = c.split('.').collect();
         let longer = format!("{}.{:x}.{}", parts[0], 5000, parts[2]);
-        assert_eq!(s.verify("web", &longer, 999, at), None);
+        assert_eq!(s.verify("web", &longer, 999, at, 3), None);
         for junk in ["", "1", "1.2", "zz.1.00", "1.ff.00", &format!("{c}.x")] {
-            assert_eq!(s.verify("web", junk, 0, at), None, "{junk}");
+            assert_eq!(s.verify("web", junk, 0, at, 3), None, "{junk}");
         }
         // another appliance with the same key honours it; one with another key does not
         assert_eq!(
-            CookieSigner::new(&[7; 32]).verify("web", &c, 999, at),
+            CookieSigner::new(&[7; 32]).verify("web", &c, 999, at, 3),
             Some(1)
         );
-        assert_eq!(CookieSigner::new(&[8; 32]).verify("web", &c, 999, at), None);
+        assert_eq!(
+            CookieSigner::new(&[8; 32]).verify("web", &c, 999, at, 3),
+            None
+        );
+        // a reload removed the server before it in the pool: found at its new place
+        let moved = ["10.0.0.2:4443"];
+        let at_moved = |i: usize| moved.get(i).copied();
+        assert_eq!(s.verify("web", &c, 999, at_moved, 1), Some(0));
+        let gone = ["10.0.0.1:4443"];
+        assert_eq!(s.verify("web", &c, 999, |i| gone.get(i).copied(), 1), None);
     }
 
     #[test]

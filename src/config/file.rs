@@ -83,6 +83,9 @@ pub struct FileRuntime {
     /// TLS session-ticket master keys (64 hex digits a line, newest last), shared by the
     /// appliances of a pair so a resumed session survives failover. Default: random at start.
     pub ticket_key_file: Option<Spanned<String>>,
+    /// Where `run` writes its PID once serving (and a new process after an upgrade); the
+    /// outcome of reloads and upgrades goes beside it (`<pid_file>.status`).
+    pub pid_file: Option<Spanned<String>>,
     /// Per-core settings: what the shard(s) on that core do and how.
     #[serde(default)]
     pub shard: Vec<FileShard>,

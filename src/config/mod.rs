@@ -4,6 +4,7 @@
 
 mod file;
 mod model;
+mod reload;
 pub mod tls;
 mod units;
 
@@ -479,6 +480,7 @@ impl Validator<'_> {
                 None => None,
             };
             services.push(VirtualService {
+                slot: services.len(),
                 headers,
                 retries: count(&vs.retries, "retries", 2, 10)?,
                 passive_fall: count(&vs.passive_fall, "passive_fall", 3, 100)?,
@@ -574,8 +576,9 @@ impl Validator<'_> {
             log,
             runtime,
             admin,
-            services,
             nr_servers: servers.len(),
+            slots: Slots::for_size(services.len(), pools.len(), servers.len()),
+            services,
             pools,
             servers,
         })
@@ -626,6 +629,8 @@ impl Validator<'_> {
                 name: rs.address.get_ref().clone(),
                 weight,
                 connection_limit: rs.connection_limit,
+                key: format!("{name} {}", rs.address.get_ref()),
+                retired: false,
             });
             ids.push(sid);
         }
@@ -639,6 +644,7 @@ impl Validator<'_> {
         };
         pools.push(Pool {
             id,
+            slot: id,
             name,
             service,
             scheduling: spec.scheduling,
@@ -1331,6 +1337,7 @@ impl Validator<'_> {
             shards: Vec::new(),
             backlog: rt.backlog.as_ref().map(|b| *b.get_ref()).unwrap_or(1024),
             max_connections: rt.max_connections.unwrap_or(0),
+            pid_file: rt.pid_file.as_ref().map(|p| self.path(p.get_ref())),
             ticket_keys: match &rt.ticket_key_file {
                 None => None,
                 Some(f) => {

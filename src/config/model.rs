@@ -26,14 +26,45 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// Every real server, indexed by `ServerId`.
     pub servers: Vec<RealServer>,
-    /// `servers.len()`: `ServerId`s are `0..nr_servers`.
+    /// Live real servers (`servers` also holds, after a reload, the ones it removed).
     pub nr_servers: usize,
+    /// Room for per-service, per-pool and per-server state, kept across reloads.
+    pub slots: Slots,
+}
+
+/// Every shard sizes its per-service, per-pool and per-server state (counters, connection
+/// counts, persistence tables, the load view) once, for this many: a reload keeps each
+/// service, pool and server that stays in its slot, so requests in flight count against
+/// the right one, and gives new ones fresh slots (see `reload.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    pub services: usize,
+    pub pools: usize,
+    pub servers: usize,
+    /// Slots handed out so far (the next new service or pool takes the next one).
+    pub used_services: usize,
+    pub used_pools: usize,
+}
+
+impl Slots {
+    /// Room for a configuration of this size, and for reloads that add to it.
+    pub fn for_size(services: usize, pools: usize, servers: usize) -> Slots {
+        Slots {
+            services: services + 32,
+            pools: pools + 64,
+            servers: (servers * 2).max(servers + 256),
+            used_services: services,
+            used_pools: pools,
+        }
+    }
 }
 
 /// Real servers chosen among together: a virtual service's own, or a sub-service's.
 #[derive(Debug, Clone)]
 pub struct Pool {
     pub id: usize,
+    /// Its place in per-pool state (persistence tables), kept across reloads.
+    pub slot: usize,
     /// "service" or "service/sub-service".
     pub name: String,
     /// Index of the owning virtual service.
@@ -160,6 +191,8 @@ pub struct Runtime {
     pub max_connections: u32,
     /// Signs persistence cookies; None: a random key chosen at start-up.
     pub persistence_key: Option<[u8; 32]>,
+    /// `run --pid-file` overrides it.
+    pub pid_file: Option<PathBuf>,
     /// Session-ticket masters from `ticket_key_file`, newest last (None: random at start).
     pub ticket_keys: Option<Vec<[u8; 32]>>,
     /// Each shard's settings, in shard order (defaults above, per-core overrides applied).
@@ -216,6 +249,8 @@ pub struct Token {
 #[derive(Debug, Clone)]
 pub struct VirtualService {
     pub name: String,
+    /// Its place in per-service state (counters, connection counts), kept across reloads.
+    pub slot: usize,
     pub listen: SocketAddr,
     /// The service's own pool (used when no sub-service matches).
     pub pool: usize,
@@ -315,6 +350,11 @@ pub struct RealServer {
     pub weight: u32,
     /// 0 = unlimited.
     pub connection_limit: u32,
+    /// Who it is across reloads: its pool's name and its address as written.
+    pub key: String,
+    /// Removed by a reload: kept only so that its id still names it for requests that were
+    /// in flight on it; in no pool.
+    pub retired: bool,
 }
 
 /// Hard ceiling on headers per request: the parser keeps them on the stack.

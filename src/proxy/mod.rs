@@ -132,7 +132,7 @@ impl Conn<'_> {
         let elapsed = self.started.elapsed();
         let m = &self.shard.metrics;
         m.request(
-            self.f.vs_idx,
+            self.f.vs_slot,
             server.map(|s| s.0),
             status,
             bytes_in,
@@ -203,50 +203,81 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 /// Serve a client connection's requests until it goes idle (then it is parked in the shard's
 /// lot, with no task, until it speaks again) or ends (then it is closed gracefully: a TLS
 /// close_notify, a FIN, the connection record).
-pub async fn serve(shard: Rc<Shard>, client: Client) {
+pub async fn serve(mut shard: Rc<Shard>, client: Client) {
     let Client {
         mut stream,
         mut facts,
         guard,
     } = client;
-    let vs = &shard.config.services[facts.vs_idx];
-    let now = Instant::now();
-    let sni = facts.sni.take();
-    let mut ws = shard.take_workspace();
-    let end = {
-        let mut conn = Conn {
-            shard: &shard,
-            vs,
-            f: &mut facts,
-            started: now,
-            meta: std::mem::take(&mut ws.meta),
-            meta_host: 0,
-            meta_method: 0,
-            sub_service: None,
-        };
-        let end = serve_requests(&mut conn, &mut stream, sni.as_deref(), &mut ws).await;
-        ws.meta = std::mem::take(&mut conn.meta);
-        end
-    };
-    shard.give_workspace(ws);
-    facts.sni = sni;
-    let client = Client {
-        stream,
-        facts,
-        guard,
-    };
-    match end {
-        // the idle time counts from now, not from when this task began
-        Ended::Idle(ticket) => {
-            if let Some(client) = shard
-                .lot
-                .park(ticket, client, Instant::now() + vs.idle_timeout)
+    loop {
+        if facts.generation != shard.generation {
+            // a reload since its last request: the same service in the new configuration
+            match shard
+                .config
+                .services
+                .iter()
+                .position(|v| v.slot == facts.vs_slot)
             {
-                tracing::error!(client = %client.facts.peer, "parking lot place lost (bug): closing");
-                crate::client::close(&shard, client, "error").await;
+                Some(i) => {
+                    facts.vs_idx = i;
+                    facts.generation = shard.generation;
+                }
+                None => {
+                    let client = Client {
+                        stream,
+                        facts,
+                        guard,
+                    };
+                    return crate::client::close(&shard, client, "reload").await;
+                }
             }
         }
-        Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
+        let vs = &shard.config.services[facts.vs_idx];
+        let now = Instant::now();
+        let sni = facts.sni.take();
+        let mut ws = shard.take_workspace();
+        let end = {
+            let mut conn = Conn {
+                shard: &shard,
+                vs,
+                f: &mut facts,
+                started: now,
+                meta: std::mem::take(&mut ws.meta),
+                meta_host: 0,
+                meta_method: 0,
+                sub_service: None,
+            };
+            let end = serve_requests(&mut conn, &mut stream, sni.as_deref(), &mut ws).await;
+            ws.meta = std::mem::take(&mut conn.meta);
+            end
+        };
+        shard.give_workspace(ws);
+        facts.sni = sni;
+        let idle_timeout = vs.idle_timeout;
+        if let Ended::Reload = end {
+            shard = shard.current();
+            continue;
+        }
+        let client = Client {
+            stream,
+            facts,
+            guard,
+        };
+        match end {
+            // the idle time counts from now, not from when this task began
+            Ended::Idle(ticket) => {
+                if let Some(client) = shard
+                    .lot
+                    .park(ticket, client, Instant::now() + idle_timeout)
+                {
+                    tracing::error!(client = %client.facts.peer, "parking lot place lost (bug): closing");
+                    crate::client::close(&shard, client, "error").await;
+                }
+            }
+            Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
+            Ended::Reload => {}
+        }
+        return;
     }
 }
 
@@ -256,6 +287,8 @@ enum Ended {
     Idle(Ticket),
     /// Why the connection ends (client, idle_timeout, shutdown, error).
     Closed(&'static str),
+    /// The configuration changed: go on with the current one.
+    Reload,
 }
 
 /// The keep-alive loop; returns why the connection ends.
@@ -297,6 +330,10 @@ async fn serve_requests(
     };
     loop {
         conn.forget();
+        // Between requests (nothing pipelined waiting), take up a newer configuration.
+        if cbuf.is_empty() && shard.current_generation() != shard.generation {
+            return Ended::Reload;
+        }
         let head = read_head(shard, vs, client, &mut cbuf).await;
         let Workspace {
             req_out,
@@ -376,7 +413,7 @@ async fn serve_requests(
                     Ok(p) => p,
                     // Routing does not look at the path: ESP (if any) refuses it below.
                     Err(_) if !by_path => &b""[..],
-                    Err(r) => return Err(esp_refusal(shard, conn.f.vs_idx, vs.esp.as_ref(), r)),
+                    Err(r) => return Err(esp_refusal(shard, vs.slot, vs.esp.as_ref(), r)),
                 };
                 let own_empty = shard.config.pools[vs.pool].servers.is_empty();
                 let (pool, sub) = route(vs, own_empty, host, route_path)
@@ -385,7 +422,7 @@ async fn serve_requests(
                 let sub = sub.map(|i| &vs.sub_services[i]);
                 if let Some(acl) = sub.and_then(|s| s.access.as_ref()) {
                     if !acl.permits(peer.ip()) {
-                        let c = &shard.metrics.services[conn.f.vs_idx].access_refusals;
+                        let c = &shard.metrics.services[vs.slot].access_refusals;
                         c.set(c.get() + 1);
                         return Err(ProxyError::policy(403, "client address not allowed")
                             .with_event("access"));
@@ -395,7 +432,7 @@ async fn serve_requests(
                 let esp = sub.and_then(|s| s.esp.as_ref()).or(vs.esp.as_ref());
                 if let Some(esp) = esp {
                     if let Err(r) = crate::esp::check(esp, req.host, sni, normal) {
-                        return Err(esp_refusal(shard, conn.f.vs_idx, Some(esp), r));
+                        return Err(esp_refusal(shard, vs.slot, Some(esp), r));
                     }
                 }
                 let raw_path = path.split('?').next().unwrap_or(path).as_bytes();

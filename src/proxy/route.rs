@@ -6,7 +6,7 @@ use super::*;
 /// An ESP refusal, counted; without ESP rules, a path that cannot be normalised is a 400.
 pub(super) fn esp_refusal(
     shard: &Shard,
-    vs_idx: usize,
+    vs_slot: usize,
     esp: Option<&crate::config::Esp>,
     r: crate::esp::Refusal,
 ) -> ProxyError {
@@ -17,7 +17,7 @@ pub(super) fn esp_refusal(
         .iter()
         .position(|x| *x == r)
         .unwrap_or(0);
-    let c = &shard.metrics.services[vs_idx].esp_refusals[i];
+    let c = &shard.metrics.services[vs_slot].esp_refusals[i];
     c.set(c.get() + 1);
     let event = match r {
         crate::esp::Refusal::Host | crate::esp::Refusal::HostSniMismatch => "esp_host",
@@ -92,12 +92,13 @@ pub(super) fn choose(
             };
             shard
                 .cookies
-                .verify(&pool.name, v, unix_now(), address_of)
+                .verify(&pool.name, v, unix_now(), address_of, pool.servers.len())
                 .map(|i| pool.servers[i])
         }),
-        Persistence::SourceIp { .. } => shard.source_tables[pool_idx]
+        Persistence::SourceIp { .. } => shard.source_tables[pool.slot]
+            .borrow()
             .as_ref()
-            .and_then(|t| t.borrow().get(peer.ip(), Instant::now())),
+            .and_then(|t| t.get(peer.ip(), Instant::now())),
     };
     // A persisted server that is down, in maintenance or at its limit is replaced (and
     // re-persisted). A new source-IP client's server comes from the rendezvous hash of its
@@ -161,9 +162,8 @@ pub(super) fn persist(
             set_cookie.extend_from_slice(b"\r\n");
         }
         Persistence::SourceIp { timeout, .. } => {
-            if let Some(t) = &shard.source_tables[pool_idx] {
-                t.borrow_mut()
-                    .put(peer.ip(), server, Instant::now(), *timeout);
+            if let Some(t) = shard.source_tables[pool.slot].borrow_mut().as_mut() {
+                t.put(peer.ip(), server, Instant::now(), *timeout);
             }
         }
     }

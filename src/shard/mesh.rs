@@ -8,7 +8,7 @@
 //! dropped snapshot (full channel) heals within REFRESH. Health and operator messages are
 //! sent with back-pressure (never dropped).
 
-use super::{CheckResult, Shard};
+use super::{CheckResult, State};
 use crate::balance::Snapshot;
 use crate::config::ServerId;
 use crate::metrics::MetricsSnapshot;
@@ -27,6 +27,8 @@ pub const CHANNEL_SIZE: usize = 256;
 pub enum AdminChange {
     State(ServerId, crate::balance::AdminState),
     Weight(ServerId, u32),
+    /// Health handed over by the process this one replaces (binary upgrade).
+    Health(ServerId, bool),
 }
 
 /// What one shard tells the others.
@@ -90,7 +92,7 @@ impl Outbox {
 }
 
 /// Apply a message from another shard to this shard's view.
-fn apply(shard: &Shard, msg: MeshMsg) {
+fn apply(shard: &State, msg: MeshMsg) {
     match msg {
         MeshMsg::Load {
             from,
@@ -117,8 +119,14 @@ fn apply(shard: &Shard, msg: MeshMsg) {
             }
         }
         MeshMsg::PassiveDown { server } => {
-            if server < shard.config.nr_servers {
-                shard.passive_down(ServerId(server));
+            let current = shard.current();
+            if current
+                .config
+                .servers
+                .get(server)
+                .is_some_and(|rs| !rs.retired)
+            {
+                current.passive_down(ServerId(server));
             }
         }
         MeshMsg::Admin { from, id, change } => {
@@ -161,7 +169,7 @@ fn apply(shard: &Shard, msg: MeshMsg) {
 }
 
 /// Join the mesh and run the receive and publish loops for `shard` (detached tasks).
-pub async fn start(shard: Rc<Shard>, mesh: Mesh) {
+pub async fn start(shard: Rc<State>, mesh: Mesh) {
     let (senders, mut receivers): (Senders<MeshMsg>, Receivers<MeshMsg>) = match mesh.join().await {
         Ok(x) => x,
         Err(_) => {
@@ -182,7 +190,7 @@ pub async fn start(shard: Rc<Shard>, mesh: Mesh) {
     crate::runtime::supervise(shard.id, "mesh publisher", publish(shard, outbox));
 }
 
-async fn publish(shard: Rc<Shard>, outbox: Rc<Outbox>) {
+async fn publish(shard: Rc<State>, outbox: Rc<Outbox>) {
     let senders = &outbox.senders;
     let me = senders.peer_id();
     loop {
