@@ -290,7 +290,16 @@ pub async fn run_lot(state: Rc<crate::shard::State>) {
         if state.is_closing() {
             while let Some(c) = lot.next_deadline().and_then(|d| lot.expired(d)) {
                 let s = state.current();
-                glommio::spawn_local(async move { close(&s, c, "shutdown").await }).detach();
+                if c.facts.requests == 0 {
+                    // accepted, first request not there yet: it is served, then closed
+                    crate::shard::spawn_connection(
+                        c.facts.peer,
+                        Box::pin(crate::proxy::serve(s, c)),
+                    );
+                } else {
+                    glommio::spawn_local(async move { close(&s, c, "shutdown").await })
+                        .detach();
+                }
             }
         }
         // Sleep until a parked socket speaks, the next deadline or shutdown.

@@ -63,6 +63,9 @@ pub(super) enum HeadRead {
     Idle(Ticket),
 }
 
+/// How long a connection accepted just before shutdown may take to send its first request.
+const FIRST_REQUEST_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// Wait for a complete request head in `buf`, honouring the idle timeout between requests,
 /// the request timeout once a head has started, the head size limits and shard shutdown.
 pub(super) async fn read_head<S: AsyncRead + Unpin>(
@@ -70,6 +73,7 @@ pub(super) async fn read_head<S: AsyncRead + Unpin>(
     vs: &VirtualService,
     client: &mut S,
     buf: &mut Buf,
+    fresh: bool,
 ) -> HeadRead {
     let mut scanned = 0;
     let mut deadline: Option<Instant> = None;
@@ -92,10 +96,22 @@ pub(super) async fn read_head<S: AsyncRead + Unpin>(
                 return HeadRead::Refuse(ProxyError::client(431, "request head too large"));
             }
         }
-        let read = if buf.is_empty() {
-            if shard.is_closing() {
+        let read = if buf.is_empty() && shard.is_closing() {
+            if !fresh {
                 return HeadRead::Closed("shutdown");
             }
+            // A new connection at shutdown (or an upgrade's hand-over) has its first request
+            // on the way: closing it would fail that request. It is waited for (bounded),
+            // served, and the connection closed after it.
+            let d = *deadline.get_or_insert_with(|| Instant::now() + FIRST_REQUEST_AT_SHUTDOWN);
+            if buf.is_detached() {
+                buf.attach(shard.take_storage(buf_size(vs)));
+            }
+            match until(d, fill(client, buf)).await {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::ErrorKind::Interrupted.into()),
+                r => r,
+            }
+        } else if buf.is_empty() {
             // Between requests. A client with its next request already there keeps its
             // buffers; one that goes idle gives them back to the shard's pool until it speaks.
             if buf.is_detached() {

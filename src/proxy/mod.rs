@@ -334,7 +334,7 @@ async fn serve_requests(
         if cbuf.is_empty() && shard.current_generation() != shard.generation {
             return Ended::Reload;
         }
-        let head = read_head(shard, vs, client, &mut cbuf).await;
+        let head = read_head(shard, vs, client, &mut cbuf, conn.f.requests == 0).await;
         let Workspace {
             req_out,
             resp_out,
