@@ -297,8 +297,7 @@ pub async fn run_lot(state: Rc<crate::shard::State>) {
                         Box::pin(crate::proxy::serve(s, c)),
                     );
                 } else {
-                    glommio::spawn_local(async move { close(&s, c, "shutdown").await })
-                        .detach();
+                    glommio::spawn_local(async move { close(&s, c, "shutdown").await }).detach();
                 }
             }
         }

@@ -261,7 +261,7 @@ impl Control {
     }
 
     fn start_successor(&self, running: &Running) -> Result<u32, String> {
-        let servers = running.export()?;
+        let export = running.export()?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
         // the new process inherits its end (the only descriptor without close-on-exec)
@@ -277,10 +277,20 @@ impl Control {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
         drop(theirs);
+        // Why it failed: it exited (its status says how), or it hangs (then it is killed).
         let fail = |child: &mut std::process::Child, why: String| {
-            let _ = child.kill();
-            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            format!("{why} (new process pid {}: {status})", child.id())
+            std::thread::sleep(Duration::from_millis(50)); // an exiting child finishes
+            match child.try_wait() {
+                Ok(Some(status)) => format!(
+                    "the new process (pid {}) exited before it served: {status}",
+                    child.id()
+                ),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    format!("{why} (new process pid {} killed)", child.id())
+                }
+            }
         };
         let (cookie_key, ticket_keys) = crate::upgrade::Handover::secrets(&running.secrets);
         let mut counters = counters();
@@ -289,7 +299,8 @@ impl Control {
         let doc = crate::upgrade::Handover {
             cookie_key,
             ticket_keys,
-            servers,
+            servers: export.servers,
+            source: export.source,
             sockets: all.iter().map(|(a, s, _)| (*a, *s)).collect(),
             control: counters,
         };
@@ -302,11 +313,11 @@ impl Control {
         let read = BufReader::new(&ours).read_line(&mut line);
         match (read, line.trim()) {
             (Ok(_), "ready") => Ok(child.id()),
-            (Ok(0), _) => Err(fail(
-                &mut child,
-                "the new process exited before it served".into(),
-            )),
-            (Ok(_), other) => Err(fail(&mut child, format!("the new process failed: {other}"))),
+            (Ok(_), other) if !other.is_empty() => {
+                let _ = child.wait();
+                Err(format!("the new process failed: {other}"))
+            }
+            (Ok(_), _) => Err(fail(&mut child, "it closed the hand-over".into())),
             (Err(e), _) => Err(fail(
                 &mut child,
                 format!("the new process did not report ready within {UPGRADE_TIMEOUT:?}: {e}"),

@@ -509,6 +509,7 @@ fn run(
         }),
     };
     // What the process this one replaces hands over: its sockets, keys and servers' state.
+    let mut seeds = Vec::new();
     let (sockets, secrets, carried) = match &successor {
         None => (Default::default(), None, None),
         Some(sock) => {
@@ -521,6 +522,7 @@ fn run(
                 Err(e) => return fail(1, e),
             };
             changes.extend(edgeshard::upgrade::changes(&doc.servers, &config));
+            seeds = edgeshard::upgrade::seeds(&doc.source, &config);
             let list = doc
                 .sockets
                 .iter()
@@ -543,15 +545,16 @@ fn run(
         config.clone(),
         log.clone(),
         changes,
+        seeds,
         sockets,
         secrets,
         generation,
     ) {
         Ok(r) => r,
         Err(e) => {
-            let code = fail(1, e);
+            fail(1, e);
             // Shards that did start hold no state worth saving: exit without waiting.
-            std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+            std::process::exit(1);
         }
     };
     let pid_file = pid_file.or_else(|| config.runtime.pid_file.clone());

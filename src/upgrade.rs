@@ -4,7 +4,7 @@
 //! session-ticket keys, and each real server's health, operator state and weight. The new
 //! process answers `ready` once its shards serve, and only then does the old one stop.
 
-use crate::shard::{Secrets, ServerExport};
+use crate::shard::{Secrets, ServerExport, SourceExport, SourceSeed};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -24,6 +24,8 @@ pub struct Handover {
     pub cookie_key: String,
     pub ticket_keys: Vec<String>,
     pub servers: Vec<ServerExport>,
+    #[serde(default)]
+    pub source: Vec<SourceExport>,
     /// The sockets, in the order their descriptors follow: (address, shard).
     pub sockets: Vec<(SocketAddr, usize)>,
     /// Carried so that counters and the operation sequence do not restart.
@@ -192,4 +194,26 @@ pub fn changes(
         }
     }
     out
+}
+
+/// The old process's source-IP persistence entries, for `config`'s pools and servers (an
+/// entry whose pool or server is gone is dropped).
+pub fn seeds(source: &[SourceExport], config: &crate::config::Config) -> Vec<SourceSeed> {
+    source
+        .iter()
+        .filter_map(|e| {
+            let pool = config.pools.iter().find(|p| p.name == e.pool)?;
+            let rs = pool
+                .servers
+                .iter()
+                .map(|id| &config.servers[id.0])
+                .find(|rs| rs.key == e.server)?;
+            Some((
+                pool.slot,
+                e.ip,
+                rs.id,
+                std::time::Duration::from_millis(e.remaining_ms),
+            ))
+        })
+        .collect()
 }

@@ -335,7 +335,11 @@ fn reloads_and_upgrades_under_load_fail_no_request() {
     });
     let a_after = a.nr_requests();
     settle();
-    assert_eq!(a.nr_requests(), a_after, "nothing new reaches a removed server");
+    assert_eq!(
+        a.nr_requests(),
+        a_after,
+        "nothing new reaches a removed server"
+    );
 
     // 3. weights
     write(config(&s, &[(b.addr, 3000), (c.addr, 1000)], &[]));
@@ -399,6 +403,431 @@ fn reloads_and_upgrades_under_load_fail_no_request() {
         assert!(
             log.contains(&format!("configuration reloaded generation={g}")),
             "{log}"
+        );
+    }
+}
+
+/// A plain setup: `web` on its own listener over `servers`, with `extra_vs` in the service,
+/// an admin listener and a pid file.
+fn plain(servers: &[SocketAddr], extra_vs: &str, dir: &Path) -> (String, SocketAddr, SocketAddr) {
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let pid = dir.join("edgeshard.pid");
+    let cfg = simple_config(
+        listen,
+        servers,
+        extra_vs,
+        &format!("[admin]\nlisten = \"{admin}\"\n"),
+    )
+    .replace(
+        "[runtime]\n",
+        &format!("[runtime]\npid_file = \"{}\"\n", pid.display()),
+    );
+    (cfg, listen, admin)
+}
+
+/// An invalid file on SIGHUP: refused with the same text `check` gives, counted, and the
+/// running configuration goes on serving unchanged.
+#[test]
+fn an_invalid_reload_keeps_serving_and_says_why() {
+    let (a, b) = (origin("A"), origin("B"));
+    let dir = tmpdir("bad-reload");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, admin) = plain(&[a.addr], "", &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    // a typo, and a server that would otherwise be new
+    let broken = cfg.replace(&a.addr.to_string(), &b.addr.to_string()) + "\nshards = oops\n";
+    std::fs::write(&p.config, &broken).unwrap();
+    let (ok, check_text, _) = check_config(&broken);
+    assert!(!ok);
+    let problem = check_text
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap()
+        .split_once(": ")
+        .unwrap()
+        .1
+        .split_once(": ")
+        .unwrap()
+        .1
+        .to_string(); // "line: field: problem" without the file name
+    let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&problem), "{out}\nvs check: {check_text}");
+    wait_until(Duration::from_secs(5), "the error on stderr", || {
+        p.log().contains(&problem)
+    });
+    // still the old configuration, still the same process
+    for _ in 0..20 {
+        assert_eq!(
+            common::client::one(listen, &common::client::get("/")).text(),
+            "A"
+        );
+    }
+    assert_eq!(b.nr_requests(), 0);
+    let m = metrics(admin);
+    assert_eq!(m["edgeshard_config_reloads_total{result=\"error\"}"], 1.0);
+    assert_eq!(m["edgeshard_config_last_reload_success"], 0.0);
+    assert_eq!(m["edgeshard_config_generation"], 1.0);
+    let st = status(admin);
+    assert_eq!(st["config"]["last_reload"]["result"], "error");
+    // what a reload cannot change is refused too, naming the field
+    std::fs::write(&p.config, cfg.replace("shards = 2", "shards = 1")).unwrap();
+    let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("runtime.cores") && out.contains("edgeshard upgrade"),
+        "{out}"
+    );
+    // and a good one after it works
+    std::fs::write(
+        &p.config,
+        cfg.replace(&a.addr.to_string(), &b.addr.to_string()),
+    )
+    .unwrap();
+    let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        common::client::one(listen, &common::client::get("/")).text(),
+        "B"
+    );
+}
+
+/// An upgrade to a binary that cannot start (here a script that exits 1): the old process
+/// keeps serving and says why; once the binary is good again, the upgrade goes through.
+#[test]
+fn an_upgrade_to_a_broken_binary_keeps_the_old_process() {
+    let a = origin("A");
+    let dir = tmpdir("bad-upgrade");
+    let pid = dir.join("edgeshard.pid");
+    let exe = dir.join("edgeshard");
+    std::fs::copy(bin(), &exe).unwrap();
+    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+    let config = dir.join("c.toml");
+    std::fs::write(&config, &cfg).unwrap();
+    let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    let mut child = Command::new(&exe)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _kill = KillPid(pid.clone());
+    wait_until(Duration::from_secs(10), "serving", || {
+        pid_of(&pid).is_some() && TcpStream::connect(listen).is_ok()
+    });
+    let first = pid_of(&pid).unwrap();
+    // replaced (as a package manager does: a new file renamed over the old path)
+    let script = dir.join("broken");
+    std::fs::write(&script, "#!/bin/sh\necho 'broken build' >&2\nexit 1\n").unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&script)
+        .status()
+        .unwrap();
+    std::fs::rename(&script, &exe).unwrap();
+    let (code, out) = cli(&["upgrade", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("exited before it served"), "{out}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the old process serves on"
+    );
+    assert_eq!(pid_of(&pid), Some(first));
+    assert_eq!(
+        common::client::one(listen, &common::client::get("/")).text(),
+        "A"
+    );
+    // the real binary back: the upgrade goes through
+    let good = dir.join("good");
+    std::fs::copy(bin(), &good).unwrap();
+    std::fs::rename(&good, &exe).unwrap();
+    let (code, out) = cli(&["upgrade", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    wait_until(Duration::from_secs(10), "the old process exits", || {
+        child.try_wait().unwrap().is_some()
+    });
+    assert_ne!(pid_of(&pid), Some(first));
+    assert_eq!(
+        common::client::one(listen, &common::client::get("/")).text(),
+        "A"
+    );
+}
+
+/// `GET /` with `cookie` (if any): (origin, Set-Cookie value if one was set).
+fn get_with(listen: SocketAddr, cookie: Option<&str>) -> (String, Option<String>) {
+    let req = match cookie {
+        Some(c) => format!("GET / HTTP/1.1\r\nHost: a\r\nCookie: ES={c}\r\n\r\n"),
+        None => "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+    };
+    let r = common::client::one(listen, req.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.head);
+    let set = r
+        .header("set-cookie")
+        .and_then(|v| v.strip_prefix("ES="))
+        .map(|v| v.split(';').next().unwrap().to_string());
+    (r.text(), set)
+}
+
+/// Upgrade through the CLI and wait until the old process has gone.
+fn upgrade(pid: &Path) {
+    let before = pid_of(pid).unwrap();
+    let (code, out) = cli(&["upgrade", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    wait_until(Duration::from_secs(10), "the old process exits", || {
+        // (the test's own child stays a zombie until reaped: its pid file entry changed)
+        !alive(before)
+            || std::fs::read_to_string(format!("/proc/{before}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+}
+
+fn reload(pid: &Path) {
+    let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Persistence cookies (no persistence_key: the key is handed over) name the same server
+/// after a reload that moved it within its pool and after an upgrade; source-IP clients keep
+/// their servers after a reload that adds a server, and after an upgrade.
+#[test]
+fn persistence_survives_reload_and_upgrade() {
+    let (a, b, c, d) = (origin("A"), origin("B"), origin("C"), origin("D"));
+    let dir = tmpdir("persist");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, _admin) = plain(
+        &[a.addr, b.addr, c.addr],
+        "[virtual_service.persistence]\nmode = \"active-cookie\"\ncookie = \"ES\"\ntimeout = \"1h\"",
+        &dir,
+    );
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    let mut cookies: HashMap<String, String> = HashMap::new();
+    for _ in 0..60 {
+        if let (name, Some(c)) = get_with(listen, None) {
+            cookies.entry(name).or_insert(c);
+        }
+    }
+    assert_eq!(cookies.len(), 3, "{cookies:?}");
+    let sticks = |cookies: &HashMap<String, String>, names: &[&str]| {
+        for n in names {
+            for _ in 0..5 {
+                assert_eq!(get_with(listen, Some(&cookies[*n])).0, *n, "cookie of {n}");
+            }
+        }
+    };
+    // A (first in the pool) goes: B and C move up a place; their cookies still hold
+    std::fs::write(
+        &p.config,
+        cfg.replace(
+            &format!(
+                "[[virtual_service.real_server]]\naddress = \"{}\"\n",
+                a.addr
+            ),
+            "",
+        ),
+    )
+    .unwrap();
+    reload(&pid);
+    sticks(&cookies, &["B", "C"]);
+    let (other, _) = get_with(listen, Some(&cookies["A"]));
+    assert_ne!(other, "A", "a removed server's cookie goes elsewhere");
+    upgrade(&pid);
+    sticks(&cookies, &["B", "C"]);
+    drop(p);
+
+    // source IP
+    let dir = tmpdir("persist-ip");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, _admin) = plain(
+        &[a.addr, b.addr],
+        "[virtual_service.persistence]\nmode = \"source-ip\"\ntimeout = \"20m\"",
+        &dir,
+    );
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    let from = |i: u8| -> String {
+        let mut c = common::client::Client::connect_from([127, 0, 0, i].into(), listen);
+        c.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text()
+    };
+    let clients: Vec<u8> = (10..50).collect();
+    let chosen: Vec<String> = clients.iter().map(|&i| from(i)).collect();
+    assert!(chosen.iter().any(|s| s == "A") && chosen.iter().any(|s| s == "B"));
+    // D joins (the hash alone would move some clients to it): nobody moves
+    std::fs::write(
+        &p.config,
+        format!(
+            "{cfg}[[virtual_service.real_server]]\naddress = \"{}\"\n",
+            d.addr
+        ),
+    )
+    .unwrap();
+    reload(&pid);
+    let after: Vec<String> = clients.iter().map(|&i| from(i)).collect();
+    assert_eq!(chosen, after, "after the reload");
+    upgrade(&pid);
+    let after: Vec<String> = clients.iter().map(|&i| from(i)).collect();
+    assert_eq!(chosen, after, "after the upgrade");
+    assert_eq!(d.nr_requests(), 0);
+    // new clients do reach D (so the hash alone would have moved some of the old ones)
+    let fresh: Vec<String> = (100..140).map(from).collect();
+    assert!(fresh.iter().any(|s| s == "D"), "{fresh:?}");
+}
+
+/// Across an upgrade: a TLS session resumes (the ticket keys are handed over), and a real
+/// server that was down is still down in the new process from its first request (health is
+/// handed over, not re-learnt: the new process sends it nothing).
+#[test]
+fn an_upgrade_keeps_tls_sessions_and_health() {
+    // B hangs on its health check: each check takes the whole timeout to fail, so a new
+    // process that re-learnt health would show it "checking" for that long
+    let a = origin("A");
+    let b = Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.request_line.contains("/healthz") {
+            thread::sleep(Duration::from_secs(3));
+        }
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB");
+        Next::KeepAlive
+    }));
+    let ca = Ca::new("upgrade CA");
+    let dir = tmpdir("upgrade-tls");
+    let pid = dir.join("edgeshard.pid");
+    let cert = ca.leaf(&["www.example.com"], false).write(&dir, "site");
+    let s = Setup {
+        web: local(free_port()),
+        secure: local(free_port()),
+        admin: local(free_port()),
+        pid_file: pid.clone(),
+        cert,
+        dir,
+    };
+    let checked = "[virtual_service.health_check]\nurl = \"/healthz\"\ninterval = \"30s\"\ntimeout = \"1s\"\n";
+    // every service checks its servers
+    let cfg = config(&s, &[(a.addr, 1000), (b.addr, 1000)], &[])
+        .split("\n[[virtual_service]]\n")
+        .map(|part| {
+            part.replacen(
+                "[[virtual_service.real_server]]",
+                &format!("{checked}[[virtual_service.real_server]]"),
+                1,
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n[[virtual_service]]\n");
+    let p = Proxy::start(&cfg, s.web);
+    let _kill = KillPid(pid.clone());
+    wait_until(Duration::from_secs(10), "B down", || {
+        status(s.admin)["virtual_services"][0]["real_servers"][1]["health"] == "down"
+    });
+    let cfg_resume = tls_client(&ca, true);
+    let first = common::tlsio::connect(s.secure, &cfg_resume, "www.example.com").unwrap();
+    assert_eq!(
+        first.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let (r, _first) =
+        common::tlsio::request(first, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+    assert_eq!(r.status, 200);
+    upgrade(&pid);
+    // the first thing the new process is asked: B was down, B is down
+    let st = status(s.admin);
+    assert_eq!(
+        st["virtual_services"][0]["real_servers"][1]["health"], "down",
+        "{st}"
+    );
+    assert_eq!(
+        st["virtual_services"][0]["real_servers"][0]["health"], "up",
+        "{st}"
+    );
+    let again = common::tlsio::connect(s.secure, &cfg_resume, "www.example.com").unwrap();
+    assert_eq!(
+        again.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "a session from before the upgrade resumes"
+    );
+    let (r, _again) =
+        common::tlsio::request(again, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "A");
+    drop(p);
+}
+
+/// A reload that removes a listener: the port closes (connections queued on it were served
+/// first); the other services go on.
+#[test]
+fn a_reload_removes_a_listener() {
+    let a = origin("A");
+    let ca = Ca::new("remove CA");
+    let dir = tmpdir("remove-listener");
+    let pid = dir.join("edgeshard.pid");
+    let cert = ca.leaf(&["www.example.com"], false).write(&dir, "site");
+    let extra = local(free_port());
+    let s = Setup {
+        web: local(free_port()),
+        secure: local(free_port()),
+        admin: local(free_port()),
+        pid_file: pid.clone(),
+        cert,
+        dir,
+    };
+    let p = Proxy::start(&config(&s, &[(a.addr, 1000)], &[extra]), s.web);
+    let _kill = KillPid(pid.clone());
+    let mut idle = common::client::Client::connect(extra);
+    assert_eq!(
+        idle.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+        "A"
+    );
+    std::fs::write(&p.config, config(&s, &[(a.addr, 1000)], &[])).unwrap();
+    reload(&pid);
+    wait_until(
+        Duration::from_secs(5),
+        "the removed listener closes",
+        || TcpStream::connect(extra).is_err(),
+    );
+    // a connection of the removed service is closed at its next request
+    assert!(idle
+        .request_checked(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .is_none());
+    assert_eq!(
+        common::client::one(s.web, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(),
+        "A"
+    );
+}
+
+/// An upgrade to fewer shards: the spare listening sockets (with whatever is queued on them)
+/// are served by a remaining shard, so no new connection is refused or dropped.
+#[test]
+fn an_upgrade_to_fewer_shards_drops_no_connection() {
+    let a = origin("A");
+    let dir = tmpdir("shrink");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, admin) = plain(&[a.addr], "", &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| client(listen, None, false, "/", stop.clone(), tally.clone()))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(&p.config, cfg.replace("shards = 2", "shards = 1")).unwrap();
+    upgrade(&pid);
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let t = tally.lock().unwrap();
+    assert!(t.failures.is_empty(), "{:?}", t.failures);
+    assert!(t.ok["A"] > 100, "{:?}", t.ok);
+    // one shard now, and every request still answered
+    let st = status(admin);
+    assert_eq!(st["shards"].as_array().unwrap().len(), 1, "{st}");
+    for _ in 0..20 {
+        assert_eq!(
+            common::client::one(listen, &common::client::get("/")).text(),
+            "A"
         );
     }
 }

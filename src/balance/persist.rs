@@ -104,6 +104,15 @@ impl SourceTable {
         }
     }
 
+    /// Every live entry: address, server, time left (handed to the process that replaces
+    /// this one).
+    pub fn live(&self, now: Instant) -> impl Iterator<Item = (IpAddr, ServerId, Duration)> + '_ {
+        self.entries
+            .iter()
+            .filter(move |(_, (_, exp))| *exp > now)
+            .map(move |(ip, (s, exp))| (*ip, *s, *exp - now))
+    }
+
     pub fn get(&self, ip: IpAddr, now: Instant) -> Option<ServerId> {
         match self.entries.get(&ip) {
             Some(&(s, exp)) if exp > now => Some(s),

@@ -108,7 +108,9 @@ pub(super) async fn read_head<S: AsyncRead + Unpin>(
                 buf.attach(shard.take_storage(buf_size(vs)));
             }
             match until(d, fill(client, buf)).await {
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::ErrorKind::Interrupted.into()),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    Err(io::ErrorKind::Interrupted.into())
+                }
                 r => r,
             }
         } else if buf.is_empty() {

@@ -823,8 +823,29 @@ enum Cmd {
     },
     /// What a new process must start from (binary upgrade): every live real server's health,
     /// operator state and weight, by key.
-    Export(mpsc::Sender<Vec<ServerExport>>),
+    Export(mpsc::Sender<Export>),
 }
+
+/// What a shard hands over in a binary upgrade.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Export {
+    /// Every live real server (from shard 0: the same on every shard).
+    pub servers: Vec<ServerExport>,
+    /// This shard's source-IP persistence entries.
+    pub source: Vec<SourceExport>,
+}
+
+/// A source-IP persistence entry: `ip` sticks to the server `server` (a key) of `pool`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SourceExport {
+    pub pool: String,
+    pub ip: IpAddr,
+    pub server: String,
+    pub remaining_ms: u64,
+}
+
+/// A source-IP entry to start with: pool slot, address, server, time left.
+pub type SourceSeed = (usize, IpAddr, ServerId, Duration);
 
 /// A real server's runtime state, handed to the process that replaces this one.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -874,14 +895,23 @@ impl Running {
         self.generation
     }
 
-    /// Every live real server's runtime state, as shard 0 sees it.
-    pub fn export(&self) -> Result<Vec<ServerExport>, String> {
-        let (tx, rx) = mpsc::channel();
-        self.cmds[0]
-            .send(Cmd::Export(tx))
-            .map_err(|_| "shard 0 is not running".to_string())?;
-        rx.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| "shard 0 did not answer within 10s".to_string())
+    /// Every live real server's runtime state (as shard 0 sees it) and every shard's
+    /// source-IP persistence entries.
+    pub fn export(&self) -> Result<Export, String> {
+        let mut all = Export::default();
+        for (i, cmd) in self.cmds.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            cmd.send(Cmd::Export(tx))
+                .map_err(|_| format!("shard {i} is not running"))?;
+            let e = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| format!("shard {i} did not answer within 10s"))?;
+            if i == 0 {
+                all.servers = e.servers;
+            }
+            all.source.extend(e.source);
+        }
+        Ok(all)
     }
 
     /// Switch every shard to `config` (already validated and renumbered to follow the
@@ -941,11 +971,12 @@ pub fn start(
     config: Arc<Config>,
     log: Arc<LogWriter>,
     changes: Vec<mesh::AdminChange>,
+    seeds: Vec<SourceSeed>,
     mut sockets: sockets::Sockets,
     secrets: Option<Secrets>,
     generation: u64,
 ) -> Result<Running, String> {
-    let changes = Arc::new(changes);
+    let changes = Arc::new((changes, seeds));
     let nr_shards = config.runtime.cores.len();
     let mesh = mesh::new_mesh(nr_shards);
     let secrets = Arc::new(match secrets {
@@ -1010,7 +1041,7 @@ async fn run_shard(
     config: Arc<Config>,
     secrets: Arc<Secrets>,
     log: Arc<LogWriter>,
-    changes: &[mesh::AdminChange],
+    (changes, seeds): &(Vec<mesh::AdminChange>, Vec<SourceSeed>),
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     cmds: mpsc::Receiver<Cmd>,
@@ -1045,6 +1076,12 @@ async fn run_shard(
                         // process this one replaces: on every shard before any request
                         for c in changes {
                             state.apply_change(*c);
+                        }
+                        let now = Instant::now();
+                        for &(pool, ip, id, left) in seeds {
+                            if let Some(t) = state.source_tables[pool].borrow_mut().as_mut() {
+                                t.put(ip, id, now, left);
+                            }
                         }
                         // the mesh first: health results must reach every shard
                         start_tasks(&state, mesh.clone()).await;
@@ -1084,10 +1121,26 @@ async fn run_shard(
     state.log.flush_all();
 }
 
-fn export(state: &State) -> Vec<ServerExport> {
+fn export(state: &State) -> Export {
     use crate::balance::Health;
     let shard = state.current();
-    shard
+    let now = Instant::now();
+    let mut source = Vec::new();
+    for p in &shard.config.pools {
+        if let Some(t) = state.source_tables[p.slot].borrow().as_ref() {
+            for (ip, id, left) in t.live(now) {
+                if let Some(rs) = shard.config.servers.get(id.0).filter(|rs| !rs.retired) {
+                    source.push(SourceExport {
+                        pool: p.name.clone(),
+                        ip,
+                        server: rs.key.clone(),
+                        remaining_ms: left.as_millis() as u64,
+                    });
+                }
+            }
+        }
+    }
+    let servers = shard
         .config
         .live_servers()
         .map(|rs| ServerExport {
@@ -1100,7 +1153,8 @@ fn export(state: &State) -> Vec<ServerExport> {
             state: state.load.admin_state(rs.id),
             weight: state.load.weight(rs.id),
         })
-        .collect()
+        .collect();
+    Export { servers, source }
 }
 
 /// The shard's long-lived tasks, once its first generation is installed.
