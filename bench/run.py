@@ -13,7 +13,8 @@ throughput and latency as the median and spread of the rounds, with ratios again
 nginx. Results: bench/results/latest.{md,json} and one SVG latency plot per scenario.
 Scenarios: A plain keep-alive; B TLS both sides keep-alive (the Lync path); C a new TLS
 connection per request, re-encrypting; D 1 MiB responses; E idle connections' RSS (plain and
-TLS); F open-loop latency near HAProxy's capacity.
+TLS); F open-loop latency near HAProxy's capacity; R requests failed across reloads and
+binary upgrades at a fixed load.
 """
 import argparse, json, os, shutil, signal, socket, ssl, statistics, subprocess, sys, tempfile, time
 
@@ -140,10 +141,9 @@ class Systems:
         self.procs.append(p)
         return p
 
-    def start_edgeshard(self, name, binary):
-        p = {"plain": port(), "tls": port(), "big": port(), "admin": port()}
+    def edgeshard_cfg(self, p, weight=1000):
         cores = ", ".join(self.a.proxy_cores.split(","))
-        cfg = f'''[runtime]
+        return f'''[runtime]
 cores = [{cores}]
 [admin]
 listen = "127.0.0.1:{p["admin"]}"
@@ -152,6 +152,7 @@ name = "plain"
 listen = "127.0.0.1:{p["plain"]}"
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_small}"
+weight = {weight}
 [[virtual_service]]
 name = "tls"
 listen = "127.0.0.1:{p["tls"]}"
@@ -161,24 +162,28 @@ certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
 insecure_skip_verify = true
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_tls}"
+weight = {weight}
 [[virtual_service]]
 name = "big"
 listen = "127.0.0.1:{p["big"]}"
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_big}"
 '''
+
+    def start_edgeshard(self, name, binary, extra=()):
+        p = {"plain": port(), "tls": port(), "big": port(), "admin": port()}
         path = os.path.join(self.tmp, f"{name}.toml")
-        open(path, "w").write(cfg)
-        proc = self.spawn([binary, "run", "--config", path])
+        open(path, "w").write(self.edgeshard_cfg(p))
+        proc = self.spawn([binary, "run", "--config", path, *extra])
         for x in p.values():
             wait_port(x, proc=proc)
         self.ports[name], self.pids[name] = p, [proc.pid]
+        return path
 
-    def start_haproxy(self):
-        p = {"plain": port(), "tls": port(), "big": port()}
+    def haproxy_cfg(self, p, weight=1):
         n = len(self.a.proxy_cores.split(","))
         cpu_map = "\n".join(f"  cpu-map 1/{i + 1} {c}" for i, c in enumerate(self.a.proxy_cores.split(",")))
-        cfg = f'''global
+        return f'''global
   nbthread {n}
 {cpu_map}
   maxconn 9000
@@ -194,40 +199,43 @@ frontend plain
   bind 127.0.0.1:{p["plain"]}
   default_backend plain
 backend plain
-  server s 127.0.0.1:{self.o_small}
+  server s 127.0.0.1:{self.o_small} weight {weight}
 frontend tls
   bind 127.0.0.1:{p["tls"]} ssl crt {os.path.join(self.tmp, "both.pem")} alpn http/1.1
   default_backend tls
 backend tls
-  server s 127.0.0.1:{self.o_tls} ssl verify none sni str(bench.example)
+  server s 127.0.0.1:{self.o_tls} ssl verify none sni str(bench.example) weight {weight}
 frontend big
   bind 127.0.0.1:{p["big"]}
   default_backend big
 backend big
   server s 127.0.0.1:{self.o_big}
 '''
-        path = os.path.join(self.tmp, "haproxy.cfg")
-        open(path, "w").write(cfg)
-        proc = self.spawn(["haproxy", "-f", path])
+
+    def start_haproxy(self, name="haproxy", extra=()):
+        p = {"plain": port(), "tls": port(), "big": port()}
+        path = os.path.join(self.tmp, f"{name}.cfg")
+        open(path, "w").write(self.haproxy_cfg(p))
+        proc = self.spawn(["haproxy", *extra, "-f", path])
         for x in p.values():
             wait_port(x, proc=proc)
-        self.ports["haproxy"], self.pids["haproxy"] = p, [proc.pid]
+        self.ports[name], self.pids[name] = p, [proc.pid]
+        return path
 
-    def start_nginx(self):
-        p = {"plain": port(), "tls": port(), "big": port()}
+    def nginx_cfg(self, p, name, weight=1):
         cores = self.a.proxy_cores.split(",")
         ncpu = os.cpu_count() or 1
         masks = " ".join("".join("1" if i == int(c) else "0" for i in reversed(range(ncpu))) for c in cores)
-        up = lambda name, o: f"upstream {name} {{ server 127.0.0.1:{o}; keepalive 64; }}"
+        up = lambda name, o: f"upstream {name} {{ server 127.0.0.1:{o} weight={weight}; keepalive 64; }}"
         loc = lambda scheme, name: (f"location / {{ proxy_pass {scheme}://{name}; proxy_http_version 1.1; "
                                     f"proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; "
                                     f"proxy_ssl_server_name on; proxy_ssl_name bench.example; }}")
-        cfg = f'''worker_processes {len(cores)};
+        return f'''worker_processes {len(cores)};
 worker_cpu_affinity {masks};
 worker_rlimit_nofile 65536;
 daemon off;
-pid {self.tmp}/nginx.pid;
-error_log {self.tmp}/nginx-error.log;
+pid {self.tmp}/{name}.pid;
+error_log {self.tmp}/{name}-error.log;
 events {{ worker_connections 40000; }}
 http {{
   access_log off;
@@ -241,13 +249,17 @@ http {{
   server {{ listen 127.0.0.1:{p["big"]}; {loc("http", "big")} }}
 }}
 '''
-        path = os.path.join(self.tmp, "nginx.conf")
-        open(path, "w").write(cfg)
+
+    def start_nginx(self, name="nginx"):
+        p = {"plain": port(), "tls": port(), "big": port()}
+        path = os.path.join(self.tmp, f"{name}.conf")
+        open(path, "w").write(self.nginx_cfg(p, name))
         proc = self.spawn(["nginx", "-c", path])
         for x in p.values():
             wait_port(x, proc=proc)
         time.sleep(0.2)
-        self.ports["nginx"], self.pids["nginx"] = p, [proc.pid] + children(proc.pid)
+        self.ports[name], self.pids[name] = p, [proc.pid] + children(proc.pid)
+        return path
 
     def stop(self):
         for p in self.procs:
@@ -322,6 +334,77 @@ def open_loop(a, sysm, rate):
                               "p999": v["latency_ms"]["p99_9"], "errors": sum(v["errors"].values()), "hist": v["histogram_us"],
                               "cpu_us_per_req": cpu})
     return rounds
+
+# R: reloads and upgrades under a fixed load, counted by the clients.
+RELOADS, UPGRADES = 5, 2
+
+def run_reload(a, sysm, results):
+    """Each system in turn, its own instance, under four fixed-rate loads at once (plain and
+    TLS; keep-alive and a new connection per request): edgeshard reloads RELOADS times (a real
+    change each time: the weights) and upgrades its binary UPGRADES times; HAProxy (master-
+    worker, seamless: -W) and nginx reload RELOADS + UPGRADES times (each of their reloads is
+    new worker processes). Clients resend once a request whose reused keep-alive connection
+    closed before any byte (as HTTP clients do): counted as retried, not failed."""
+    bench = os.path.join(BIN, "edgeshard-bench")
+    actions = RELOADS + UPGRADES
+    gap = 0.3 if a.smoke else 1.0
+    seconds = gap * (actions + 2)
+    rate = 400 if a.smoke else a.reload_rate
+    out = {}
+    for name in ("edgeshard", "haproxy", "nginx"):
+        if name not in sysm.ports:
+            continue
+        inst = f"{name}-reload"
+        pid_file = os.path.join(a.tmp, f"{inst}.pid")
+        if name == "edgeshard":
+            path = sysm.start_edgeshard(inst, os.path.join(BIN, "edgeshard"), ["--pid-file", pid_file])
+        elif name == "haproxy":
+            path = sysm.start_haproxy(inst, ["-W"])
+        else:
+            path = sysm.start_nginx(inst)
+        ports, master = sysm.ports[inst], sysm.pids[inst][0]
+        loads = []
+        for kind, scheme, new in (("plain", "http", False), ("plain", "http", True), ("tls", "https", False), ("tls", "https", True)):
+            j = os.path.join(a.tmp, f"{inst}-{kind}-{new}.json")
+            argv = [bench, "load", "--url", f"{scheme}://127.0.0.1:{ports[kind]}/", "--duration", str(seconds),
+                    "--cores", a.load_cores, "--quiet", "--json", j, "--connections", "4", "--rate", str(rate / 4),
+                    "--retry-reused"] + (["--new-connection"] if new else []) + (["--sni", "bench.example"] if kind == "tls" else [])
+            loads.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL), j))
+        done = []
+        time.sleep(gap)
+        for i in range(actions):
+            w = 2000 if i % 2 == 0 else 1000
+            if name == "edgeshard":
+                open(path, "w").write(sysm.edgeshard_cfg(ports, w))
+                op = "reload" if i < RELOADS else "upgrade"
+                r = subprocess.run([os.path.join(BIN, "edgeshard"), op, "--pid-file", pid_file], capture_output=True, text=True)
+                done.append(op if r.returncode == 0 else f"{op} FAILED: {r.stderr.strip()}")
+            elif name == "haproxy":
+                open(path, "w").write(sysm.haproxy_cfg(ports, 2 if i % 2 == 0 else 1))
+                os.kill(master, signal.SIGUSR2)
+                done.append("reload")
+            else:
+                open(path, "w").write(sysm.nginx_cfg(ports, inst, 2 if i % 2 == 0 else 1))
+                os.kill(master, signal.SIGHUP)
+                done.append("reload")
+            time.sleep(gap)
+        total = {"requests": 0, "failed": 0, "retried": 0}
+        for proc, j in loads:
+            proc.wait()
+            v = json.load(open(j))
+            total["requests"] += v["requests"]
+            total["failed"] += sum(v["errors"].values())
+            total["retried"] += v.get("retried", 0)
+        total["actions"] = done
+        out[name] = total
+        # this instance goes (an upgraded edgeshard is no longer the process we started)
+        for pid in {master, *(int(open(pid_file).read()) for _ in [0] if name == "edgeshard" and os.path.exists(pid_file))}:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        del sysm.ports[inst], sysm.pids[inst]
+    results["R"] = {"title": f"{RELOADS} reloads and {UPGRADES} binary upgrades (HAProxy, nginx: {actions} reloads) under {rate} req/s of plain and TLS, keep-alive and new connections", "reload": out}
 
 def run_open_loop(a, sysm, results):
     base = results.get("A", {}).get("systems", {})
@@ -425,6 +508,12 @@ def report(a, results, meta):
                 e99, o99 = med([x["p99"] for x in r["systems"]["edgeshard"]]), med([x["p99"] for x in r["systems"][other]])
                 lines.append(f"\nedgeshard / {other} p99: **{e99 / o99:.2f}×**")
         lines.append("")
+    if "R" in results:
+        lines += [f"## R: {results['R']['title']}", "", "| system | requests | failed | retried (reused connection closed before answering) | what was done |", "|---|---|---|---|---|"]
+        for name, v in results["R"]["reload"].items():
+            acts = ", ".join(f"{n}× {k}" for k, n in sorted({x: v['actions'].count(x) for x in v['actions']}.items()))
+            lines.append(f"| {name} | {v['requests']} | {v['failed']} | {v['retried']} | {acts} |")
+        lines.append("")
     if "E" in results:
         lines += [f"## E: {results['E']['title']}", "", "| system | plain | TLS |", "|---|---|---|"]
         for name, v in results["E"]["idle"].items():
@@ -466,10 +555,11 @@ def svg(key, r, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="A,B,C,C2,D,E,F")
+    ap.add_argument("--scenarios", default="A,B,C,C2,D,E,F,R")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slice", type=float, default=2.0, help="seconds of load per system per round")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections for scenario E (mind the open-files limit)")
+    ap.add_argument("--reload-rate", type=float, default=4000, help="requests per second in total during scenario R")
     ap.add_argument("--proxy-cores", default="0")
     ap.add_argument("--load-cores", default=None, help="default: every other CPU")
     ap.add_argument("--baseline", default=None, help="another edgeshard binary (an earlier build) run side by side as 'baseline'")
@@ -507,6 +597,7 @@ def run_all(a, ncpu):
             if key in SCEN: run_throughput(a, sysm, key, results)
             elif key == "F": run_open_loop(a, sysm, results)
             elif key == "E": run_idle(a, sysm, results)
+            elif key == "R": run_reload(a, sysm, results)
     finally:
         sysm.stop()
     ver = lambda argv: (subprocess.run(argv, capture_output=True, text=True).stdout + subprocess.run(argv, capture_output=True, text=True).stderr).strip().splitlines()[0] if shutil.which(argv[0]) else "absent"

@@ -34,6 +34,11 @@ pub struct Args {
     /// "new TLS connection" then costs the server a full handshake, as its name says.
     #[arg(long)]
     resume: bool,
+    /// A reused keep-alive connection closed by the server before any byte of the response
+    /// (as at a reload or an upgrade): resend once on a new connection, as HTTP clients do
+    /// for idempotent requests, and count it as retried, not as an error.
+    #[arg(long)]
+    retry_reused: bool,
     /// Request body size (POST with Content-Length when > 0).
     #[arg(long, default_value_t = 0)]
     body_size: usize,
@@ -229,7 +234,11 @@ fn connect(t: &Target, errors: &mut Errors) -> Option<Conn> {
     }
 }
 
-/// Read one response into `buf` (reused); Ok(true) if 2xx/3xx, Ok(false) otherwise.
+/// The server closed (or reset) before any byte of a response.
+const NOTHING: std::io::ErrorKind = std::io::ErrorKind::NotConnected;
+
+/// Read one response into `buf` (reused); Ok(true) if 2xx/3xx, Ok(false) otherwise;
+/// Err of kind NOTHING if the connection ended before any byte of it.
 fn read_response(c: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<bool> {
     buf.clear();
     let mut tmp = [0u8; 16 * 1024];
@@ -237,7 +246,13 @@ fn read_response(c: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<bool> {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = c.read(&mut tmp)?;
+        let n = match c.read(&mut tmp) {
+            Err(_) if buf.is_empty() => return Err(NOTHING.into()),
+            r => r?,
+        };
+        if n == 0 && buf.is_empty() {
+            return Err(NOTHING.into());
+        }
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -275,6 +290,7 @@ struct Outcome {
     hist: Histogram<u64>,
     errors: Errors,
     done: u64,
+    retried: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -297,11 +313,15 @@ fn worker(
     // stagger the open-loop schedules of the connections
     let mut next = interval.map(|i| start + i.mul_f64(idx as f64 / a.connections as f64));
     let mut conn: Option<Conn> = None;
+    let mut retried = 0;
+    // the current request is being resent after a reused connection ended before answering
+    let mut again = false;
     while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-        if budget > 0 && count.fetch_add(1, Ordering::Relaxed) >= budget {
+        if !again && budget > 0 && count.fetch_add(1, Ordering::Relaxed) >= budget {
             break;
         }
         let intended = match (next, interval) {
+            _ if again => Instant::now(),
             (Some(n), Some(i)) => {
                 let now = Instant::now();
                 if n > now {
@@ -312,20 +332,38 @@ fn worker(
             }
             _ => Instant::now(),
         };
+        let reused = conn.is_some();
         if conn.is_none() {
             conn = connect(&t, &mut errors);
             if conn.is_none() {
+                again = false;
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        if c.write_all(&t.request).and_then(|_| c.flush()).is_err() {
-            errors.write += 1;
-            conn = None;
-            continue;
+        let sent = c.write_all(&t.request).and_then(|_| c.flush());
+        let read = match sent {
+            Ok(()) => read_response(c, &mut buf),
+            Err(_) => Err(NOTHING.into()),
+        };
+        if a.retry_reused && reused && !again {
+            if let Err(e) = &read {
+                if e.kind() == NOTHING {
+                    retried += 1;
+                    again = true;
+                    conn = None;
+                    continue;
+                }
+            }
         }
-        match read_response(c, &mut buf) {
+        again = false;
+        match read {
+            Err(_) if sent.is_err() => {
+                errors.write += 1;
+                conn = None;
+                continue;
+            }
             Ok(ok) => {
                 if !ok {
                     errors.status += 1;
@@ -346,7 +384,12 @@ fn worker(
             conn = None;
         }
     }
-    Outcome { hist, errors, done }
+    Outcome {
+        hist,
+        errors,
+        done,
+        retried,
+    }
 }
 
 pub fn run(a: Args) {
@@ -391,11 +434,13 @@ pub fn run(a: Args) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = Errors::default();
     let mut done = 0;
+    let mut retried = 0;
     for h in handles {
         if let Ok(o) = h.join() {
             let _ = hist.add(&o.hist);
             errors.add(&o.errors);
             done += o.done;
+            retried += o.retried;
         }
     }
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
@@ -431,12 +476,16 @@ pub fn run(a: Args) {
         errors.read,
         errors.status
     );
+    if a.retry_reused {
+        println!("retried     {retried} (a reused connection closed before answering, resent once)");
+    }
     if let Some(path) = &a.json {
         let v = serde_json::json!({
             "url": a.url, "connections": a.connections, "rate": a.rate, "new_connection": a.new_connection,
             "requests": done, "seconds": elapsed, "rps": rps,
             "latency_ms": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() as f64 / 1000.0 },
             "errors": { "connect": errors.connect, "tls": errors.tls, "write": errors.write, "read": errors.read, "status": errors.status },
+            "retried": retried,
             "histogram_us": (1..=100).map(|i| hist.value_at_quantile(i as f64 / 100.0)).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default())
