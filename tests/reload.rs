@@ -434,6 +434,11 @@ fn an_invalid_reload_keeps_serving_and_says_why() {
     let dir = tmpdir("bad-reload");
     let pid = dir.join("edgeshard.pid");
     let (cfg, listen, admin) = plain(&[a.addr], "", &dir);
+    let security = dir.join("security.log");
+    let cfg = format!(
+        "[log]\nsecurity = \"{}\"\nformat = \"json\"\n{cfg}",
+        security.display()
+    );
     let p = Proxy::start(&cfg, listen);
     let _kill = KillPid(pid.clone());
     // a typo, and a server that would otherwise be new
@@ -491,6 +496,27 @@ fn an_invalid_reload_keeps_serving_and_says_why() {
     assert_eq!(
         common::client::one(listen, &common::client::get("/")).text(),
         "B"
+    );
+    // each reload left one record in the security log, with its generation and result
+    wait_until(Duration::from_secs(5), "three reload records", || {
+        std::fs::read_to_string(&security)
+            .is_ok_and(|t| t.matches("\"config_reload\"").count() == 3)
+    });
+    let seen: Vec<(String, u64)> = std::fs::read_to_string(&security)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "config_reload")
+        .map(|r| {
+            (
+                r["result"].as_str().unwrap().to_string(),
+                r["generation"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("error".into(), 1), ("error".into(), 1), ("ok".into(), 2)]
     );
 }
 
@@ -728,6 +754,19 @@ fn an_upgrade_keeps_tls_sessions_and_health() {
     );
     let (r, _first) =
         common::tlsio::request(first, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+    assert_eq!(r.status, 200);
+    // a reload (the TLS configuration is built again) keeps sessions resumable
+    reload(&pid);
+    let after_reload = common::tlsio::connect(s.secure, &cfg_resume, "www.example.com").unwrap();
+    assert_eq!(
+        after_reload.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "a session from before the reload resumes"
+    );
+    let (r, _s) = common::tlsio::request(
+        after_reload,
+        b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    );
     assert_eq!(r.status, 200);
     upgrade(&pid);
     // the first thing the new process is asked: B was down, B is down

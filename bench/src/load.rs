@@ -477,7 +477,9 @@ pub fn run(a: Args) {
         errors.status
     );
     if a.retry_reused {
-        println!("retried     {retried} (a reused connection closed before answering, resent once)");
+        println!(
+            "retried     {retried} (a reused connection closed before answering, resent once)"
+        );
     }
     if let Some(path) = &a.json {
         let v = serde_json::json!({
