@@ -3,7 +3,7 @@
 //! `edgeshard reload|upgrade` wait on; the counters /metrics and /status show; systemd's
 //! notification socket.
 
-use crate::config::Config;
+use crate::config::{Config, RuntimeServers};
 use crate::log::LogWriter;
 use crate::shard::Running;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a new process may take to report ready before the upgrade is given up.
@@ -26,6 +26,53 @@ static RELOADS_ERROR: AtomicU64 = AtomicU64::new(0);
 static LAST_RELOAD_MS: AtomicU64 = AtomicU64::new(0);
 static LAST_RELOAD_OK: AtomicU64 = AtomicU64::new(1);
 static UPGRADES: AtomicU64 = AtomicU64::new(0);
+/// The last reload's error (for the runtime API's answer).
+static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
+/// Real servers added or removed through the runtime API (see `Config::apply_runtime`).
+static RUNTIME: Mutex<RuntimeServers> = Mutex::new(RuntimeServers {
+    added: Vec::new(),
+    removed: Vec::new(),
+});
+
+pub fn runtime_servers() -> RuntimeServers {
+    RUNTIME.lock().map(|r| r.clone()).unwrap_or_default()
+}
+
+pub fn set_runtime_servers(r: RuntimeServers) {
+    if let Ok(mut g) = RUNTIME.lock() {
+        *g = r;
+    }
+}
+
+/// The error of the last reload, if it failed.
+pub fn last_reload_error() -> Option<String> {
+    let e = LAST_ERROR.lock().map(|e| e.clone()).unwrap_or_default();
+    (!e.is_empty()).then_some(e)
+}
+
+/// Ask the main thread for a reload (SIGHUP to this process: the same path as an operator's)
+/// and wait for its outcome. For the runtime API, on a shard: it awaits, never blocks.
+pub async fn reload_from_shard(limit: Duration) -> Result<u64, String> {
+    let done = |c: &Counters| c.reloads_ok + c.reloads_error;
+    let before = done(&counters());
+    // SAFETY: kill to our own PID; every thread blocks SIGHUP and the main thread sigwaits it.
+    unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+    let deadline = Instant::now() + limit;
+    loop {
+        let c = counters();
+        if done(&c) > before {
+            let c = counters(); // read after the count: the result it counts
+            return match c.last_reload_ok {
+                true => Ok(c.generation),
+                false => Err(last_reload_error().unwrap_or_else(|| "reload failed".into())),
+            };
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no reload outcome within {limit:?}"));
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 /// The counters, as /metrics shows them and as an upgrade carries them over.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -43,8 +90,8 @@ pub struct Counters {
 pub fn counters() -> Counters {
     Counters {
         generation: GENERATION.load(Ordering::Relaxed),
-        reloads_ok: RELOADS_OK.load(Ordering::Relaxed),
-        reloads_error: RELOADS_ERROR.load(Ordering::Relaxed),
+        reloads_ok: RELOADS_OK.load(Ordering::SeqCst),
+        reloads_error: RELOADS_ERROR.load(Ordering::SeqCst),
         last_reload_unix_ms: LAST_RELOAD_MS.load(Ordering::Relaxed),
         last_reload_ok: LAST_RELOAD_OK.load(Ordering::Relaxed) == 1,
         upgrades: UPGRADES.load(Ordering::Relaxed),
@@ -200,6 +247,9 @@ impl Control {
         let r = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|mut c| {
+                for note in c.apply_runtime(&runtime_servers()) {
+                    tracing::warn!("{note}");
+                }
                 c.follow(running.config())
                     .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
                 let warnings = c.warnings();
@@ -209,9 +259,13 @@ impl Control {
         LAST_RELOAD_MS.store(unix_ms(), Ordering::Relaxed);
         match r {
             Ok((generation, warnings)) => {
-                GENERATION.store(generation, Ordering::Relaxed);
-                RELOADS_OK.fetch_add(1, Ordering::Relaxed);
-                LAST_RELOAD_OK.store(1, Ordering::Relaxed);
+                GENERATION.store(generation, Ordering::SeqCst);
+                LAST_RELOAD_OK.store(1, Ordering::SeqCst);
+                if let Ok(mut e) = LAST_ERROR.lock() {
+                    e.clear();
+                }
+                // counted last: a waiter that sees the count sees the result
+                RELOADS_OK.fetch_add(1, Ordering::SeqCst);
                 let took = format!("{:?}", started.elapsed());
                 tracing::info!(generation, took, "configuration reloaded");
                 for w in warnings {
@@ -222,8 +276,11 @@ impl Control {
             }
             Err(e) => {
                 let generation = running.generation();
-                RELOADS_ERROR.fetch_add(1, Ordering::Relaxed);
-                LAST_RELOAD_OK.store(0, Ordering::Relaxed);
+                LAST_RELOAD_OK.store(0, Ordering::SeqCst);
+                if let Ok(mut last) = LAST_ERROR.lock() {
+                    *last = e.clone();
+                }
+                RELOADS_ERROR.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
                     generation,
                     "reload refused, still serving generation {generation}: {e}"
@@ -301,6 +358,7 @@ impl Control {
             ticket_keys,
             servers: export.servers,
             source: export.source,
+            runtime: runtime_servers(),
             sockets: all.iter().map(|(a, s, _)| (*a, *s)).collect(),
             control: counters,
         };

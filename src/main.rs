@@ -128,6 +128,21 @@ enum CtlCommand {
         address: String,
         weight: u32,
     },
+    /// Add a real server (IP:port) to a service or sub-service (`service/sub`), on every
+    /// shard; with a health check it gets traffic once a check has passed.
+    Add {
+        service: String,
+        address: String,
+        #[arg(long, default_value_t = 1000)]
+        weight: u32,
+        /// 0: none.
+        #[arg(long, default_value_t = 0)]
+        connection_limit: u32,
+    },
+    /// Remove a real server: only once in maint with no connection left (`maint --wait`).
+    Remove { service: String, address: String },
+    /// Reload the configuration file (as SIGHUP), answering with the result.
+    Reload,
     /// Exit 0 when /healthz says the appliance is healthy, 1 when not, 2 when it cannot tell
     /// (no answer, or the token is missing or wrong).
     Health {
@@ -193,6 +208,28 @@ fn ctl(
     };
     let (method, path, body) = match &cmd {
         CtlCommand::Servers => ("GET", "/api/v1/services".to_string(), None),
+        CtlCommand::Add {
+            service,
+            address,
+            weight,
+            connection_limit,
+        } => (
+            "POST",
+            format!("/api/v1/services/{}/real_servers", encode(service)),
+            Some(
+                json!({ "address": address, "weight": weight, "connection_limit": connection_limit }),
+            ),
+        ),
+        CtlCommand::Remove { service, address } => (
+            "DELETE",
+            format!(
+                "/api/v1/services/{}/real_servers/{}",
+                encode(service),
+                encode(address)
+            ),
+            None,
+        ),
+        CtlCommand::Reload => ("POST", "/api/v1/reload".to_string(), Some(json!({}))),
         CtlCommand::Health { appliance } => (
             "GET",
             if *appliance {
@@ -263,6 +300,23 @@ fn ctl(
         match cmd {
             CtlCommand::Servers => print!("{}", servers_table(&v)),
             CtlCommand::Health { .. } => println!("healthy"),
+            CtlCommand::Reload => {
+                println!("reloaded: configuration generation {}", v["generation"])
+            }
+            CtlCommand::Remove { .. } => println!(
+                "{} {}: removed (configuration generation {})",
+                v["pool"].as_str().unwrap_or("?"),
+                v["address"].as_str().unwrap_or("?"),
+                v["generation"]
+            ),
+            CtlCommand::Add { .. } => println!(
+                "{} {}: added, health {}, weight {} (configuration generation {})",
+                v["pool"].as_str().unwrap_or("?"),
+                v["address"].as_str().unwrap_or("?"),
+                v["health"].as_str().unwrap_or("?"),
+                v["weight"],
+                v["generation"]
+            ),
             _ => println!(
                 "{} {}: state {}, weight {}, {} active connections",
                 v["pool"].as_str().unwrap_or("?"),
@@ -485,10 +539,34 @@ fn run(
         edgeshard::diag::flush(Duration::from_secs(2));
         ExitCode::from(code)
     };
-    let config = match loaded {
-        Ok(c) => Arc::new(c),
+    let mut config = match loaded {
+        Ok(c) => c,
         Err(e) => return fail(2, e.to_string()),
     };
+    // What the process this one replaces hands over: its sockets, keys and state.
+    let handover = match &successor {
+        None => None,
+        Some(sock) => match edgeshard::upgrade::receive(sock) {
+            Ok(x) => Some(x),
+            Err(e) => return fail(1, format!("upgrade hand-over: {e}")),
+        },
+    };
+    // Real servers the runtime API added or removed: handed over, or kept in the state file.
+    let state_file = config.admin.as_ref().and_then(|a| a.state_file.clone());
+    let runtime = match (&handover, &state_file) {
+        (Some((doc, _)), _) => Some(doc.runtime.clone()),
+        (None, Some(f)) => edgeshard::admin::load_runtime_servers(f)
+            .map_err(|e| tracing::warn!("[admin] state_file: {e}; no runtime real servers"))
+            .ok(),
+        (None, None) => None,
+    };
+    if let Some(r) = runtime {
+        for note in config.apply_runtime(&r) {
+            tracing::warn!("runtime real servers: {note}");
+        }
+        control::set_runtime_servers(r);
+    }
+    let config = Arc::new(config);
     if let Err(e) = edgeshard::runtime::check_memlock(&config) {
         return fail(1, e);
     }
@@ -500,7 +578,7 @@ fn run(
         );
     }
     // Runtime changes (operator state, weights) kept from before: every shard starts with them.
-    let mut changes = match config.admin.as_ref().and_then(|a| a.state_file.as_ref()) {
+    let mut changes = match &state_file {
         None => Vec::new(),
         // the file only keeps what the API changed: unreadable, it is a warning, not a stop
         Some(f) => edgeshard::admin::load_state_file(f, &config).unwrap_or_else(|e| {
@@ -508,15 +586,10 @@ fn run(
             Vec::new()
         }),
     };
-    // What the process this one replaces hands over: its sockets, keys and servers' state.
     let mut seeds = Vec::new();
-    let (sockets, secrets, carried) = match &successor {
+    let (sockets, secrets, carried) = match handover {
         None => (Default::default(), None, None),
-        Some(sock) => {
-            let (doc, fds) = match edgeshard::upgrade::receive(sock) {
-                Ok(x) => x,
-                Err(e) => return fail(1, format!("upgrade hand-over: {e}")),
-            };
+        Some((doc, fds)) => {
             let secrets = match doc.to_secrets() {
                 Ok(s) => s,
                 Err(e) => return fail(1, e),

@@ -28,6 +28,9 @@ pub struct Handover {
     pub source: Vec<SourceExport>,
     /// The sockets, in the order their descriptors follow: (address, shard).
     pub sockets: Vec<(SocketAddr, usize)>,
+    /// Real servers the runtime API added or removed.
+    #[serde(default)]
+    pub runtime: crate::config::RuntimeServers,
     /// Carried so that counters and the operation sequence do not restart.
     pub control: crate::control::Counters,
 }

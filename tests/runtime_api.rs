@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const READ_TOKEN: &str = "test-read-token-abcdef0123456789";
@@ -665,4 +667,220 @@ fn the_admin_listener_speaks_https() {
         free_port()
     ));
     assert!(ok && !text.contains("warning: admin.listen"), "{text}");
+}
+
+/// An origin named `name` whose /healthcheck.html answers 503 until `healthy`, and whose
+/// /slow answers after 500 ms (counted in `slow_in_flight` meanwhile).
+fn checked_slow(
+    name: &'static str,
+    healthy: Arc<AtomicBool>,
+    slow_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+) -> Origin {
+    Origin::start(Arc::new(
+        move |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
+            use std::io::Write;
+            if s.request_line.contains("/healthcheck.html") && !healthy.load(Ordering::SeqCst) {
+                let _ =
+                    w.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+                return common::origin::Next::KeepAlive;
+            }
+            if s.request_line.contains(" /slow") {
+                slow_in_flight.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(500));
+                slow_in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}");
+            common::origin::Next::KeepAlive
+        },
+    ))
+}
+
+/// Requests that are not health checks.
+fn served(o: &Origin) -> usize {
+    o.requests()
+        .iter()
+        .filter(|s| !s.request_line.contains("/healthcheck.html"))
+        .count()
+}
+
+/// Add then remove a real server under load through the API: it gets traffic only after its
+/// first good health check; removal is refused while it has connections, then accepted; no
+/// request fails throughout; the addition survives a reload and a restart (state file); a
+/// reload needs the admin role.
+#[test]
+fn servers_added_and_removed_under_load_fail_nothing() {
+    let a_ok = Arc::new(AtomicBool::new(true));
+    let b_ok = Arc::new(AtomicBool::new(false));
+    let b_slow = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = checked_slow("a", a_ok, Default::default());
+    let b = checked_slow("b", b_ok.clone(), b_slow.clone());
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let dir = tmpdir("add-remove");
+    let state = dir.join("state.json");
+    let admin_token = "test-admin-token-0123456789abcdef";
+    let admin_hash: String = edgeshard::access::sha256(admin_token.as_bytes())
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let cfg = simple_config(
+        listen,
+        &[a.addr],
+        "[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\n",
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\nstate_file = \"{}\"\n{}[[admin.token]]\nname = \"root\"\nrole = \"admin\"\nsha256 = \"{admin_hash}\"\n",
+            state.display(),
+            operator_token_config()
+        ),
+    );
+    let mut p = Proxy::start(&cfg, listen);
+    // load: keep-alive and new connections, some requests slow
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = [(true, "/"), (false, "/"), (true, "/slow"), (false, "/slow")]
+        .into_iter()
+        .map(|(keep, path)| {
+            let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+            std::thread::spawn(move || {
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut c: Option<Client> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let reused = c.is_some();
+                    let conn = c.get_or_insert_with(|| Client::connect(listen));
+                    match conn.request_checked(req.as_bytes()) {
+                        Some(200) => {
+                            done.fetch_add(1, Ordering::SeqCst);
+                            if !keep {
+                                c = None;
+                            }
+                        }
+                        // a reused connection closed before answering: resent (never here)
+                        None if reused => c = None,
+                        other => {
+                            failures.lock().unwrap().push(format!("{path}: {other:?}"));
+                            c = None;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let add = |token: &str| {
+        admin_call(
+            admin,
+            "POST",
+            "/api/v1/services/web/real_servers",
+            Some(token),
+            Some(&format!(
+                "{{\"address\": \"{}\", \"weight\": 1000}}",
+                b.addr
+            )),
+        )
+    };
+    let r = add(OPERATOR_TOKEN);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    // checked at once: "checking" or already "down", never "up" before a good check
+    assert_ne!(v["health"], "up", "{v}");
+    assert_eq!(add(OPERATOR_TOKEN).status, 409, "added twice");
+    // not healthy yet: no traffic
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(served(&b), 0, "traffic before a good health check");
+    b_ok.store(true, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(5),
+        "b gets traffic once healthy",
+        || served(&b) > 20,
+    );
+    let st = status(admin);
+    assert_eq!(
+        st["virtual_services"][0]["real_servers"][1]["source"],
+        "runtime"
+    );
+    // a reload (admin role only) keeps it
+    let r = admin_call(
+        admin,
+        "POST",
+        "/api/v1/reload",
+        Some(OPERATOR_TOKEN),
+        Some("{}"),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = admin_call(
+        admin,
+        "POST",
+        "/api/v1/reload",
+        Some(admin_token),
+        Some("{}"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server_status(admin, 1), "up");
+    // removal: refused while ready, refused while connections remain, then accepted
+    let remove = || {
+        admin_call(
+            admin,
+            "DELETE",
+            &format!("/api/v1/services/web/real_servers/{}", b.addr),
+            Some(OPERATOR_TOKEN),
+            None,
+        )
+    };
+    assert_eq!(remove().status, 409);
+    wait_until(
+        Duration::from_secs(5),
+        "a slow request in flight on b",
+        || b_slow.load(Ordering::SeqCst) > 0,
+    );
+    let r = admin_call(
+        admin,
+        "POST",
+        &format!("/api/v1/services/web/real_servers/{}/state", b.addr),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"state": "maint"}"#),
+    );
+    assert_eq!(r.status, 200);
+    let refused = remove();
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    let busy: Value = serde_json::from_slice(&refused.body).unwrap();
+    assert!(busy["active_connections"].as_u64().unwrap() > 0, "{busy}");
+    let r = admin_call(
+        admin,
+        "POST",
+        &format!("/api/v1/services/web/real_servers/{}/state", b.addr),
+        Some(OPERATOR_TOKEN),
+        Some(r#"{"state": "maint", "wait": "10s"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = remove();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = served(&b);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served(&b), after, "nothing reaches a removed server");
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let f = failures.lock().unwrap();
+    assert!(f.is_empty(), "{f:?}\n{}", p.log());
+    assert!(done.load(Ordering::SeqCst) > 200);
+    // added again, then a restart: the state file keeps it
+    assert_eq!(add(OPERATOR_TOKEN).status, 201);
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(
+        kept["runtime"]["added"][0]["address"],
+        b.addr.to_string(),
+        "{kept}"
+    );
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.log());
+    let _p = Proxy::start(&cfg, listen);
+    let st = status(admin);
+    let servers = &st["virtual_services"][0]["real_servers"];
+    assert_eq!(servers.as_array().unwrap().len(), 2, "{st}");
+    assert_eq!(servers[1]["address"], b.addr.to_string());
+    assert_eq!(
+        servers[1]["state"], "ready",
+        "a server added again starts afresh"
+    );
 }

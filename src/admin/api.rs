@@ -54,6 +54,21 @@ pub struct StateEntry {
 struct StateFile {
     version: u32,
     servers: Vec<StateEntry>,
+    /// Real servers the API added or removed.
+    #[serde(default)]
+    runtime: crate::config::RuntimeServers,
+}
+
+/// The real servers the API added or removed, as the state file keeps them (none if there is
+/// no file yet).
+pub fn load_runtime_servers(path: &Path) -> Result<crate::config::RuntimeServers, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<StateFile>(&text)
+            .map(|f| f.runtime)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 /// The real server of `pool` at `address` (as written in the config, or resolved).
@@ -123,6 +138,7 @@ async fn save(shard: &Shard) -> Result<(), String> {
     let file = StateFile {
         version: 1,
         servers: runtime_entries(shard),
+        runtime: crate::control::runtime_servers(),
     };
     let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
     glommio::executor()
@@ -191,6 +207,24 @@ pub async fn change(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
     // /api/v1/services/{service}[/{sub}]/real_servers/{address}/{state|weight}
     let path = percent_decode(&req.path);
     let rest = path.strip_prefix("/api/v1/services/").unwrap_or("");
+    if let Some(pool) = rest.strip_suffix("/real_servers") {
+        return match req.method.as_str() {
+            "POST" => add(shard, req, who, pool).await,
+            m => err(
+                405,
+                format!("{m} .../real_servers is not a call (POST adds one)"),
+            ),
+        };
+    }
+    if req.method == "DELETE" {
+        return match rest.split_once("/real_servers/") {
+            Some((pool, address)) => remove(shard, req, who, pool, address).await,
+            None => err(
+                404,
+                "expected DELETE /api/v1/services/{service}/real_servers/{address}".into(),
+            ),
+        };
+    }
     let Some((pool, tail)) = rest.split_once("/real_servers/") else {
         return err(
             404,
@@ -371,4 +405,219 @@ async fn legacy(shard: &Shard, req: &Request, who: &str, enable: bool) -> (u16, 
         200,
         json!({ "address": address, "enabled": enable, "state": state.name(), "real_servers": matched.len() }),
     )
+}
+
+/// How long an API call waits for the reload it asked for.
+const RELOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// POST /api/v1/reload: the same as SIGHUP; answers with the new generation or the error.
+pub async fn reload(shard: &Shard, req: &Request, who: &str) -> (u16, Value) {
+    let r = crate::control::reload_from_shard(RELOAD_WAIT).await;
+    let (status, v, what) = match r {
+        Ok(generation) => (
+            200,
+            json!({ "result": "ok", "generation": generation }),
+            format!("{who}: reload: generation {generation}"),
+        ),
+        Err(e) => (
+            422,
+            json!({ "result": "error", "error": e }),
+            format!("{who}: reload refused: {e}"),
+        ),
+    };
+    audit(
+        shard,
+        req.peer,
+        "api_change",
+        &what,
+        Some(status),
+        &req.path,
+    );
+    (status, v)
+}
+
+/// Change the runtime API's real servers, keep the change in the state file and reload to
+/// apply it on every shard; undone if the reload fails (the configuration file on disk may
+/// have become invalid meanwhile: the error says so).
+async fn apply_runtime(
+    shard: &Shard,
+    change: impl FnOnce(&mut crate::config::RuntimeServers),
+) -> Result<u64, String> {
+    let before = crate::control::runtime_servers();
+    let mut after = before.clone();
+    change(&mut after);
+    crate::control::set_runtime_servers(after);
+    save(shard).await?;
+    match crate::control::reload_from_shard(RELOAD_WAIT).await {
+        Ok(g) => {
+            // the operator state of what is in the new configuration, as it is now
+            save(&shard.state.current()).await?;
+            Ok(g)
+        }
+        Err(e) => {
+            crate::control::set_runtime_servers(before);
+            let _ = save(shard).await;
+            Err(e)
+        }
+    }
+}
+
+/// POST /api/v1/services/{pool}/real_servers {"address": "IP:port", "weight": 1000,
+/// "connection_limit": 0}: a new real server on every shard. With a health check it gets
+/// traffic once its first check passes (it starts "checking").
+async fn add(shard: &Shard, req: &Request, who: &str, pool: &str) -> (u16, Value) {
+    let err = |status: u16, msg: String| (status, json!({ "error": msg }));
+    let Some(p) = shard.config.pools.iter().find(|p| p.name == pool) else {
+        return err(404, format!("no service or sub-service {pool:?}"));
+    };
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => return err(400, format!("the body is not JSON: {e}")),
+    };
+    let Some(address) = body["address"].as_str() else {
+        return err(400, "\"address\" (IP:port) is required".into());
+    };
+    let Ok(sa) = address.parse::<SocketAddr>() else {
+        return err(
+            400,
+            format!(
+                "\"address\": {address:?} is not an IP:port (names are not resolved at run time)"
+            ),
+        );
+    };
+    let weight = match &body["weight"] {
+        Value::Null => 1000,
+        w => match w.as_u64() {
+            Some(w) if (1..=65535).contains(&w) => w as u32,
+            _ => return err(400, "\"weight\" must be a number from 1 to 65535".into()),
+        },
+    };
+    let connection_limit = match &body["connection_limit"] {
+        Value::Null => 0,
+        l => match l.as_u64() {
+            Some(l) if l <= u32::MAX as u64 => l as u32,
+            _ => {
+                return err(
+                    400,
+                    "\"connection_limit\" must be a number (0: none)".into(),
+                )
+            }
+        },
+    };
+    if p.servers.iter().any(|id| shard.server(*id).address == sa) {
+        return err(409, format!("{address} is already a real server of {pool}"));
+    }
+    let entry = crate::config::AddedServer {
+        pool: pool.to_string(),
+        address: sa.to_string(),
+        weight,
+        connection_limit,
+    };
+    let r = apply_runtime(shard, |rt| {
+        let removed = |r: &crate::config::RemovedServer| {
+            r.pool == entry.pool && (r.address == entry.address || r.address == address)
+        };
+        // one the configuration lists, removed by the API before, comes back as configured
+        let was_removed = rt.removed.iter().any(removed);
+        rt.removed.retain(|r| !removed(r));
+        if !was_removed {
+            rt.added.push(entry.clone());
+        }
+    })
+    .await;
+    match r {
+        Ok(generation) => {
+            let current = shard.state.current();
+            let id = find(&current.config, pool, &sa.to_string());
+            audit(
+                shard,
+                req.peer,
+                "api_change",
+                &format!("{who}: {pool} {sa} added (weight {weight}, connection_limit {connection_limit})"),
+                Some(201),
+                &req.path,
+            );
+            match id {
+                Some(id) => {
+                    let mut v = server_json(&current, id);
+                    v["generation"] = json!(generation);
+                    v["health"] = json!(match current.load.health(id) {
+                        crate::balance::Health::Up => "up",
+                        crate::balance::Health::Down => "down",
+                        crate::balance::Health::Checking => "checking",
+                    });
+                    (201, v)
+                }
+                None => err(
+                    500,
+                    format!("{sa}: added, but the new configuration does not have it"),
+                ),
+            }
+        }
+        Err(e) => err(
+            422,
+            format!("not added: the reload that adds it failed: {e}"),
+        ),
+    }
+}
+
+/// DELETE /api/v1/services/{pool}/real_servers/{address}: only a server in maint with no
+/// connection left (409 with the count otherwise), so that nothing in flight is cut.
+async fn remove(
+    shard: &Shard,
+    req: &Request,
+    who: &str,
+    pool: &str,
+    address: &str,
+) -> (u16, Value) {
+    let err = |status: u16, msg: String| (status, json!({ "error": msg }));
+    let Some(id) = find(&shard.config, pool, address) else {
+        return err(404, format!("no real server {address} in {pool}"));
+    };
+    let state = shard.load.admin_state(id);
+    let active = shard.load.global(id);
+    if state != AdminState::Maint || active > 0 {
+        return (
+            409,
+            json!({
+                "error": "a real server is removed once in maint with no connection left: set its state to maint (with \"wait\") first",
+                "state": state.name(),
+                "active_connections": active,
+            }),
+        );
+    }
+    let rs = shard.server(id).clone();
+    let r = apply_runtime(shard, |rt| {
+        let before = rt.added.len();
+        rt.added.retain(|a| {
+            !(a.pool == pool && (a.address == rs.name || a.address == rs.address.to_string()))
+        });
+        if rt.added.len() == before {
+            rt.removed.push(crate::config::RemovedServer {
+                pool: pool.to_string(),
+                address: rs.name.clone(),
+            });
+        }
+    })
+    .await;
+    match r {
+        Ok(generation) => {
+            audit(
+                shard,
+                req.peer,
+                "api_change",
+                &format!("{who}: {pool} {} removed", rs.name),
+                Some(200),
+                &req.path,
+            );
+            (
+                200,
+                json!({ "pool": pool, "address": rs.name, "removed": true, "generation": generation }),
+            )
+        }
+        Err(e) => err(
+            422,
+            format!("not removed: the reload that removes it failed: {e}"),
+        ),
+    }
 }

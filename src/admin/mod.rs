@@ -7,7 +7,7 @@
 mod api;
 mod status;
 
-pub use api::{load_state_file, StateEntry};
+pub use api::{load_runtime_servers, load_state_file, StateEntry};
 pub use status::status_json;
 
 use crate::config::{Role, ServerId, Token};
@@ -464,9 +464,11 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
         ("POST", "/real_server/enable" | "/real_server/disable") => {
             (Need::Role(Role::Operator), true)
         }
-        ("POST" | "PUT", p) if p.starts_with("/api/v1/services/") => {
+        ("POST" | "PUT" | "DELETE", p) if p.starts_with("/api/v1/services/") => {
             (Need::Role(Role::Operator), true)
         }
+        // the whole configuration: an admin's call
+        ("POST", "/api/v1/reload") => (Need::Role(Role::Admin), true),
         (_, "/" | "/status" | "/metrics" | "/healthz" | "/api/v1/services") => {
             return error(head, 405, "method not allowed")
         }
@@ -526,6 +528,10 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
         "/healthz" => {
             let (ok, v) = api::healthz(shard, req.param("scope") == Some("appliance")).await;
             json_response(head, if ok { 200 } else { 503 }, &v)
+        }
+        "/api/v1/reload" => {
+            let (status, v) = api::reload(shard, req, who).await;
+            json_response(head, status, &v)
         }
         _ => {
             let (status, v) = api::change(shard, req, who).await;

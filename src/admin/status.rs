@@ -25,6 +25,7 @@ fn server_state(shard: &Shard, id: ServerId) -> &'static str {
 /// last check, and the active connection count summed over shards with the per-shard split.
 pub fn status_json(shard: &Shard, merged: &Merged) -> String {
     let cfg = &shard.config;
+    let runtime = crate::control::runtime_servers();
     let pool_json = |p: usize| {
         let pool = &cfg.pools[p];
         let servers: Vec<_> = pool
@@ -49,6 +50,8 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                     // the state file, and kept over a config reload)
                     "state_source": if shard.load.admin_state(id) == AdminState::Ready { "config" } else { "runtime" },
                     "weight_source": if shard.load.weight(id) == rs.weight { "config" } else { "runtime" },
+                    // added through the runtime API (kept in the state file), or in the config
+                    "source": if runtime.is_added(&pool.name, &rs.name) { "runtime" } else { "config" },
                     "connection_limit": rs.connection_limit,
                     "active_connections": shard.load.global(id),
                     "active_connections_per_shard": shard.load.per_shard(id),

@@ -9,6 +9,7 @@ pub mod tls;
 mod units;
 
 pub use model::*;
+pub use reload::{AddedServer, RemovedServer, RuntimeServers};
 
 pub use crate::access::Access;
 use file::*;

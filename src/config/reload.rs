@@ -5,7 +5,7 @@
 //! names it until its last request ends. What a running process cannot change in place is
 //! refused here, naming the field, before anything changes.
 
-use super::{Config, RealServer, ServerId};
+use super::{Config, RealServer, ServerId, Slots};
 use std::collections::HashMap;
 
 impl Config {
@@ -157,4 +157,135 @@ fn take(used: &mut usize, room: usize, what: &str) -> Result<usize, String> {
     }
     *used += 1;
     Ok(*used - 1)
+}
+
+/// Real servers the runtime API added or removed: applied to every configuration loaded
+/// (at start and at each reload), so that neither a reload nor a restart (through
+/// `[admin] state_file`) undoes them. A server in the file and removed by the API stays
+/// removed until the API adds it again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeServers {
+    #[serde(default)]
+    pub added: Vec<AddedServer>,
+    #[serde(default)]
+    pub removed: Vec<RemovedServer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AddedServer {
+    /// "service" or "service/sub-service".
+    pub pool: String,
+    /// IP:port.
+    pub address: String,
+    pub weight: u32,
+    #[serde(default)]
+    pub connection_limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemovedServer {
+    pub pool: String,
+    pub address: String,
+}
+
+impl RuntimeServers {
+    pub fn is_added(&self, pool: &str, address: &str) -> bool {
+        self.added
+            .iter()
+            .any(|a| a.pool == pool && a.address == address)
+    }
+}
+
+impl Config {
+    /// Apply the runtime API's additions and removals to a configuration just loaded (before
+    /// `follow`). Returns what no longer applies (a pool gone, a server the file now lists),
+    /// as warnings: the rest applies.
+    pub fn apply_runtime(&mut self, r: &RuntimeServers) -> Vec<String> {
+        let mut notes = Vec::new();
+        for rm in &r.removed {
+            let Some(p) = self.pools.iter_mut().find(|p| p.name == rm.pool) else {
+                notes.push(format!(
+                    "runtime removal of {} from {}: no such pool any more",
+                    rm.address, rm.pool
+                ));
+                continue;
+            };
+            let servers = &self.servers;
+            p.servers.retain(|id| {
+                servers[id.0].name != rm.address && servers[id.0].address.to_string() != rm.address
+            });
+        }
+        for add in &r.added {
+            let Some(pool) = self.pools.iter().position(|p| p.name == add.pool) else {
+                notes.push(format!(
+                    "runtime real server {} of {}: no such pool any more",
+                    add.address, add.pool
+                ));
+                continue;
+            };
+            let Ok(address) = add.address.parse::<std::net::SocketAddr>() else {
+                notes.push(format!(
+                    "runtime real server {:?}: not an IP:port",
+                    add.address
+                ));
+                continue;
+            };
+            let dup = self.pools[pool]
+                .servers
+                .iter()
+                .any(|id| self.servers[id.0].address == address);
+            if dup {
+                notes.push(format!(
+                    "runtime real server {} of {}: the configuration lists it now",
+                    add.address, add.pool
+                ));
+                continue;
+            }
+            let id = ServerId(self.servers.len());
+            self.servers.push(RealServer {
+                id,
+                pool,
+                address,
+                name: add.address.clone(),
+                weight: add.weight.clamp(1, 65535),
+                connection_limit: add.connection_limit,
+                key: format!("{} {}", add.pool, add.address),
+                retired: false,
+            });
+            self.pools[pool].servers.push(id);
+        }
+        // a removed server is in no pool: drop it (and renumber) so that ids stay dense
+        let live: Vec<bool> = {
+            let mut v = vec![false; self.servers.len()];
+            for p in &self.pools {
+                for id in &p.servers {
+                    v[id.0] = true;
+                }
+            }
+            v
+        };
+        if live.iter().any(|l| !l) {
+            let mut map = vec![None; self.servers.len()];
+            let mut kept = Vec::new();
+            for (i, rs) in std::mem::take(&mut self.servers).into_iter().enumerate() {
+                if live[i] {
+                    map[i] = Some(ServerId(kept.len()));
+                    kept.push(RealServer {
+                        id: ServerId(kept.len()),
+                        ..rs
+                    });
+                }
+            }
+            self.servers = kept;
+            for p in &mut self.pools {
+                for id in &mut p.servers {
+                    *id = map[id.0].expect("every pool member is live");
+                }
+            }
+        }
+        self.nr_servers = self.servers.len();
+        let grown = Slots::for_size(self.services.len(), self.pools.len(), self.servers.len());
+        self.slots.servers = self.slots.servers.max(grown.servers);
+        notes
+    }
 }

@@ -304,6 +304,11 @@ impl State {
                 .health_check
                 .as_ref()
                 .is_some_and(|h| !h.initial_up);
+            if before.is_some_and(|b| b.retired) {
+                // removed earlier, back now: it starts afresh, as a new server would
+                load.set_admin_state(rs.id, crate::balance::AdminState::Ready);
+                self.passive[rs.id.0].set(0);
+            }
             if checked && before.is_none_or(|b| b.retired) {
                 load.set_checking(rs.id);
             }
