@@ -475,6 +475,33 @@ fn ctl_and_token_new_end_to_end() {
     let (code, _, err) = ctl(admin, t, &["maint", "web", "192.0.2.1:1"]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(ctl(local(free_port()), t, &["servers"]).0, 2);
+    // add, remove (once in maint), and reload: an operator may not reload
+    let c = Origin::named("c");
+    let c_addr = c.addr.to_string();
+    let (code, line, err) = ctl(admin, t, &["add", "web", &c_addr, "--weight", "300"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        line.contains("added") && line.contains("weight 300"),
+        "{line}"
+    );
+    wait_until(Duration::from_secs(5), "c serves", || {
+        (0..6).any(|_| one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text() == "c")
+    });
+    let (code, _, err) = ctl(admin, t, &["remove", "web", &c_addr]);
+    assert_eq!(code, 1, "not in maint: refused");
+    assert!(err.contains("409"), "{err}");
+    assert_eq!(
+        ctl(admin, t, &["maint", "web", &c_addr, "--wait", "5s"]).0,
+        0
+    );
+    let (code, line, err) = ctl(admin, t, &["remove", "web", &c_addr]);
+    assert_eq!(code, 0, "{err}");
+    assert!(line.contains("removed"), "{line}");
+    let (_, table, _) = ctl(admin, t, &["servers"]);
+    assert!(!table.contains(&c_addr), "{table}");
+    let (code, _, err) = ctl(admin, t, &["reload"]);
+    assert_eq!(code, 1, "an operator token cannot reload");
+    assert!(err.contains("403"), "{err}");
     // unhealthy: every real server in maint
     ctl(admin, t, &["maint", "web", &a.addr.to_string()]);
     ctl(admin, t, &["maint", "web", &b_addr]);
