@@ -23,11 +23,15 @@ pub type ClientStream = crate::net::Stream<futures_rustls::server::TlsStream<Soc
 /// What is known of a client connection beyond one request: for routing, limits and the
 /// connection log.
 pub struct ConnFacts {
-    /// The virtual service, in the configuration of `generation`.
+    /// The virtual service, in the configuration `origin`.
     pub vs_idx: usize,
     /// The same, by slot: found again in a later configuration.
     pub vs_slot: usize,
-    pub generation: u64,
+    /// The configuration generation `vs_idx` belongs to (kept while the connection lives:
+    /// a request on it may still be answered under that configuration).
+    pub origin: Rc<Shard>,
+    /// The listening address it came in on.
+    pub listen: SocketAddr,
     pub peer: SocketAddr,
     /// "http" or "https" (X-Forwarded-Proto).
     pub proto: &'static str,
@@ -66,7 +70,7 @@ impl ConnFacts {
 impl ConnFacts {
     /// The connection's virtual service in `shard`'s configuration (None: removed by a reload).
     pub fn service<'a>(&self, shard: &'a Shard) -> Option<&'a crate::config::VirtualService> {
-        if self.generation == shard.generation {
+        if self.origin.generation == shard.generation {
             shard.config.services.get(self.vs_idx)
         } else {
             shard

@@ -126,9 +126,45 @@ pub fn outcome_path(pid_file: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-pub fn read_outcome(pid_file: &Path) -> Option<Outcome> {
-    let text = std::fs::read_to_string(outcome_path(pid_file)).ok()?;
-    serde_json::from_str(&text).ok()
+/// The last outcome of `op` ("start", "reload", "upgrade"): the file keeps each op's last,
+/// so that a reload's outcome never hides an upgrade's.
+pub fn read_outcome(pid_file: &Path, op: &str) -> Option<Outcome> {
+    read_outcomes(pid_file).remove(op)
+}
+
+fn read_outcomes(pid_file: &Path) -> std::collections::BTreeMap<String, Outcome> {
+    std::fs::read_to_string(outcome_path(pid_file))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Is `pid` an edgeshard process (not an unrelated one that reused a stale pid file's PID)?
+pub fn is_edgeshard(pid: i32) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ours = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    // (a binary replaced by an upgrade shows as "edgeshard (deleted)")
+    let name = name.trim_end_matches(" (deleted)");
+    name.contains("edgeshard") || name == ours
+}
+
+/// Signals waiting for the main thread (blocked, not yet taken).
+pub fn pending(sig: i32) -> bool {
+    // SAFETY: sigpending fills a set we own; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set) == 0 && libc::sigismember(&set, sig) == 1
+    }
 }
 
 /// Write `text` to `path` whole or not at all (a reader never sees half of it).
@@ -163,6 +199,8 @@ pub fn sd_notify(state: &str) {
 pub struct Control {
     pub config_path: PathBuf,
     pub pid_file: Option<PathBuf>,
+    /// `--pid-file` as given (handed to a successor; else it reads its configuration's).
+    cli_pid_file: Option<PathBuf>,
     /// This binary's path as it was at start (the file there may be a newer version now).
     exe: PathBuf,
     log: Arc<LogWriter>,
@@ -173,6 +211,7 @@ impl Control {
     pub fn new(
         config_path: PathBuf,
         pid_file: Option<PathBuf>,
+        cli_pid_file: Option<PathBuf>,
         log: Arc<LogWriter>,
         carried: Option<&Counters>,
     ) -> Control {
@@ -187,6 +226,7 @@ impl Control {
         Control {
             config_path,
             pid_file,
+            cli_pid_file,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             log,
             seq: carried.map_or(0, |c| c.seq),
@@ -195,7 +235,8 @@ impl Control {
 
     /// This process serves: write the pid file and the outcome of `op` ("start", or
     /// "upgrade" in a new process), and tell systemd.
-    pub fn serving(&mut self, op: &str) {
+    pub fn serving(&mut self, op: &str, generation: u64) {
+        GENERATION.store(generation, Ordering::SeqCst);
         if let Some(p) = &self.pid_file {
             if let Err(e) = write_atomic(p, &format!("{}\n", std::process::id())) {
                 tracing::error!(pid_file = %p.display(), "cannot write the pid file: {e}");
@@ -233,7 +274,9 @@ impl Control {
             pid: std::process::id(),
             at_unix_ms: unix_ms(),
         };
-        let text = serde_json::to_string(&o).unwrap_or_default();
+        let mut all = read_outcomes(p);
+        all.insert(op.to_string(), o);
+        let text = serde_json::to_string(&all).unwrap_or_default();
         if let Err(e) = write_atomic(&outcome_path(p), &text) {
             tracing::error!(file = %outcome_path(p).display(), "cannot write the outcome file: {e}");
         }
@@ -250,7 +293,7 @@ impl Control {
                 for note in c.apply_runtime(&runtime_servers()) {
                     tracing::warn!("{note}");
                 }
-                c.follow(running.config())
+                c.follow(running.config(), running.busy())
                     .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
                 let warnings = c.warnings();
                 let generation = running.reload(c)?;
@@ -326,7 +369,8 @@ impl Control {
         unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("run").arg("--config").arg(&self.config_path);
-        if let Some(p) = &self.pid_file {
+        // the command line's pid file; else the new configuration's [runtime] pid_file
+        if let Some(p) = &self.cli_pid_file {
             cmd.arg("--pid-file").arg(p);
         }
         cmd.env(crate::upgrade::ENV_FD, theirs.as_raw_fd().to_string());
@@ -366,9 +410,29 @@ impl Control {
         if let Err(e) = crate::upgrade::send(&ours, &doc, &fds) {
             return Err(fail(&mut child, format!("hand-over failed: {e}")));
         }
-        let _ = ours.set_read_timeout(Some(UPGRADE_TIMEOUT));
+        // Waited for in slices: a SIGTERM meanwhile ends the wait (and the upgrade) at once.
+        let _ = ours.set_read_timeout(Some(Duration::from_millis(100)));
+        let deadline = Instant::now() + UPGRADE_TIMEOUT;
+        let mut reader = BufReader::new(&ours);
         let mut line = String::new();
-        let read = BufReader::new(&ours).read_line(&mut line);
+        let read = loop {
+            match reader.read_line(&mut line) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if pending(libc::SIGTERM) || pending(libc::SIGINT) {
+                        return Err(fail(&mut child, "stopped: shutting down".into()));
+                    }
+                    if Instant::now() > deadline {
+                        break Err(std::io::Error::other("no answer"));
+                    }
+                }
+                r => break r,
+            }
+        };
         match (read, line.trim()) {
             (Ok(_), "ready") => Ok(child.id()),
             (Ok(_), other) if !other.is_empty() => {
@@ -376,9 +440,9 @@ impl Control {
                 Err(format!("the new process failed: {other}"))
             }
             (Ok(_), _) => Err(fail(&mut child, "it closed the hand-over".into())),
-            (Err(e), _) => Err(fail(
+            (Err(_), _) => Err(fail(
                 &mut child,
-                format!("the new process did not report ready within {UPGRADE_TIMEOUT:?}: {e}"),
+                format!("the new process did not report ready within {UPGRADE_TIMEOUT:?}"),
             )),
         }
     }
@@ -393,7 +457,10 @@ pub fn successor_socket() -> Option<UnixStream> {
     // close-on-exec from here on: a later upgrade must not leak it to the next process
     // SAFETY: fcntl on a descriptor we own.
     unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    Some(UnixStream::from(owned))
+    let sock = UnixStream::from(owned);
+    // an old process that never sends must not leave this one hanging at start
+    let _ = sock.set_read_timeout(Some(UPGRADE_TIMEOUT));
+    Some(sock)
 }
 
 /// Tell the old process how the start went.

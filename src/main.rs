@@ -371,6 +371,13 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // SIGHUP/SIGUSR2/SIGTERM… are taken synchronously by the main thread: blocked before any
+    // other thread exists (they inherit the mask), and before the config is read, so that
+    // a signal at start-up is handled once serving instead of killing the process.
+    let signals = match cli.command {
+        Command::Run { .. } | Command::Demo { .. } => Some(edgeshard::runtime::block_signals()),
+        _ => None,
+    };
     // Diagnostics go through a writer thread: a stalled stderr never blocks a shard.
     edgeshard::diag::init();
     let code = match cli.command {
@@ -417,7 +424,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, pid_file } => run(Config::load(&config), Some(config), pid_file),
+        Command::Run { config, pid_file } => run(
+            Config::load(&config),
+            Some(config),
+            pid_file,
+            signals.expect("blocked above"),
+        ),
         Command::Demo { config } => {
             let servers = [
                 "127.0.0.1:9001".parse().unwrap(),
@@ -438,7 +450,12 @@ fn main() -> ExitCode {
             );
             // the demo's config is in the binary: `edgeshard demo` works from any directory
             match config {
-                Some(path) => run(Config::load(&path), Some(path), None),
+                Some(path) => run(
+                    Config::load(&path),
+                    Some(path),
+                    None,
+                    signals.expect("blocked above"),
+                ),
                 None => run(
                     Config::parse(
                         std::path::Path::new("config/demo.toml (built in)"),
@@ -446,6 +463,7 @@ fn main() -> ExitCode {
                     ),
                     None,
                     None,
+                    signals.expect("blocked above"),
                 ),
             }
         }
@@ -482,7 +500,21 @@ fn signal_and_wait(pid_file: &std::path::Path, sig: i32, op: &str, timeout: &str
             return ExitCode::from(2);
         }
     };
-    let before = read_outcome(pid_file).map_or(0, |o| o.seq);
+    if !edgeshard::control::is_edgeshard(pid) {
+        eprintln!(
+            "error: process {pid} (from {}) is not edgeshard: a stale pid file? nothing was signalled",
+            pid_file.display()
+        );
+        return ExitCode::from(2);
+    }
+    if read_outcome(pid_file, "start").is_none() && read_outcome(pid_file, "upgrade").is_none() {
+        eprintln!(
+            "error: {} is missing: was process {pid} started with this pid file? nothing was signalled",
+            edgeshard::control::outcome_path(pid_file).display()
+        );
+        return ExitCode::from(2);
+    }
+    let before = read_outcome(pid_file, op).map_or(0, |o| o.seq);
     // SAFETY: kill with a PID and a signal number.
     if unsafe { libc::kill(pid, sig) } != 0 {
         eprintln!(
@@ -494,7 +526,7 @@ fn signal_and_wait(pid_file: &std::path::Path, sig: i32, op: &str, timeout: &str
     }
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
-        if let Some(o) = read_outcome(pid_file).filter(|o| o.seq > before && o.op == op) {
+        if let Some(o) = read_outcome(pid_file, op).filter(|o| o.seq > before) {
             return if o.ok {
                 match op {
                     "upgrade" => println!(
@@ -527,6 +559,7 @@ fn run(
     loaded: Result<Config, edgeshard::config::ConfigError>,
     config_path: Option<PathBuf>,
     pid_file: Option<PathBuf>,
+    signals: libc::sigset_t,
 ) -> ExitCode {
     use edgeshard::control;
     // Started by an upgrade: the old process waits on this socket for "ready".
@@ -609,11 +642,9 @@ fn run(
             )
         }
     };
-    // Block the shutdown signals before any shard thread exists, so they inherit the mask
-    // and only this thread receives them, synchronously.
-    let signals = edgeshard::runtime::block_signals();
     let log = edgeshard::log::LogWriter::start(&config.log);
-    let generation = carried.as_ref().map_or(1, |c| c.generation.max(1));
+    // an upgrade loads the file again: one more generation than the old process's
+    let generation = carried.as_ref().map_or(1, |c| c.generation + 1);
     let mut running = match edgeshard::shard::start(
         config.clone(),
         log.clone(),
@@ -630,10 +661,12 @@ fn run(
             std::process::exit(1);
         }
     };
+    let cli_pid_file = pid_file.clone();
     let pid_file = pid_file.or_else(|| config.runtime.pid_file.clone());
     let mut control = control::Control::new(
         config_path.clone().unwrap_or_default(),
         pid_file,
+        cli_pid_file,
         log.clone(),
         carried.as_ref(),
     );
@@ -667,9 +700,9 @@ fn run(
         tracing::warn!("{w}");
     }
     match &successor {
-        None => control.serving("start"),
+        None => control.serving("start", running.generation()),
         Some(sock) => {
-            control.serving("upgrade");
+            control.serving("upgrade", running.generation());
             log.lifecycle(
                 "upgrade",
                 running.generation(),
@@ -691,7 +724,13 @@ fn run(
                 tracing::warn!("SIGUSR2: the built-in demo cannot be upgraded (run with --config)")
             }
             edgeshard::runtime::Signal::Upgrade => {
-                if control.upgrade(&running).is_ok() {
+                if let Ok(new_pid) = control.upgrade(&running) {
+                    // a reload asked for during the hand-over goes to the process that now
+                    // serves (this one drains and exits)
+                    if control::pending(libc::SIGHUP) {
+                        // SAFETY: kill with a PID and a signal number.
+                        unsafe { libc::kill(new_pid as i32, libc::SIGHUP) };
+                    }
                     break "upgrade";
                 }
             }

@@ -65,6 +65,51 @@ pub struct ShardMetrics {
     in_use: Cell<(usize, usize)>,
 }
 
+impl ServiceCounters {
+    /// Back to zero: its slot now holds another service (a reload reused it).
+    fn reset(&self) {
+        for c in [
+            &self.requests,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.connections_active,
+            &self.connections_total,
+            &self.tls_handshakes,
+            &self.tls_resumed,
+            &self.tls_failures,
+            &self.access_refusals,
+        ] {
+            c.set(0);
+        }
+        for c in self
+            .responses
+            .iter()
+            .chain(&self.esp_refusals)
+            .chain(&self.limit_refusals)
+        {
+            c.set(0);
+        }
+    }
+}
+
+impl ServerCounters {
+    fn reset(&self) {
+        for c in [
+            &self.requests,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.connect_errors,
+            &self.retries,
+            &self.passive_downs,
+        ] {
+            c.set(0);
+        }
+        for c in &self.responses {
+            c.set(0);
+        }
+    }
+}
+
 fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get().wrapping_add(n));
 }
@@ -80,6 +125,23 @@ impl ShardMetrics {
                 .collect(),
             latency: (0..slots.services).map(|_| RefCell::new(None)).collect(),
             in_use: Cell::new((slots.used_services, slots.servers)),
+        }
+    }
+
+    /// Service slot `slot` now holds another service: its counters start from zero.
+    pub fn reset_service(&self, slot: usize) {
+        if let Some(c) = self.services.get(slot) {
+            c.reset();
+        }
+        if let Some(h) = self.latency.get(slot) {
+            *h.borrow_mut() = None;
+        }
+    }
+
+    /// Server slot `id` now holds another real server.
+    pub fn reset_server(&self, id: usize) {
+        if let Some(c) = self.servers.get(id) {
+            c.reset();
         }
     }
 

@@ -395,7 +395,10 @@ fn reloads_and_upgrades_under_load_fail_no_request() {
     assert!(total > 500, "{total} requests");
     assert!(t.ok.get("C").copied().unwrap_or(0) > 0);
     let m = metrics(s.admin);
-    assert_eq!(m["edgeshard_config_generation"], 6.0);
+    assert_eq!(
+        m["edgeshard_config_generation"], 8.0,
+        "5 reloads, 2 upgrades"
+    );
     assert_eq!(m["edgeshard_config_reloads_total{result=\"ok\"}"], 5.0);
     assert_eq!(m["edgeshard_upgrades_total"], 2.0);
     let log = p.log();
@@ -793,7 +796,8 @@ fn an_upgrade_keeps_tls_sessions_and_health() {
 }
 
 /// A reload that removes a listener: the port closes (connections queued on it were served
-/// first); the other services go on.
+/// first); a keep-alive connection of it has its next request answered, then closes; the
+/// other services go on.
 #[test]
 fn a_reload_removes_a_listener() {
     let a = origin("A");
@@ -824,10 +828,13 @@ fn a_reload_removes_a_listener() {
         "the removed listener closes",
         || TcpStream::connect(extra).is_err(),
     );
-    // a connection of the removed service is closed at its next request
-    assert!(idle
-        .request_checked(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .is_none());
+    // a connection of the removed service: the request it sends next is still answered
+    // (under the configuration it came in with), then it closes
+    assert_eq!(
+        idle.request_checked(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        Some(200)
+    );
+    assert!(idle.is_closed());
     assert_eq!(
         common::client::one(s.web, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(),
         "A"
@@ -858,7 +865,7 @@ fn an_upgrade_to_fewer_shards_drops_no_connection() {
         t.join().unwrap();
     }
     let t = tally.lock().unwrap();
-    assert!(t.failures.is_empty(), "{:?}", t.failures);
+    assert!(t.failures.is_empty(), "{:?}\n{}", t.failures, p.log());
     assert!(t.ok["A"] > 100, "{:?}", t.ok);
     // one shard now, and every request still answered
     let st = status(admin);
@@ -869,4 +876,333 @@ fn an_upgrade_to_fewer_shards_drops_no_connection() {
             "A"
         );
     }
+    // back to two shards and down again, twice: still one listening socket per shard
+    for _ in 0..2 {
+        std::fs::write(&p.config, &cfg).unwrap();
+        upgrade(&pid);
+        std::fs::write(&p.config, cfg.replace("shards = 2", "shards = 1")).unwrap();
+        upgrade(&pid);
+    }
+    std::fs::write(&p.config, &cfg).unwrap();
+    upgrade(&pid);
+    assert_eq!(listening_sockets(listen.port()), 2);
+    assert_eq!(
+        common::client::one(listen, &common::client::get("/")).text(),
+        "A"
+    );
+}
+
+/// Listening TCP sockets on `port` (from /proc/net/tcp).
+fn listening_sockets(port: u16) -> usize {
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&format!(":{port:04X}")) && f[3] == "0A"
+        })
+        .count()
+}
+
+/// SIGTERM while an upgrade waits for a new process that hangs: the wait ends, the new
+/// process is killed, and the appliance drains and exits at once (not after the upgrade's
+/// 30 s).
+#[test]
+fn sigterm_during_a_hanging_upgrade_stops_at_once() {
+    let a = origin("A");
+    let dir = tmpdir("hang-upgrade");
+    let pid = dir.join("edgeshard.pid");
+    let exe = dir.join("edgeshard");
+    std::fs::copy(bin(), &exe).unwrap();
+    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+    let config = dir.join("c.toml");
+    std::fs::write(&config, &cfg).unwrap();
+    let mut child = Command::new(&exe)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillPid(pid.clone());
+    wait_until(Duration::from_secs(10), "serving", || {
+        pid_of(&pid).is_some() && TcpStream::connect(listen).is_ok()
+    });
+    let script = dir.join("hang");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&script)
+        .status()
+        .unwrap();
+    std::fs::rename(&script, &exe).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+    // the hand-over has begun (the new process runs) before SIGTERM comes
+    wait_until(Duration::from_secs(5), "the new process started", || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep\060"))
+                && std::fs::read_to_string(e.path().join("stat"))
+                    .is_ok_and(|st| st.split_whitespace().nth(3) == Some(&child.id().to_string()))
+        })
+    });
+    let asked = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(8), "the appliance exits", || {
+        child.try_wait().unwrap().is_some()
+    });
+    assert!(asked.elapsed() < Duration::from_secs(8));
+}
+
+/// A second `run` of the same configuration does not silently join the first one's
+/// listening sockets (SO_REUSEPORT would let it): it exits 1 naming the address, and the
+/// first keeps its pid file.
+#[test]
+fn a_second_instance_on_the_same_addresses_is_refused() {
+    let a = origin("A");
+    let dir = tmpdir("twice");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    let first = pid_of(&pid).unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&p.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("address already in use"), "{err}");
+    assert_eq!(pid_of(&pid), Some(first));
+}
+
+/// Keep-alive connections follow the new configuration: after two services swap listen
+/// addresses, the next request on a connection opened before goes to the service now on its
+/// address (its last request under the old one, then it closes); an address an access list
+/// newly refuses is cut at once.
+#[test]
+fn keep_alive_connections_follow_swaps_and_access_lists() {
+    let (a, b) = (origin("A"), origin("B"));
+    let dir = tmpdir("swap");
+    let pid = dir.join("edgeshard.pid");
+    let (one_port, two_port) = (local(free_port()), local(free_port()));
+    let two = |first: SocketAddr, second: SocketAddr, acl: &str| {
+        format!(
+            "[runtime]\nshards = 2\noversubscribe = true\npid_file = \"{}\"\n\n[[virtual_service]]\nname = \"a\"\nlisten = \"{first}\"\n{acl}[[virtual_service.real_server]]\naddress = \"{}\"\n\n[[virtual_service]]\nname = \"b\"\nlisten = \"{second}\"\n[[virtual_service.real_server]]\naddress = \"{}\"\n",
+            pid.display(),
+            a.addr,
+            b.addr
+        )
+    };
+    let p = Proxy::start(&two(one_port, two_port, ""), one_port);
+    let _kill = KillPid(pid.clone());
+    let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut kept = common::client::Client::connect(one_port);
+    assert_eq!(kept.request(get).text(), "A");
+    std::fs::write(&p.config, two(two_port, one_port, "")).unwrap();
+    reload(&pid);
+    assert_eq!(common::client::one(one_port, get).text(), "B");
+    // the old connection: at most one more answer from A, never A afterwards
+    let next = kept.request_checked(get);
+    assert!(next == Some(200) || next.is_none());
+    assert!(
+        kept.is_closed(),
+        "a connection of the service that left closes"
+    );
+    // an access list added by reload cuts an open connection at its next request
+    let mut open = common::client::Client::connect(one_port);
+    assert_eq!(open.request(get).text(), "B");
+    std::fs::write(&p.config, two(one_port, two_port, "")).unwrap();
+    reload(&pid);
+    let mut open = common::client::Client::connect(one_port);
+    assert_eq!(open.request(get).text(), "A");
+    std::fs::write(
+        &p.config,
+        two(
+            one_port,
+            two_port,
+            "[virtual_service.access]\ndeny = [\"127.0.0.0/8\"]\n",
+        ),
+    )
+    .unwrap();
+    reload(&pid);
+    assert_eq!(open.request_checked(get), None, "refused at once");
+}
+
+/// A reload that removes a pool's health check brings a server the check had taken out
+/// back (nothing checks it any more: it is up, as at a start without a check).
+#[test]
+fn removing_a_health_check_brings_its_down_servers_back() {
+    let a = origin("A");
+    let dir = tmpdir("uncheck");
+    let pid = dir.join("edgeshard.pid");
+    let dead = local(free_port()); // nothing listens yet
+    let checked = "[virtual_service.health_check]\nurl = \"/\"\ninterval = \"200ms\"\n";
+    let (cfg, listen, admin) = plain(&[a.addr, dead], checked, &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    wait_until(Duration::from_secs(5), "the dead one down", || {
+        server_status(admin, 1) == "down"
+    });
+    let _back = Origin::start_on(
+        dead,
+        Arc::new(|_s: &Seen, w: &mut TcpStream| {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nD");
+            Next::KeepAlive
+        }),
+    );
+    std::fs::write(&p.config, cfg.replace(checked, "")).unwrap();
+    reload(&pid);
+    assert_eq!(server_status(admin, 1), "up");
+    let names: Vec<String> = (0..8)
+        .map(|_| common::client::one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text())
+        .collect();
+    assert!(names.iter().any(|n| n == "D"), "{names:?}");
+}
+
+/// Renaming a service and changing a real server's address on every reload, many more times
+/// than the room made at start: the places of what left are reused, no reload is refused,
+/// and the reused places start from zero.
+#[test]
+fn churn_by_reloads_never_runs_out_of_room() {
+    let a = origin("A");
+    let dir = tmpdir("churn");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, admin) = plain(&[a.addr], "", &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    for i in 0..300u32 {
+        let name = format!("web{}", i % 40);
+        // a second real server whose address changes every time (nothing listens there:
+        // requests retry on A)
+        let extra = format!(
+            "[[virtual_service.real_server]]\naddress = \"127.0.0.2:{}\"\n",
+            20000 + i
+        );
+        let text = format!("{cfg}{extra}").replace("name = \"web\"", &format!("name = \"{name}\""));
+        std::fs::write(&p.config, text).unwrap();
+        let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+        assert_eq!(code, 0, "reload {i}: {out}");
+    }
+    assert_eq!(
+        common::client::one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text(),
+        "A"
+    );
+    let st = status(admin);
+    let vs = &st["virtual_services"][0];
+    assert_eq!(vs["real_servers"].as_array().unwrap().len(), 2, "{st}");
+    // the service's counters: only this service's one request
+    assert_eq!(vs["requests_total"], 1, "{st}");
+}
+
+/// `edgeshard reload` against a pid file naming a process that is not edgeshard signals
+/// nothing.
+#[test]
+fn a_stale_pid_file_signals_nothing() {
+    let dir = tmpdir("stale-pid");
+    let pid = dir.join("edgeshard.pid");
+    let mut victim = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&pid, format!("{}\n", victim.id())).unwrap();
+    let (code, out) = cli(&["reload", "--pid-file", pid.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not edgeshard"), "{out}");
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the unrelated process lives"
+    );
+    let _ = victim.kill();
+    let _ = victim.wait();
+}
+
+/// SIGHUP or SIGUSR2 during start-up (config load, binding, shards starting) never kills the
+/// appliance: it is handled once serving.
+#[test]
+fn signals_at_start_up_do_not_kill() {
+    let a = origin("A");
+    for sig in [libc::SIGHUP, libc::SIGUSR2] {
+        let dir = tmpdir("early");
+        let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+        let config = dir.join("c.toml");
+        std::fs::write(&config, &cfg).unwrap();
+        let mut child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // as soon as the process has taken the signals over (its first steps), long before
+        // it serves: the signal waits and is handled once serving
+        let blocked = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|t| {
+                    let l = t.lines().find(|l| l.starts_with("SigBlk:"))?;
+                    u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok()
+                })
+                .is_some_and(|m| m & (1 << (libc::SIGHUP - 1)) != 0)
+        };
+        wait_until(Duration::from_secs(5), "signals taken over", || {
+            blocked(child.id())
+        });
+        assert!(
+            TcpStream::connect(listen).is_err(),
+            "already serving: the test would not test start-up"
+        );
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let _kill = KillPid(dir.join("edgeshard.pid"));
+        wait_until(Duration::from_secs(10), "serving", || {
+            TcpStream::connect(listen).is_ok()
+        });
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "signal {sig} killed it"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Per-client limits (which steer connections to shards by client address) added by a
+/// reload, then kept over an upgrade: the limit holds appliance-wide, as at a fresh start.
+#[test]
+fn client_limits_added_by_reload_hold_across_an_upgrade() {
+    let a = origin("A");
+    let dir = tmpdir("limits-reload");
+    let pid = dir.join("edgeshard.pid");
+    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+    let p = Proxy::start(&cfg, listen);
+    let _kill = KillPid(pid.clone());
+    let limited = cfg.replacen(
+        "[[virtual_service.real_server]]",
+        "[virtual_service.client_limits]\nmax_connections = 2\naction = \"429\"\n[[virtual_service.real_server]]",
+        1,
+    );
+    std::fs::write(&p.config, &limited).unwrap();
+    reload(&pid);
+    let check = |round: &str| {
+        let from: std::net::IpAddr = [127, 0, 0, 77].into();
+        let mut held: Vec<common::client::Client> = (0..2)
+            .map(|_| common::client::Client::connect_from(from, listen))
+            .collect();
+        for c in held.iter_mut() {
+            assert_eq!(
+                c.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").status,
+                200,
+                "{round}"
+            );
+        }
+        for _ in 0..4 {
+            let mut c = common::client::Client::connect_from(from, listen);
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert_eq!(
+                c.read(false).unwrap().status,
+                429,
+                "{round}: a third connection"
+            );
+        }
+    };
+    check("after the reload");
+    upgrade(&pid);
+    check("after the upgrade");
 }

@@ -177,6 +177,13 @@ impl LoadView {
         self.up_since.get(id.0).and_then(Cell::get)
     }
 
+    /// A new server in a reused place: no slow-start ramp inherited.
+    pub fn clear_up_since(&self, id: ServerId) {
+        if let Some(t) = self.up_since.get(id.0) {
+            t.set(None);
+        }
+    }
+
     /// A health-checked server starts in `Checking` (no traffic until its first good check).
     pub fn set_checking(&self, id: ServerId) {
         if let Some(c) = self.health.get(id.0) {

@@ -9,7 +9,7 @@ pub mod tls;
 mod units;
 
 pub use model::*;
-pub use reload::{AddedServer, RemovedServer, RuntimeServers};
+pub use reload::{AddedServer, Busy, RemovedServer, RuntimeServers};
 
 pub use crate::access::Access;
 use file::*;

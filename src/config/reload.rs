@@ -6,47 +6,82 @@
 //! refused here, naming the field, before anything changes.
 
 use super::{Config, RealServer, ServerId, Slots};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 impl Config {
     /// Renumber `self` (just loaded) to follow `prev` (serving). Err: why it cannot be
     /// applied by a reload (the running configuration stays).
-    pub fn follow(&mut self, prev: &Config) -> Result<(), String> {
+    pub fn follow(&mut self, prev: &Config, busy: &Busy) -> Result<(), String> {
         self.fixed_fields(prev)?;
         let mut slots = prev.slots;
-        // services, by name
+        // services, by name; a new one takes a fresh slot, else one that no service of the
+        // running configuration has and no shard still uses (a connection of a removed one)
+        let mut taken: HashSet<usize> = prev.services.iter().map(|v| v.slot).collect();
         for vs in &mut self.services {
             vs.slot = match prev.services.iter().find(|p| p.name == vs.name) {
                 Some(p) => p.slot,
-                None => take(&mut slots.used_services, slots.services, "virtual services")?,
+                None => {
+                    let reuse = || {
+                        (0..slots.services)
+                            .find(|s| !taken.contains(s) && !busy.services.contains(s))
+                    };
+                    let s = match slots.used_services < slots.services {
+                        true => take(&mut slots.used_services, slots.services, "virtual services")?,
+                        false => reuse().ok_or_else(|| full("virtual services", slots.services))?,
+                    };
+                    taken.insert(s);
+                    s
+                }
             };
         }
+        let mut taken: HashSet<usize> = prev.pools.iter().map(|p| p.slot).collect();
         for p in &mut self.pools {
             p.slot = match prev.pools.iter().find(|o| o.name == p.name) {
                 Some(o) => o.slot,
-                None => take(&mut slots.used_pools, slots.pools, "pools")?,
+                None => {
+                    let s = match slots.used_pools < slots.pools {
+                        true => take(&mut slots.used_pools, slots.pools, "pools")?,
+                        false => (0..slots.pools)
+                            .find(|s| !taken.contains(s))
+                            .ok_or_else(|| full("pools", slots.pools))?,
+                    };
+                    taken.insert(s);
+                    s
+                }
             };
         }
-        // real servers, by pool and address; retired ones are found again if they return
+        // real servers, by pool and address; retired ones are found again if they return; a
+        // new one takes the place of a retired one no shard still uses, else a fresh one
         let known: HashMap<&str, ServerId> = prev
             .servers
             .iter()
             .map(|rs| (rs.key.as_str(), rs.id))
+            .collect();
+        let mut free: Vec<ServerId> = prev
+            .servers
+            .iter()
+            .filter(|rs| rs.retired && !busy.servers.contains(&rs.id.0))
+            .filter(|rs| !self.servers.iter().any(|n| n.key == rs.key))
+            .map(|rs| rs.id)
+            .rev()
             .collect();
         let mut next = prev.servers.len();
         let mut assign = Vec::with_capacity(self.servers.len());
         for rs in &self.servers {
             assign.push(match known.get(rs.key.as_str()) {
                 Some(&id) => id,
-                None => {
-                    next += 1;
-                    ServerId(next - 1)
-                }
+                None => match free.pop() {
+                    Some(id) => id,
+                    None => {
+                        next += 1;
+                        ServerId(next - 1)
+                    }
+                },
             });
         }
         if next > slots.servers {
             return Err(format!(
-                "this reload would need room for {next} real servers and this process made room for {} at start: apply it with `edgeshard upgrade` (a new process, no connection lost)",
+                "this reload would need room for {next} real servers and this process made room for {} at start (real servers removed by a reload are reused once no connection uses them): apply it with `edgeshard upgrade` (a new process, no connection lost)",
                 slots.servers
             ));
         }
@@ -82,7 +117,7 @@ impl Config {
             "changes need `edgeshard upgrade` (a new process, no connection lost), not a reload";
         let (a, b) = (&self.runtime, &prev.runtime);
         if a.cores != b.cores {
-            return Err(format!("runtime.cores: {upgrade}"));
+            return Err(format!("runtime.shards / runtime.cores: {upgrade}"));
         }
         for (s, o) in a.shards.iter().zip(&b.shards) {
             if (
@@ -121,8 +156,7 @@ impl Config {
         if logs(self) != logs(prev) {
             return Err(format!("log: {upgrade}"));
         }
-        // A listener that stays must be served by the same shards in the same way: its
-        // sockets (and their steering program) are kept as they are.
+        // A listener that stays must be served by the same shards: its sockets are kept.
         for vs in &self.services {
             let Some(old) = prev.services.iter().find(|o| o.listen == vs.listen) else {
                 continue;
@@ -135,18 +169,31 @@ impl Config {
                     .map(|s| v.is_some_and(|v| s.services.contains(&v)))
                     .collect::<Vec<_>>()
             };
-            if vs.shard_steering != old.shard_steering
-                || serving(self, &vs.name) != serving(prev, &old.name)
-                || vs.tls.is_some() != old.tls.is_some()
-            {
+            // (its steering program and TLS are per configuration: they may change)
+            if serving(self, &vs.name) != serving(prev, &old.name) {
                 return Err(format!(
-                    "virtual service {:?} on {}: its shards, shard_steering or TLS on/off: {upgrade} (or move it to a new listen address)",
+                    "virtual service {:?} on {}: the shards that serve it ([[runtime.shard]] services): {upgrade} (or move it to a new listen address)",
                     vs.name, vs.listen
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// Slots a shard still uses although the running configuration no longer has them
+/// (connections of a removed service, requests on a removed real server), as the shards
+/// reported at the last reload: not handed to anything new yet.
+#[derive(Debug, Clone, Default)]
+pub struct Busy {
+    pub services: HashSet<usize>,
+    pub servers: HashSet<usize>,
+}
+
+fn full(what: &str, room: usize) -> String {
+    format!(
+        "this reload would need more {what} than this process has room for ({room}, some still used by connections of removed ones): apply it with `edgeshard upgrade` (a new process, no connection lost)"
+    )
 }
 
 fn take(used: &mut usize, room: usize, what: &str) -> Result<usize, String> {

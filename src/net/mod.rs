@@ -67,6 +67,52 @@ fn attach_source_ip_steering(fd: i32, ipv6: bool, nr_shards: u32) -> io::Result<
     Ok(())
 }
 
+/// SO_DETACH_REUSEPORT_BPF (asm-generic/socket.h; not in the libc crate for every arch).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Set (or remove, with None) the source-IP steering program of the reuseport group `fd`
+/// belongs to: for sockets handed over by another process, whose group may have been set up
+/// for another number of shards or without steering.
+pub fn set_steering(fd: i32, ipv6: bool, nr_shards: Option<u32>) -> io::Result<()> {
+    match nr_shards {
+        Some(n) => attach_source_ip_steering(fd, ipv6, n),
+        None => {
+            let zero: libc::c_int = 0;
+            // SAFETY: setsockopt on a socket we hold, with a valid int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    SO_DETACH_REUSEPORT_BPF,
+                    &zero as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            let err = io::Error::last_os_error();
+            // ENOENT: there was no program to detach
+            if rc != 0 && err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Is something already listening on `addr` (another process: SO_REUSEPORT would let us join
+/// its sockets silently and split its traffic)? A socket without SO_REUSEPORT cannot bind
+/// where a listener is; a TIME_WAIT leftover does not stop it (SO_REUSEADDR).
+pub fn in_use(addr: SocketAddr) -> bool {
+    let Ok(sk) = RawSocket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    else {
+        return false;
+    };
+    let _ = sk.set_reuse_address(true);
+    if addr.is_ipv6() {
+        let _ = sk.set_only_v6(true);
+    }
+    matches!(sk.bind(&SockAddr::from(addr)), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+}
+
 /// Bind `addr` with SO_REUSEPORT and the given backlog (non-blocking). With `steer_shards`,
 /// connections are spread over the shards by client address instead of by the kernel's
 /// 4-tuple hash (the program applies to the whole reuseport group).

@@ -209,27 +209,49 @@ pub async fn serve(mut shard: Rc<Shard>, client: Client) {
         mut facts,
         guard,
     } = client;
+    // Serving one last request with the configuration the connection was accepted under
+    // (its service left this address in a reload): then it closes.
+    let mut last_on_old = false;
     loop {
-        if facts.generation != shard.generation {
-            // a reload since its last request: the same service in the new configuration
-            match shard
-                .config
-                .services
-                .iter()
-                .position(|v| v.slot == facts.vs_slot)
-            {
+        if !Rc::ptr_eq(&facts.origin, &shard) {
+            // A reload since its last request: the same service on the same address in the
+            // new configuration, which must still let this client in.
+            let same = shard.config.services.iter().position(|v| {
+                v.slot == facts.vs_slot
+                    && v.listen == facts.listen
+                    && v.tls.is_some() == facts.tls.is_some()
+            });
+            let end = match same {
                 Some(i) => {
-                    facts.vs_idx = i;
-                    facts.generation = shard.generation;
+                    let svc = &shard.config.services[i];
+                    if svc
+                        .access
+                        .as_ref()
+                        .is_some_and(|a| !a.permits(facts.peer.ip()))
+                    {
+                        // an address the new configuration refuses: cut at once
+                        shard.access_refused(i, facts.peer);
+                        Some("access")
+                    } else {
+                        facts.vs_idx = i;
+                        facts.origin = shard.clone();
+                        None
+                    }
                 }
-                None => {
-                    let client = Client {
-                        stream,
-                        facts,
-                        guard,
-                    };
-                    return crate::client::close(&shard, client, "reload").await;
+                None if !last_on_old => {
+                    shard = facts.origin.clone();
+                    last_on_old = true;
+                    None
                 }
+                None => Some("reload"),
+            };
+            if let Some(reason) = end {
+                let client = Client {
+                    stream,
+                    facts,
+                    guard,
+                };
+                return crate::client::close(&shard, client, reason).await;
             }
         }
         let vs = &shard.config.services[facts.vs_idx];
@@ -247,7 +269,8 @@ pub async fn serve(mut shard: Rc<Shard>, client: Client) {
                 meta_method: 0,
                 sub_service: None,
             };
-            let end = serve_requests(&mut conn, &mut stream, sni.as_deref(), &mut ws).await;
+            let end =
+                serve_requests(&mut conn, &mut stream, sni.as_deref(), &mut ws, last_on_old).await;
             ws.meta = std::mem::take(&mut conn.meta);
             end
         };
@@ -297,8 +320,10 @@ async fn serve_requests(
     client: &mut ClientStream,
     sni: Option<&str>,
     ws: &mut Workspace,
+    last_on_old: bool,
 ) -> Ended {
     let shard = conn.shard;
+    let mut first = true;
     let vs = conn.vs;
     let peer = conn.f.peer;
     let proto = conn.f.proto;
@@ -331,9 +356,13 @@ async fn serve_requests(
     loop {
         conn.forget();
         // Between requests (nothing pipelined waiting), take up a newer configuration.
-        if cbuf.is_empty() && shard.current_generation() != shard.generation {
+        if cbuf.is_empty()
+            && shard.current_generation() != shard.generation
+            && !(first && last_on_old)
+        {
             return Ended::Reload;
         }
+        first = false;
         let head = read_head(shard, vs, client, &mut cbuf, conn.f.requests == 0).await;
         let Workspace {
             req_out,

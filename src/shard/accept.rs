@@ -201,12 +201,18 @@ pub(super) async fn accept_loop(
             },
         };
         let (shard, vs) = shard;
-        accepted_connection(shard, vs, stream, peer);
+        accepted_connection(shard, vs, stream, peer, addr);
     }
 }
 
 /// A connection accepted for service `vs`: access list, limits, then its task.
-fn accepted_connection(shard: Rc<Shard>, vs: usize, stream: net::Socket, peer: SocketAddr) {
+fn accepted_connection(
+    shard: Rc<Shard>,
+    vs: usize,
+    stream: net::Socket,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) {
     if let Some(acl) = &shard.config.services[vs].access {
         if !acl.permits(peer.ip()) {
             // Refused before TLS and before any byte is read: the socket just closes.
@@ -249,7 +255,8 @@ fn accepted_connection(shard: Rc<Shard>, vs: usize, stream: net::Socket, peer: S
     let facts = ConnFacts {
         vs_idx: vs,
         vs_slot: shard.config.services[vs].slot,
-        generation: shard.generation,
+        origin: shard.clone(),
+        listen,
         peer,
         proto: "http",
         sni: None,

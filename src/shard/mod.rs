@@ -119,6 +119,9 @@ pub struct State {
     generation: Cell<u64>,
     /// This shard's listeners: address, and the signal that stops its accept loop.
     listeners: RefCell<Vec<(SocketAddr, Rc<Semaphore>)>>,
+    /// Who holds each service, pool and server slot (name, name, key): a slot a reload gives
+    /// to someone new starts from zero (counters, tables, operator state).
+    holders: RefCell<[Vec<Option<String>>; 3]>,
 }
 
 /// One configuration generation on one shard: the config and what is built from it (TLS
@@ -265,6 +268,11 @@ impl State {
             checking: RefCell::new(vec![false; slots.servers]),
             generation: Cell::new(0),
             listeners: RefCell::new(Vec::new()),
+            holders: RefCell::new([
+                vec![None; slots.services],
+                vec![None; slots.pools],
+                vec![None; slots.servers],
+            ]),
         }
     }
 
@@ -287,6 +295,7 @@ impl State {
         let tls = TlsParts::new(&config, &self.secrets, self.id == 0)?;
         let prev = self.current.borrow().clone();
         let load = &self.load;
+        self.take_slots(&config);
         for rs in &config.servers {
             let before = prev.as_ref().and_then(|p| p.config.servers.get(rs.id.0));
             if rs.retired {
@@ -311,6 +320,16 @@ impl State {
             }
             if checked && before.is_none_or(|b| b.retired) {
                 load.set_checking(rs.id);
+            }
+            // its check removed: health is no longer known from checks; up, as at a start
+            // without one (passive health still takes it out if it fails)
+            let was_checked = before.filter(|b| !b.retired).is_some_and(|b| {
+                prev.as_ref()
+                    .is_some_and(|p| p.config.pools[b.pool].health_check.is_some())
+            });
+            if was_checked && config.pools[rs.pool].health_check.is_none() {
+                load.set_up(rs.id, true);
+                self.checks.borrow_mut()[rs.id.0] = None;
             }
         }
         load.set_in_use(config.servers.len());
@@ -347,6 +366,43 @@ impl State {
         *self.current.borrow_mut() = Some(shard.clone());
         self.generation.set(generation);
         Ok(shard)
+    }
+
+    /// Slots `config` gives to someone other than their last holder start from zero.
+    fn take_slots(&self, config: &Config) {
+        let mut h = self.holders.borrow_mut();
+        let [services, pools, servers] = &mut *h;
+        for vs in &config.services {
+            if services[vs.slot].as_deref() != Some(vs.name.as_str()) {
+                if services[vs.slot].is_some() {
+                    self.metrics.reset_service(vs.slot);
+                    *self.clients[vs.slot].borrow_mut() = None;
+                }
+                services[vs.slot] = Some(vs.name.clone());
+            }
+        }
+        for p in &config.pools {
+            if pools[p.slot].as_deref() != Some(p.name.as_str()) {
+                *self.source_tables[p.slot].borrow_mut() = None;
+                pools[p.slot] = Some(p.name.clone());
+            }
+        }
+        for rs in config.live_servers() {
+            let id = rs.id;
+            if servers[id.0].as_deref() != Some(rs.key.as_str()) {
+                if servers[id.0].is_some() {
+                    // the place of a removed server: nothing of it carries over
+                    self.metrics.reset_server(id.0);
+                    self.passive[id.0].set(0);
+                    self.checks.borrow_mut()[id.0] = None;
+                    self.load
+                        .set_admin_state(id, crate::balance::AdminState::Ready);
+                    self.load.set_up(id, true);
+                    self.load.clear_up_since(id);
+                }
+                servers[id.0] = Some(rs.key.clone());
+            }
+        }
     }
 
     /// The generation new requests use (cheap: read between requests).

@@ -56,11 +56,34 @@ pub struct Running {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
     stop: Arc<AtomicBool>,
     cmds: Vec<mpsc::Sender<Cmd>>,
-    replies: mpsc::Receiver<Result<usize, String>>,
+    replies: mpsc::Receiver<Reply>,
     pub sockets: sockets::Sockets,
     pub secrets: Arc<Secrets>,
     config: Arc<Config>,
     generation: u64,
+    busy: crate::config::Busy,
+}
+
+/// A shard's answer to a configuration: what it still uses of what the configuration removed.
+type Reply = Result<crate::config::Busy, String>;
+
+/// Slots the current configuration does not have that this shard still uses.
+fn still_used(state: &State) -> crate::config::Busy {
+    let shard = state.current();
+    let live: std::collections::HashSet<usize> =
+        shard.config.services.iter().map(|v| v.slot).collect();
+    crate::config::Busy {
+        services: (0..state.vs_conns.len())
+            .filter(|s| !live.contains(s) && state.vs_conns[*s].get() > 0)
+            .collect(),
+        servers: shard
+            .config
+            .servers
+            .iter()
+            .filter(|rs| rs.retired && state.load.local(rs.id) > 0)
+            .map(|rs| rs.id.0)
+            .collect(),
+    }
 }
 
 impl Running {
@@ -122,8 +145,13 @@ impl Running {
         Ok(generation)
     }
 
+    /// Slots of removed services and servers that a shard still used at the last reload.
+    pub fn busy(&self) -> &crate::config::Busy {
+        &self.busy
+    }
+
     fn send_all(
-        &self,
+        &mut self,
         config: &Arc<Config>,
         generation: u64,
         plan: sockets::Plan,
@@ -141,14 +169,19 @@ impl Running {
                 .map_err(|_| format!("shard {i} is not running"))?;
         }
         let mut errors = Vec::new();
+        let mut busy = crate::config::Busy::default();
         for _ in 0..self.cmds.len() {
             match self.replies.recv_timeout(Duration::from_secs(30)) {
-                Ok(Ok(_)) => {}
+                Ok(Ok(b)) => {
+                    busy.services.extend(b.services);
+                    busy.servers.extend(b.servers);
+                }
                 Ok(Err(e)) => errors.push(e),
                 Err(_) => errors.push("a shard did not answer within 30s".into()),
             }
         }
         if errors.is_empty() {
+            self.busy = busy;
             Ok(())
         } else {
             Err(errors.join("; "))
@@ -178,7 +211,7 @@ pub fn start(
     TlsParts::new(&config, &secrets, true)?;
     let plan = sockets.plan(&config)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Reply>();
     let mut handles = Vec::new();
     let mut cmds = Vec::new();
     for id in 0..nr_shards {
@@ -209,7 +242,7 @@ pub fn start(
         handles.push(handle);
     }
     drop(ready_tx);
-    let running = Running {
+    let mut running = Running {
         handles,
         stop,
         cmds,
@@ -218,6 +251,7 @@ pub fn start(
         secrets,
         config: config.clone(),
         generation,
+        busy: Default::default(),
     };
     if let Err(e) = running.send_all(&config, generation, plan) {
         let mut running = running;
@@ -237,7 +271,7 @@ async fn run_shard(
     mesh: mesh::Mesh,
     stop: Arc<AtomicBool>,
     cmds: mpsc::Receiver<Cmd>,
-    replies: mpsc::Sender<Result<usize, String>>,
+    replies: mpsc::Sender<Reply>,
 ) {
     if let Err(e) = net::start_poller(id, config.runtime.shards[id].poll_before_park) {
         let _ = replies.send(Err(format!("shard {id}: cannot create its poller: {e}")));
@@ -283,7 +317,10 @@ async fn run_shard(
                 Err(e) => Err(e),
             };
             let failed = r.is_err();
-            let _ = replies.send(r.map(|_| id).map_err(|e| format!("shard {id}: {e}")));
+            let _ = replies.send(
+                r.map(|_| still_used(&state))
+                    .map_err(|e| format!("shard {id}: {e}")),
+            );
             if failed && !started {
                 return;
             }

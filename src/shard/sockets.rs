@@ -7,7 +7,7 @@
 use crate::config::{Config, Steering};
 use crate::net;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
 /// The shard index the admin listener is kept under.
 pub const ADMIN: usize = usize::MAX;
@@ -67,9 +67,69 @@ impl Sockets {
     /// nothing.
     pub fn plan(&mut self, config: &Config) -> Result<Plan, String> {
         let nr_shards = config.runtime.shards.len();
+        let serves = |addr: SocketAddr, shard: usize| {
+            config.services.iter().enumerate().any(|(v, vs)| {
+                vs.listen == addr
+                    && config
+                        .runtime
+                        .shards
+                        .get(shard)
+                        .is_some_and(|s| s.services.contains(&v))
+            })
+        };
+        // Inherited sockets (an upgrade) not handed yet: each to its shard if that shard
+        // serves its address, else to a shard of that address that has none: the accept
+        // queues of every one of them are served, and no socket is bound where one exists.
+        let mut taken: Vec<(SocketAddr, usize)> = self
+            .entries
+            .iter()
+            .filter(|e| e.handed)
+            .map(|e| (e.addr, e.shard))
+            .collect();
+        // First every socket that can stay with its own shard; then the others (their shard
+        // is gone, or it is a second socket of one shard) go to a shard of that address that
+        // has none, else to any shard of it (a spare: its queue is still served).
+        let waiting: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| !self.entries[i].handed && self.entries[i].shard != ADMIN)
+            .collect();
+        let mut moving = Vec::new();
+        for &i in &waiting {
+            let e = &self.entries[i];
+            if serves(e.addr, e.shard) && !taken.contains(&(e.addr, e.shard)) {
+                taken.push((e.addr, e.shard));
+            } else {
+                moving.push(i);
+            }
+        }
+        for i in moving {
+            let addr = self.entries[i].addr;
+            let free = (0..nr_shards).find(|&s| serves(addr, s) && !taken.contains(&(addr, s)));
+            if let Some(s) = free.or_else(|| (0..nr_shards).find(|&s| serves(addr, s))) {
+                // from now on it is that shard's, for the next hand-over too
+                self.entries[i].shard = s;
+                taken.push((addr, s));
+            }
+        }
         let mut fresh: Vec<Entry> = Vec::new();
         for (v, vs) in config.services.iter().enumerate() {
             let serving = config.runtime.shards_serving(v);
+            // the BPF program picks among the sockets of the shards that serve it
+            let steer = match vs.shard_steering {
+                Steering::SourceIp => Some(serving as u32),
+                Steering::Kernel => None,
+            };
+            let held = self.entries.iter().find(|e| e.addr == vs.listen);
+            if let Some(e) = held {
+                // kept or inherited: its group's steering follows this configuration
+                net::set_steering(e.fd.as_raw_fd(), vs.listen.is_ipv6(), steer).map_err(|err| {
+                    format!("cannot set the shard steering of {}: {err}", vs.listen)
+                })?;
+            } else if !fresh.iter().any(|e| e.addr == vs.listen) && net::in_use(vs.listen) {
+                return Err(format!(
+                    "cannot listen on {} for virtual service {:?}: address already in use (another edgeshard on the same configuration?)",
+                    vs.listen, vs.name
+                ));
+            }
             for (i, settings) in config.runtime.shards.iter().enumerate() {
                 if !settings.services.contains(&v)
                     || self.has(vs.listen, i)
@@ -77,11 +137,6 @@ impl Sockets {
                 {
                     continue;
                 }
-                // the BPF program picks among the sockets of the shards that serve it
-                let steer = match vs.shard_steering {
-                    Steering::SourceIp => Some(serving as u32),
-                    Steering::Kernel => None,
-                };
                 let sk = net::bind(vs.listen, settings.backlog, steer).map_err(|e| {
                     format!(
                         "shard {i}: cannot listen on {} for virtual service {:?}: {e}",
@@ -100,6 +155,12 @@ impl Sockets {
         }
         if let Some(a) = &config.admin {
             if !self.has(a.listen, ADMIN) {
+                if net::in_use(a.listen) {
+                    return Err(format!(
+                        "cannot listen on {} for the admin endpoint: address already in use",
+                        a.listen
+                    ));
+                }
                 let sk = net::bind(a.listen, 128, None).map_err(|e| {
                     format!("cannot listen on {} for the admin endpoint: {e}", a.listen)
                 })?;
@@ -114,25 +175,13 @@ impl Sockets {
             }
         }
         self.entries.extend(fresh);
-        // Keep what the config still serves; an inherited socket whose shard is gone (fewer
-        // shards than before) goes to a shard that serves its address: its queue is served.
+        // Keep what the config still serves (the shards close their copies of the rest).
         let admin = config.admin.as_ref().map(|a| a.listen);
-        let serves = |addr: SocketAddr, shard: usize| {
-            config.services.iter().enumerate().any(|(v, vs)| {
-                vs.listen == addr
-                    && config
-                        .runtime
-                        .shards
-                        .get(shard)
-                        .is_some_and(|s| s.services.contains(&v))
-            })
-        };
-        let any_shard = |addr: SocketAddr| (0..nr_shards).find(|&i| serves(addr, i));
         self.entries.retain(|e| {
             if e.shard == ADMIN {
                 Some(e.addr) == admin
             } else {
-                serves(e.addr, e.shard) || (!e.handed && any_shard(e.addr).is_some())
+                serves(e.addr, e.shard)
             }
         });
         let mut plan = Plan {
@@ -144,11 +193,8 @@ impl Sockets {
             e.handed = true;
             if e.shard == ADMIN {
                 plan.admin = Some(fd);
-            } else if serves(e.addr, e.shard) {
+            } else {
                 plan.per_shard[e.shard].push((e.addr, fd));
-            } else if let Some(i) = any_shard(e.addr) {
-                e.shard = i; // from now on it is that shard's, for the next hand-over too
-                plan.per_shard[i].push((e.addr, fd));
             }
         }
         Ok(plan)
