@@ -941,7 +941,7 @@ fn sigterm_during_a_hanging_upgrade_stops_at_once() {
     wait_until(Duration::from_secs(5), "the new process started", || {
         std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
             std::fs::read_to_string(e.path().join("cmdline"))
-                .is_ok_and(|c| c.starts_with("sleep\060"))
+                .is_ok_and(|c| c.starts_with("sleep\x0060"))
                 && std::fs::read_to_string(e.path().join("stat"))
                     .is_ok_and(|st| st.split_whitespace().nth(3) == Some(&child.id().to_string()))
         })
