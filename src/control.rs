@@ -274,7 +274,11 @@ impl Control {
             pid: std::process::id(),
             at_unix_ms: unix_ms(),
         };
-        let mut all = read_outcomes(p);
+        // a fresh start forgets what an earlier process left there
+        let mut all = match op {
+            "start" => Default::default(),
+            _ => read_outcomes(p),
+        };
         all.insert(op.to_string(), o);
         let text = serde_json::to_string(&all).unwrap_or_default();
         if let Err(e) = write_atomic(&outcome_path(p), &text) {

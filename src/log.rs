@@ -9,8 +9,8 @@ use std::cell::{Cell, RefCell};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +44,9 @@ const CHANNEL_BATCHES: usize = 64;
 pub struct LogWriter {
     tx: SyncSender<(Kind, Vec<u8>)>,
     reopen: Arc<AtomicBool>,
+    /// Batches handed to the writer, and written by it: at exit, the last ones are waited for.
+    sent: AtomicU64,
+    written: Arc<AtomicU64>,
     configured: [bool; 3],
     format: LogFormat,
 }
@@ -52,6 +55,7 @@ impl LogWriter {
     pub fn start(cfg: &LogConfig) -> Arc<LogWriter> {
         let (tx, rx) = sync_channel(CHANNEL_BATCHES);
         let reopen = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
         let targets = [
             cfg.user_access.clone(),
             cfg.security.clone(),
@@ -63,14 +67,16 @@ impl LogWriter {
             targets[2].is_some(),
         ];
         if configured.iter().any(|&c| c) {
-            let r = reopen.clone();
+            let (r, w) = (reopen.clone(), written.clone());
             let _ = std::thread::Builder::new()
                 .name("log-writer".into())
-                .spawn(move || writer(rx, targets, r));
+                .spawn(move || writer(rx, targets, r, w));
         }
         Arc::new(LogWriter {
             tx,
             reopen,
+            sent: AtomicU64::new(0),
+            written,
             configured,
             format: cfg.format,
         })
@@ -79,6 +85,28 @@ impl LogWriter {
     /// Ask the writer to reopen its files (SIGUSR1).
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::SeqCst);
+    }
+
+    /// Hand a batch to the writer without waiting; false if it could not take it.
+    fn send(&self, kind: Kind, batch: Vec<u8>) -> bool {
+        match self.tx.try_send((kind, batch)) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// At exit (every shard flushed): wait, at most `limit`, until the writer has written
+    /// every batch handed to it, so that the last records of a drain are not lost.
+    pub fn finish(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.written.load(Ordering::SeqCst) < self.sent.load(Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// A reload or an upgrade (from the main thread): one record in the security and the
@@ -98,7 +126,7 @@ impl LogWriter {
                 .str("detail", detail.as_bytes())
                 .end();
             out.push(b'\n');
-            let _ = self.tx.try_send((kind, out));
+            let _ = self.send(kind, out);
         }
     }
 }
@@ -118,7 +146,12 @@ fn open(t: &LogTarget) -> Option<Box<dyn Write>> {
 
 /// The writer thread: blocking file writes happen here, never on a shard. It polls the channel
 /// (a receiver blocked in `recv` would make senders take the channel's wake-up lock).
-fn writer(rx: Receiver<(Kind, Vec<u8>)>, targets: [Option<LogTarget>; 3], reopen: Arc<AtomicBool>) {
+fn writer(
+    rx: Receiver<(Kind, Vec<u8>)>,
+    targets: [Option<LogTarget>; 3],
+    reopen: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+) {
     let mut files: [Option<Box<dyn Write>>; 3] = [None, None, None];
     let mut opened = [false; 3];
     loop {
@@ -145,6 +178,7 @@ fn writer(rx: Receiver<(Kind, Vec<u8>)>, targets: [Option<LogTarget>; 3], reopen
                         opened[i] = false;
                     }
                 }
+                written.fetch_add(1, Ordering::SeqCst);
             }
             Err(TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(10)),
             Err(TryRecvError::Disconnected) => return,
@@ -212,11 +246,8 @@ impl ShardLog {
         if batch.is_empty() {
             return;
         }
-        match self.writer.tx.try_send((kind, batch)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped[i].set(self.dropped[i].get() + n);
-            }
+        if !self.writer.send(kind, batch) {
+            self.dropped[i].set(self.dropped[i].get() + n);
         }
     }
 

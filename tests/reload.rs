@@ -1115,24 +1115,27 @@ fn a_stale_pid_file_signals_nothing() {
     let _ = victim.wait();
 }
 
-/// SIGHUP or SIGUSR2 during start-up (config load, binding, shards starting) never kills the
-/// appliance: it is handled once serving.
+/// SIGHUP or SIGUSR2 during start-up (before it serves) never kills the appliance: it is
+/// handled once serving (a reload; an upgrade).
 #[test]
 fn signals_at_start_up_do_not_kill() {
     let a = origin("A");
     for sig in [libc::SIGHUP, libc::SIGUSR2] {
         let dir = tmpdir("early");
+        let pid = dir.join("edgeshard.pid");
         let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
         let config = dir.join("c.toml");
         std::fs::write(&config, &cfg).unwrap();
+        let _kill = KillPid(pid.clone());
+        // the test failpoint holds start-up for 500 ms after the signals are taken over
         let mut child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config)
+            .env("EDGESHARD_FAILPOINT", "slow start")
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // as soon as the process has taken the signals over (its first steps), long before
-        // it serves: the signal waits and is handled once serving
         let blocked = |pid: u32| {
             std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .ok()
@@ -1145,19 +1148,30 @@ fn signals_at_start_up_do_not_kill() {
         wait_until(Duration::from_secs(5), "signals taken over", || {
             blocked(child.id())
         });
-        assert!(
-            TcpStream::connect(listen).is_err(),
-            "already serving: the test would not test start-up"
-        );
+        assert!(TcpStream::connect(listen).is_err(), "not serving yet");
         unsafe { libc::kill(child.id() as i32, sig) };
-        let _kill = KillPid(dir.join("edgeshard.pid"));
         wait_until(Duration::from_secs(10), "serving", || {
             TcpStream::connect(listen).is_ok()
         });
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "signal {sig} killed it"
-        );
+        match sig {
+            libc::SIGHUP => {
+                assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed it");
+                // the reload ran once serving: its outcome beside the pid file
+                wait_until(Duration::from_secs(5), "the reload done", || {
+                    std::fs::read_to_string(dir.join("edgeshard.pid.status")).is_ok_and(|t| {
+                        serde_json::from_str::<serde_json::Value>(&t)
+                            .is_ok_and(|v| v["reload"]["ok"] == true)
+                    })
+                });
+            }
+            _ => {
+                // the upgrade ran once serving: the new process took over, the first exited 0
+                wait_until(Duration::from_secs(10), "handed over", || {
+                    pid_of(&pid).is_some_and(|p| p != child.id() as i32)
+                });
+                assert_eq!(child.wait().unwrap().code(), Some(0));
+            }
+        }
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -7,7 +7,7 @@ mod poller;
 use poller::{Key, Poller};
 use socket2::{Domain, Protocol, SockAddr, Socket as RawSocket, Type};
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -99,18 +99,51 @@ pub fn set_steering(fd: i32, ipv6: bool, nr_shards: Option<u32>) -> io::Result<(
 }
 
 /// Is something already listening on `addr` (another process: SO_REUSEPORT would let us join
-/// its sockets silently and split its traffic)? A socket without SO_REUSEPORT cannot bind
-/// where a listener is; a TIME_WAIT leftover does not stop it (SO_REUSEADDR).
+/// its sockets silently and split its traffic)? Read from /proc/net/tcp{,6}: a listening
+/// socket on the port whose address is `addr`'s or a wildcard (a TIME_WAIT leftover, which
+/// a probe bind would trip on, does not count).
 pub fn in_use(addr: SocketAddr) -> bool {
-    let Ok(sk) = RawSocket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-    else {
+    let (file, wildcard) = match addr {
+        SocketAddr::V4(_) => ("/proc/net/tcp", IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        SocketAddr::V6(_) => ("/proc/net/tcp6", IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    };
+    let Ok(text) = std::fs::read_to_string(file) else {
         return false;
     };
-    let _ = sk.set_reuse_address(true);
-    if addr.is_ipv6() {
-        let _ = sk.set_only_v6(true);
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 4 || f[3] != "0A" {
+            return false; // not LISTEN
+        }
+        let Some((ip, port)) = f[1].split_once(':') else {
+            return false;
+        };
+        if u16::from_str_radix(port, 16).ok() != Some(addr.port()) {
+            return false;
+        }
+        let ip = proc_ip(ip);
+        ip == Some(addr.ip()) || ip == Some(wildcard) || addr.ip().is_unspecified()
+    })
+}
+
+/// An address as /proc/net/tcp prints it: 32-bit words in host byte order, in hex.
+fn proc_ip(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| {
+        hex.get(i * 8..i * 8 + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(u32::to_ne_bytes)
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
     }
-    matches!(sk.bind(&SockAddr::from(addr)), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
 /// Bind `addr` with SO_REUSEPORT and the given backlog (non-blocking). With `steer_shards`,
