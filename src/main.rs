@@ -475,6 +475,14 @@ fn main() -> ExitCode {
         }
     };
     edgeshard::diag::flush(Duration::from_secs(2));
+    if signals.is_some() {
+        // a serving process ends without the exit handlers (see runtime::exit_now)
+        let n = [0u8, 1, 2, 70]
+            .into_iter()
+            .find(|&n| code == ExitCode::from(n))
+            .unwrap_or(1);
+        edgeshard::runtime::exit_now(n as i32);
+    }
     code
 }
 
@@ -667,7 +675,7 @@ fn run(
         Err(e) => {
             fail(1, e);
             // Shards that did start hold no state worth saving: exit without waiting.
-            std::process::exit(1);
+            edgeshard::runtime::exit_now(1);
         }
     };
     let cli_pid_file = pid_file.clone();
