@@ -523,39 +523,70 @@ fn an_invalid_reload_keeps_serving_and_says_why() {
     );
 }
 
-/// An upgrade to a binary that cannot start (here a script that exits 1): the old process
-/// keeps serving and says why; once the binary is good again, the upgrade goes through.
-#[test]
-fn an_upgrade_to_a_broken_binary_keeps_the_old_process() {
-    let a = origin("A");
-    let dir = tmpdir("bad-upgrade");
+/// An appliance run from a copy of the binary (so that the test can replace it, as a package
+/// upgrade does): its folder, pid file, binary path, listener and process, once serving.
+struct CopyRun {
+    dir: PathBuf,
+    pid: PathBuf,
+    exe: PathBuf,
+    listen: SocketAddr,
+    child: std::process::Child,
+}
+
+fn run_copy(tag: &str, origin: SocketAddr, stderr: std::process::Stdio) -> CopyRun {
+    let dir = tmpdir(tag);
     let pid = dir.join("edgeshard.pid");
     let exe = dir.join("edgeshard");
     std::fs::copy(bin(), &exe).unwrap();
-    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
+    let (cfg, listen, _admin) = plain(&[origin], "", &dir);
     let config = dir.join("c.toml");
     std::fs::write(&config, &cfg).unwrap();
-    let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-    let mut child = Command::new(&exe)
+    let child = Command::new(&exe)
         .args(["run", "--config"])
         .arg(&config)
-        .stderr(log)
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let _kill = KillPid(pid.clone());
     wait_until(Duration::from_secs(10), "serving", || {
         pid_of(&pid).is_some() && TcpStream::connect(listen).is_ok()
     });
-    let first = pid_of(&pid).unwrap();
-    // replaced (as a package manager does: a new file renamed over the old path)
-    let script = dir.join("broken");
-    std::fs::write(&script, "#!/bin/sh\necho 'broken build' >&2\nexit 1\n").unwrap();
+    CopyRun {
+        dir,
+        pid,
+        exe,
+        listen,
+        child,
+    }
+}
+
+/// Replace `exe` by a shell script (renamed over it, as a package manager does).
+fn replace_with_script(exe: &Path, body: &str) {
+    let script = exe.with_extension("new");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
     Command::new("chmod")
         .arg("755")
         .arg(&script)
         .status()
         .unwrap();
-    std::fs::rename(&script, &exe).unwrap();
+    std::fs::rename(&script, exe).unwrap();
+}
+
+/// An upgrade to a binary that cannot start (here a script that exits 1): the old process
+/// keeps serving and says why; once the binary is good again, the upgrade goes through.
+#[test]
+fn an_upgrade_to_a_broken_binary_keeps_the_old_process() {
+    let a = origin("A");
+    let log = std::fs::File::create(tmpdir("bad-upgrade-log").join("stderr.log")).unwrap();
+    let CopyRun {
+        dir,
+        pid,
+        exe,
+        listen,
+        mut child,
+    } = run_copy("bad-upgrade", a.addr, log.into());
+    let _kill = KillPid(pid.clone());
+    let first = pid_of(&pid).unwrap();
+    replace_with_script(&exe, "echo 'broken build' >&2\nexit 1");
     let (code, out) = cli(&["upgrade", "--pid-file", pid.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("exited before it served"), "{out}");
@@ -911,31 +942,14 @@ fn listening_sockets(port: u16) -> usize {
 #[test]
 fn sigterm_during_a_hanging_upgrade_stops_at_once() {
     let a = origin("A");
-    let dir = tmpdir("hang-upgrade");
-    let pid = dir.join("edgeshard.pid");
-    let exe = dir.join("edgeshard");
-    std::fs::copy(bin(), &exe).unwrap();
-    let (cfg, listen, _admin) = plain(&[a.addr], "", &dir);
-    let config = dir.join("c.toml");
-    std::fs::write(&config, &cfg).unwrap();
-    let mut child = Command::new(&exe)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let CopyRun {
+        pid,
+        exe,
+        mut child,
+        ..
+    } = run_copy("hang-upgrade", a.addr, std::process::Stdio::null());
     let _kill = KillPid(pid.clone());
-    wait_until(Duration::from_secs(10), "serving", || {
-        pid_of(&pid).is_some() && TcpStream::connect(listen).is_ok()
-    });
-    let script = dir.join("hang");
-    std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
-    Command::new("chmod")
-        .arg("755")
-        .arg(&script)
-        .status()
-        .unwrap();
-    std::fs::rename(&script, &exe).unwrap();
+    replace_with_script(&exe, "exec sleep 60");
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
     // the hand-over has begun (the new process runs) before SIGTERM comes
     wait_until(Duration::from_secs(5), "the new process started", || {
