@@ -244,6 +244,11 @@ impl Control {
         }
         if op == "upgrade" {
             UPGRADES.fetch_add(1, Ordering::Relaxed);
+            // the file loaded fine: an earlier refused reload is no longer what serves
+            LAST_RELOAD_OK.store(1, Ordering::SeqCst);
+            if let Ok(mut e) = LAST_ERROR.lock() {
+                e.clear();
+            }
         }
         self.outcome(op, Ok(()));
         sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
@@ -284,6 +289,13 @@ impl Control {
         if let Err(e) = write_atomic(&outcome_path(p), &text) {
             tracing::error!(file = %outcome_path(p).display(), "cannot write the outcome file: {e}");
         }
+    }
+
+    /// An operation this process cannot do: its outcome says why (`edgeshard reload|upgrade`
+    /// answer at once instead of waiting).
+    pub fn refuse(&mut self, op: &str, why: &str) {
+        tracing::warn!("{op} refused: {why}");
+        self.outcome(op, Err(why));
     }
 
     /// SIGHUP: read and validate the file again; switch every shard to it, or keep serving

@@ -65,6 +65,9 @@ enum Command {
         /// Another configuration to serve instead of the built-in demo (config/demo.toml).
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// As for `run` (to try `edgeshard reload` / `upgrade` on the demo).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// API tokens: `token new` prints a fresh one and the config lines holding its hash.
     Token {
@@ -436,7 +439,7 @@ fn main() -> ExitCode {
             pid_file,
             signals.expect("blocked above"),
         ),
-        Command::Demo { config } => {
+        Command::Demo { config, pid_file } => {
             let servers = [
                 "127.0.0.1:9001".parse().unwrap(),
                 "127.0.0.1:9002".parse().unwrap(),
@@ -459,7 +462,7 @@ fn main() -> ExitCode {
                 Some(path) => run(
                     Config::load(&path),
                     Some(path),
-                    None,
+                    pid_file,
                     signals.expect("blocked above"),
                 ),
                 None => run(
@@ -468,7 +471,7 @@ fn main() -> ExitCode {
                         include_str!("../config/demo.toml"),
                     ),
                     None,
-                    None,
+                    pid_file,
                     signals.expect("blocked above"),
                 ),
             }
@@ -733,13 +736,15 @@ fn run(
         match edgeshard::runtime::wait_signal(&signals) {
             edgeshard::runtime::Signal::Stop(sig) => break sig,
             edgeshard::runtime::Signal::ReopenLogs => log.reopen(),
-            edgeshard::runtime::Signal::Reload if config_path.is_none() => {
-                tracing::warn!("SIGHUP: the built-in demo configuration cannot be reloaded (run with --config)")
-            }
+            edgeshard::runtime::Signal::Reload if config_path.is_none() => control.refuse(
+                "reload",
+                "the built-in demo configuration has no file to read again: run edgeshard demo --config FILE",
+            ),
             edgeshard::runtime::Signal::Reload => control.reload(&mut running),
-            edgeshard::runtime::Signal::Upgrade if config_path.is_none() => {
-                tracing::warn!("SIGUSR2: the built-in demo cannot be upgraded (run with --config)")
-            }
+            edgeshard::runtime::Signal::Upgrade if config_path.is_none() => control.refuse(
+                "upgrade",
+                "the built-in demo configuration has no file for a new process: run edgeshard demo --config FILE",
+            ),
             edgeshard::runtime::Signal::Upgrade => {
                 if let Ok(new_pid) = control.upgrade(&running) {
                     // a reload asked for during the hand-over goes to the process that now

@@ -734,7 +734,7 @@ pub fn prometheus(
         &mut o,
         "edgeshard_config_reloads_total",
         "counter",
-        "Configuration reloads (SIGHUP), by result: error means the previous configuration still serves.",
+        "Configuration reloads (SIGHUP, edgeshard reload, and the runtime API's reloads, server additions and removals), by result: error means the previous configuration still serves.",
     );
     let _ = writeln!(
         o,

@@ -317,6 +317,7 @@ impl State {
                 // removed earlier, back now: it starts afresh, as a new server would
                 load.set_admin_state(rs.id, crate::balance::AdminState::Ready);
                 self.passive[rs.id.0].set(0);
+                self.metrics.reset_server(rs.id.0);
             }
             if checked && before.is_none_or(|b| b.retired) {
                 load.set_checking(rs.id);
