@@ -697,7 +697,8 @@ fn the_admin_listener_speaks_https() {
 }
 
 /// An origin named `name` whose /healthcheck.html answers 503 until `healthy`, and whose
-/// /slow answers after 500 ms (counted in `slow_in_flight` meanwhile).
+/// /slow answers after 1.5 s (counted in `slow_in_flight` meanwhile: long enough for the
+/// admin calls to land while it is in flight, even on a loaded machine).
 fn checked_slow(
     name: &'static str,
     healthy: Arc<AtomicBool>,
@@ -713,7 +714,7 @@ fn checked_slow(
             }
             if s.request_line.contains(" /slow") {
                 slow_in_flight.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_millis(1500));
                 slow_in_flight.fetch_sub(1, Ordering::SeqCst);
             }
             let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}");
