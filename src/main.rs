@@ -572,9 +572,6 @@ fn signal_and_wait(pid_file: &std::path::Path, sig: i32, op: &str, timeout: &str
     ExitCode::from(2)
 }
 
-/// See its use at the end of `run`.
-const UPGRADE_LINGER: Duration = Duration::from_secs(1);
-
 fn run(
     loaded: Result<Config, edgeshard::config::ConfigError>,
     config_path: Option<PathBuf>,
@@ -764,12 +761,6 @@ fn run(
     running.join();
     // the drain's last records reach their files before the process ends
     log.finish(Duration::from_secs(2));
-    if why == "upgrade" {
-        // After a hand-over the old process lingers a moment before its descriptors close:
-        // without it, a new connection was occasionally closed unanswered at its exit when
-        // the new process had fewer shards (about 1 in 20,000 in tests; cause not found).
-        std::thread::sleep(UPGRADE_LINGER);
-    }
     control.exiting();
     tracing::info!("stopped");
     ExitCode::SUCCESS
