@@ -145,6 +145,15 @@ pub(super) async fn accept_loop(
     listener: net::Listener,
     stop: Rc<Semaphore>,
 ) {
+    // counted while it runs (see State::accepting)
+    struct Running<'a>(&'a State);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.accepting.set(self.0.accepting.get() - 1);
+        }
+    }
+    state.accepting.set(state.accepting.get() + 1);
+    let _running = Running(&state);
     let mut last: Option<Rc<Shard>> = None;
     let mut draining = false;
     loop {

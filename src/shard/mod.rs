@@ -119,6 +119,9 @@ pub struct State {
     generation: Cell<u64>,
     /// This shard's listeners: address, and the signal that stops its accept loop.
     listeners: RefCell<Vec<(SocketAddr, Rc<Semaphore>)>>,
+    /// Accept loops running: the drain starts once none is left, so that no connection is
+    /// accepted after the drain has counted (its task would never run).
+    pub(crate) accepting: Cell<usize>,
     /// Who holds each service, pool and server slot (name, name, key): a slot a reload gives
     /// to someone new starts from zero (counters, tables, operator state).
     holders: RefCell<[Vec<Option<String>>; 3]>,
@@ -268,6 +271,7 @@ impl State {
             checking: RefCell::new(vec![false; slots.servers]),
             generation: Cell::new(0),
             listeners: RefCell::new(Vec::new()),
+            accepting: Cell::new(0),
             holders: RefCell::new([
                 vec![None; slots.services],
                 vec![None; slots.pools],

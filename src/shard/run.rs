@@ -328,6 +328,12 @@ async fn run_shard(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     state.begin_close();
+    // every accept loop sees the close and returns before the drain counts: a connection
+    // accepted after the count would be left with a task that never runs
+    let stopping = Instant::now() + Duration::from_secs(1);
+    while state.accepting.get() > 0 && Instant::now() < stopping {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
     // the drain time of the configuration serving now (a reload may have changed it)
     let drain = state
         .current
