@@ -254,7 +254,6 @@ pub fn start(
         busy: Default::default(),
     };
     if let Err(e) = running.send_all(&config, generation, plan) {
-        let mut running = running;
         running.stop();
         return Err(e);
     }
