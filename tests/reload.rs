@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An origin answering its name; `/slow` after `SLOW`, so that requests are in flight on it.
 fn origin(name: &'static str) -> Origin {
@@ -1178,7 +1178,7 @@ fn signals_at_start_up_do_not_kill() {
             .arg(&config)
             .env("EDGESHARD_FAILPOINT", "slow start")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
             .spawn()
             .unwrap();
         let blocked = |pid: u32| {
@@ -1202,12 +1202,24 @@ fn signals_at_start_up_do_not_kill() {
             libc::SIGHUP => {
                 assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed it");
                 // the reload ran once serving: its outcome beside the pid file
-                wait_until(Duration::from_secs(5), "the reload done", || {
-                    std::fs::read_to_string(dir.join("edgeshard.pid.status")).is_ok_and(|t| {
+                let status = dir.join("edgeshard.pid.status");
+                let done = || {
+                    std::fs::read_to_string(&status).is_ok_and(|t| {
                         serde_json::from_str::<serde_json::Value>(&t)
                             .is_ok_and(|v| v["reload"]["ok"] == true)
                     })
-                });
+                };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !done() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert!(
+                    done(),
+                    "the reload is not done: outcome {:?}, alive {:?}, log:\n{}",
+                    std::fs::read_to_string(&status),
+                    child.try_wait(),
+                    std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+                );
             }
             _ => {
                 // the upgrade ran once serving: the new process took over, the first exited 0

@@ -7,7 +7,7 @@ use common::client::{get, one, Client};
 use common::origin::{Next, Origin, Seen};
 use common::*;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,10 +32,7 @@ fn reset(s: &TcpStream) {
 
 #[test]
 fn refused_connection_gives_502() {
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap(); // closed at once
+    let dead = local(free_port()); // nothing listens there
     let listen = local(free_port());
     let _p = Proxy::start(&simple_config(listen, &[dead], "", ""), listen);
     let r = one(listen, &get("/"));

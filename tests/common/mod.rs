@@ -14,13 +14,41 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, for a listener the test starts later.
+///
+/// Taken below the kernel's ephemeral range: a port from `bind(0)`, once released, is handed
+/// out again as the source port of any outgoing connection (a health check, another test's
+/// client), which then holds it or even connects to itself (TCP simultaneous open) so that
+/// "is it listening yet?" answers yes. Ports below the range are never given implicitly; a
+/// counter keeps this process from handing one out twice, and the bind check skips those
+/// held by others (including TIME_WAIT left by an earlier run).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const FIRST: u32 = 10_000;
+    if low < FIRST + 2_000 {
+        // no room below the ephemeral range on this machine: the kernel's choice it is
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = low - FIRST;
+    // test binaries run one after another: each starts elsewhere in the span
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
 }
 
 /// Poll `cond` every 5ms until it holds; panic with `what` after `limit`.
