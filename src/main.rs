@@ -15,7 +15,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "edgeshard",
     version,
-    about = "Shard-per-core reverse proxy and layer-7 load balancer"
+    about = "Shard-per-core reverse proxy and layer-7 load balancer",
+    long_about = "Shard-per-core reverse proxy and layer-7 load balancer: virtual services \
+terminate TLS, check host and directory (Edge Security Pack), choose a real server (round \
+robin or least connection, cookie or source-IP persistence), re-encrypt to it and health-check \
+every real server. One pinned executor per configured core.\n\n\
+Signals to `run`: SIGHUP reloads the configuration, SIGUSR2 upgrades to the binary now at \
+its path (no connection lost), SIGUSR1 reopens the log files, SIGTERM and SIGINT drain and \
+exit.\n\n\
+Files: /etc/edgeshard/edgeshard.toml (the packaged unit's configuration); \
+/usr/share/doc/edgeshard/ (the guides; docs/configuration.md is the key reference, also \
+printed by `edgeshard config reference`)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,6 +55,7 @@ enum Command {
     /// every shard serves the new configuration; 1: refused (the error says why, and the old
     /// configuration still serves); 2: no such process or no answer.
     Reload {
+        /// The pid file the running process wrote (`run --pid-file` or `[runtime] pid_file`).
         #[arg(long)]
         pid_file: PathBuf,
         /// How long to wait for the outcome.
@@ -54,8 +65,10 @@ enum Command {
     /// Upgrade a running appliance to the binary now at its path (SIGUSR2), with no
     /// connection refused, and wait for the outcome. Exit codes as for reload.
     Upgrade {
+        /// The pid file the running process wrote (`run --pid-file` or `[runtime] pid_file`).
         #[arg(long)]
         pid_file: PathBuf,
+        /// How long to wait for the new process to serve.
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
@@ -80,6 +93,7 @@ enum Command {
         /// The admin listener.
         #[arg(long, global = true, default_value = "http://127.0.0.1:9900")]
         admin: String,
+        /// A file holding the API token (else EDGESHARD_TOKEN).
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
         /// PEM issuer of an https:// admin listener's certificate.
@@ -91,11 +105,32 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Configuration reference: `config reference` prints every key with its type, default
+    /// and meaning (docs/configuration.md).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write the man pages (edgeshard.1 and one per command) into a directory (packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Every configuration key, as Markdown.
+    Reference,
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
+    /// A fresh random token, and the `[[admin.token]]` lines holding its SHA-256.
     New {
+        /// The token's name in the audit log.
         #[arg(long, default_value = "ops")]
         name: String,
         /// read | operator | admin
@@ -111,39 +146,61 @@ enum CtlCommand {
     /// No new clients; persisted clients and requests in flight go on. --wait answers once its
     /// last connection has ended (exit 1 if it has not by then).
     Drain {
+        /// The virtual service by name (`service/sub` for a sub-service).
         service: String,
+        /// The real server, IP:port as in the config.
         address: String,
+        /// Wait up to this long (e.g. `10m`) for its last connection to end.
         #[arg(long)]
         wait: Option<String>,
     },
     /// Back in service.
-    Ready { service: String, address: String },
+    Ready {
+        /// The virtual service by name (`service/sub` for a sub-service).
+        service: String,
+        /// The real server, IP:port as in the config.
+        address: String,
+    },
     /// Nothing new at all.
     Maint {
+        /// The virtual service by name (`service/sub` for a sub-service).
         service: String,
+        /// The real server, IP:port as in the config.
         address: String,
+        /// Wait up to this long (e.g. `10m`) for its last connection to end.
         #[arg(long)]
         wait: Option<String>,
     },
     /// Set a weight (1..65535).
     Weight {
+        /// The virtual service by name (`service/sub` for a sub-service).
         service: String,
+        /// The real server, IP:port as in the config.
         address: String,
+        /// The new weight.
         weight: u32,
     },
     /// Add a real server (IP:port) to a service or sub-service (`service/sub`), on every
     /// shard; with a health check it gets traffic once a check has passed.
     Add {
+        /// The virtual service by name (`service/sub` for a sub-service).
         service: String,
+        /// The real server, IP:port as in the config.
         address: String,
+        /// Its weight (weighted methods).
         #[arg(long, default_value_t = 1000)]
         weight: u32,
-        /// 0: none.
+        /// Active connections to it, appliance-wide (0: none).
         #[arg(long, default_value_t = 0)]
         connection_limit: u32,
     },
     /// Remove a real server: only once in maint with no connection left (`maint --wait`).
-    Remove { service: String, address: String },
+    Remove {
+        /// The virtual service by name (`service/sub` for a sub-service).
+        service: String,
+        /// The real server, IP:port as in the config.
+        address: String,
+    },
     /// Reload the configuration file (as SIGHUP), answering with the result.
     Reload,
     /// Exit 0 when /healthz says the appliance is healthy, 1 when not, 2 when it cannot tell
@@ -337,6 +394,28 @@ fn ctl(
     }
 }
 
+/// edgeshard.1 and edgeshard-<command>.1 for every visible command, from the clap definitions.
+fn manpages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let top = Cli::command();
+    let write = |cmd: clap::Command, file: String| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(dir.join(file), out)
+    };
+    for sub in top.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("edgeshard-{}", sub.get_name());
+        let cmd = sub
+            .clone()
+            .display_name(name.clone())
+            .bin_name(format!("edgeshard {}", sub.get_name()))
+            .version(env!("CARGO_PKG_VERSION"));
+        write(cmd, format!("{name}.1"))?;
+    }
+    write(top, "edgeshard.1".into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The clients write straight to their terminal; no shard runs there.
@@ -372,6 +451,21 @@ fn main() -> ExitCode {
         Command::Upgrade { pid_file, timeout } => {
             return signal_and_wait(&pid_file, libc::SIGUSR2, "upgrade", &timeout)
         }
+        Command::Config {
+            command: ConfigCommand::Reference,
+        } => {
+            print!("{}", edgeshard::config::reference::markdown());
+            return ExitCode::SUCCESS;
+        }
+        Command::Manpages { out } => {
+            return match manpages(&out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", out.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
         _ => {}
     }
     // SIGHUP/SIGUSR2/SIGTERM… are taken synchronously by the main thread: blocked before any
@@ -394,7 +488,9 @@ fn main() -> ExitCode {
         Command::Token { .. }
         | Command::Ctl { .. }
         | Command::Reload { .. }
-        | Command::Upgrade { .. } => ExitCode::SUCCESS,
+        | Command::Upgrade { .. }
+        | Command::Config { .. }
+        | Command::Manpages { .. } => ExitCode::SUCCESS,
         Command::Check { config } => {
             match Config::load(&config) {
                 Ok(c) => {
@@ -764,4 +860,65 @@ fn run(
     control.exiting();
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and every option says what it is for (--help, the man pages).
+    #[test]
+    fn every_command_and_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "edgeshard", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        Cli::command().debug_assert();
+    }
+
+    /// The committed man pages are what the binary generates.
+    #[test]
+    fn the_committed_man_pages_are_current() {
+        let dir = std::env::temp_dir().join(format!("edgeshard-man-{}", std::process::id()));
+        super::manpages(&dir).unwrap();
+        let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/man");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in &names {
+            let want = std::fs::read(dir.join(n)).unwrap();
+            let have = std::fs::read(committed.join(n)).unwrap_or_default();
+            assert!(
+                want == have,
+                "docs/man/{} differs: run cargo run -- manpages --out docs/man",
+                n.to_string_lossy()
+            );
+        }
+        let mut have: Vec<_> = std::fs::read_dir(&committed)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        have.sort();
+        assert_eq!(have, names, "docs/man holds exactly the generated pages");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

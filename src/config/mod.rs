@@ -4,6 +4,7 @@
 
 mod file;
 mod model;
+pub mod reference;
 mod reload;
 pub mod tls;
 mod units;
