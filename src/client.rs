@@ -42,6 +42,8 @@ pub struct ConnFacts {
     pub requests: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// A tcp service's real server (its ServerId), for the connection log; u32::MAX: none.
+    pub real_server: u32,
 }
 
 impl ConnFacts {
@@ -61,6 +63,12 @@ impl ConnFacts {
                 requests: self.requests,
                 reason,
                 tls: self.tls,
+                sni: self.sni.as_deref(),
+                real_server: shard
+                    .config
+                    .servers
+                    .get(self.real_server as usize)
+                    .map(|s| s.name.as_str()),
             });
         }
     }

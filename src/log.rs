@@ -308,9 +308,14 @@ pub struct ConnectionRecord<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub requests: u64,
-    /// Why it closed: client, idle_timeout, error, shutdown.
+    /// Why it closed: client, idle_timeout, error, shutdown; tcp services: closed,
+    /// idle_timeout, reset, connect_failed, refused, no_real_server.
     pub reason: Option<&'a str>,
     pub tls: Option<&'a str>,
+    /// The server name the client asked for (TLS SNI).
+    pub sni: Option<&'a str>,
+    /// A tcp service's real server.
+    pub real_server: Option<&'a str>,
 }
 
 /// RFC 3339 UTC time with milliseconds.
@@ -506,6 +511,8 @@ impl ConnectionRecord<'_> {
             .num("requests", self.requests)
             .opt("reason", self.reason.map(str::as_bytes))
             .opt("tls", self.tls.map(str::as_bytes))
+            .opt("sni", self.sni.map(str::as_bytes))
+            .opt("real_server", self.real_server.map(str::as_bytes))
             .end();
     }
 }

@@ -24,8 +24,8 @@ Signals to `run`: SIGHUP reloads the configuration, SIGUSR2 upgrades to the bina
 its path (no connection lost), SIGUSR1 reopens the log files, SIGTERM and SIGINT drain and \
 exit.\n\n\
 Files: /etc/edgeshard/edgeshard.toml (the packaged unit's configuration); \
-/usr/share/doc/edgeshard/ (the guides; docs/configuration.md is the key reference, also \
-printed by `edgeshard config reference`)."
+/usr/share/doc/edgeshard/docs/ (the guides; configuration.md there is the key reference, \
+also printed by `edgeshard config reference`)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -404,16 +404,32 @@ fn manpages(dir: &std::path::Path) -> std::io::Result<()> {
         clap_mangen::Man::new(cmd).render(&mut out)?;
         std::fs::write(dir.join(file), out)
     };
-    for sub in top.get_subcommands().filter(|c| !c.is_hide_set()) {
-        let name = format!("edgeshard-{}", sub.get_name());
-        let cmd = sub
-            .clone()
-            .display_name(name.clone())
-            .bin_name(format!("edgeshard {}", sub.get_name()))
-            .version(env!("CARGO_PKG_VERSION"));
-        write(cmd, format!("{name}.1"))?;
+    // every visible command at every depth: the SEE ALSO lists of their parents name them
+    fn walk(
+        cmd: &clap::Command,
+        words: &[&str],
+        write: &dyn Fn(clap::Command, String) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            let mut w = words.to_vec();
+            w.push(sub.get_name());
+            let name = w.join("-");
+            let page = sub
+                .clone()
+                .display_name(name.clone())
+                .bin_name(w.join(" "))
+                .version(env!("CARGO_PKG_VERSION"))
+                .disable_help_subcommand(true);
+            write(page, format!("{name}.1"))?;
+            walk(sub, &w, write)?;
+        }
+        Ok(())
     }
-    write(top, "edgeshard.1".into())
+    walk(&top, &["edgeshard"], &write)?;
+    write(top.disable_help_subcommand(true), "edgeshard.1".into())
 }
 
 fn main() -> ExitCode {

@@ -222,6 +222,33 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let (ab, ba, _) = tunnel_until(a, a_buf, b, b_buf, idle).await;
+    (ab, ba)
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their half (each FIN passed on).
+    Closed,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// A read or write failed (a reset, mostly).
+    Error,
+}
+
+/// `tunnel`, also saying how it ended.
+pub async fn tunnel_until<A, B>(
+    a: &mut A,
+    a_buf: &mut Buf,
+    b: &mut B,
+    b_buf: &mut Buf,
+    idle: Duration,
+) -> (u64, u64, TunnelEnd)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let mut ab = Half {
         buf: a_buf,
         eof: false,
@@ -234,9 +261,9 @@ where
         shut: false,
         moved: 0,
     };
-    loop {
+    let end = loop {
         if ab.shut && ba.shut {
-            break;
+            break TunnelEnd::Closed;
         }
         let step = timeout(
             idle,
@@ -259,9 +286,11 @@ where
             }),
         )
         .await;
-        if step.is_err() {
-            break;
+        match step {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break TunnelEnd::Idle,
+            Err(_) => break TunnelEnd::Error,
+            Ok(()) => {}
         }
-    }
-    (ab.moved, ba.moved)
+    };
+    (ab.moved, ba.moved, end)
 }

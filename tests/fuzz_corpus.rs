@@ -33,6 +33,12 @@ fn corpus_inputs_never_panic() {
         let mut d = ChunkedDecoder::new();
         let _ = d.advance(&data);
     }
+    for data in inputs("client_hello") {
+        let _ = edgeshard::sni::parse(&data);
+    }
+    for data in inputs("proxy_header") {
+        let _ = edgeshard::proxyproto::parse(&data);
+    }
     for data in inputs("config") {
         if let Ok(text) = std::str::from_utf8(&data) {
             let _ = Config::parse(Path::new("/nonexistent/fuzz.toml"), text);

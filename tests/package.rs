@@ -99,7 +99,9 @@ fn the_debian_package_installs_configures_and_purges() {
         "./usr/share/man/man1/edgeshard.1.gz",
         "./usr/share/man/man1/edgeshard-run.1.gz",
         "./usr/share/doc/edgeshard/copyright",
-        "./usr/share/doc/edgeshard/configuration.md",
+        "./usr/share/doc/edgeshard/docs/configuration.md",
+        "./usr/share/doc/edgeshard/tuning/README.md",
+        "./usr/share/man/man1/edgeshard-ctl-drain.1.gz",
         "./usr/share/doc/edgeshard/config/lync2013.toml",
         "./usr/share/doc/edgeshard/examples/minimal.toml",
     ] {

@@ -308,6 +308,7 @@ mod tests {
                 connection_limit: l,
                 key: format!("t s{i}"),
                 retired: false,
+                send_proxy: false,
             })
             .collect();
         let p = Pool {

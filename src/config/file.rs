@@ -237,11 +237,44 @@ impl CheckType {
     }
 }
 
+/// What a virtual service speaks: HTTP (layer 7) or bytes relayed as they are (layer 4).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// The PROXY protocol version sent to real servers.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyProtocol {
+    V2,
+}
+
+/// TLS left untouched by a tcp service: the ClientHello is read, not answered.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePassThrough {
+    /// Choose the sub-service by the ClientHello's server name (default true).
+    pub route_by_sni: Option<bool>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileVirtualService {
     pub name: Option<String>,
     pub listen: Spanned<String>,
+    /// "http" (default) or "tcp": bytes relayed both ways, no HTTP parsing.
+    pub mode: Option<Spanned<Mode>>,
+    /// tcp services: TLS passed through untouched, routed by SNI.
+    pub pass_through: Option<FilePassThrough>,
+    /// Send a PROXY protocol header ("v2") to every real server (tcp services).
+    pub send_proxy: Option<Spanned<ProxyProtocol>>,
+    /// Connections from `trusted_proxies` start with a PROXY header (v1 or v2) naming the
+    /// real client; connections from anyone else are refused.
+    pub accept_proxy: Option<bool>,
     #[serde(default)]
     pub scheduling: Scheduling,
     /// Client connection idle timeout between requests.
@@ -436,6 +469,8 @@ pub struct FileRedirect {
 #[serde(deny_unknown_fields)]
 pub struct FileRealServer {
     pub address: Spanned<String>,
+    /// A PROXY protocol header to this server (default: the service's `send_proxy`).
+    pub send_proxy: Option<Spanned<ProxyProtocol>>,
     pub weight: Option<Spanned<u32>>,
     #[serde(default)]
     pub connection_limit: u32,

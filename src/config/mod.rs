@@ -15,7 +15,8 @@ pub use reload::{AddedServer, Busy, RemovedServer, RuntimeServers};
 pub use crate::access::Access;
 use file::*;
 pub use file::{
-    CheckType, ForwardedFor, LimitAction, LogFormat, PathNormalization, Role, Scheduling, Steering,
+    CheckType, ForwardedFor, LimitAction, LogFormat, Mode, PathNormalization, Role, Scheduling,
+    Steering,
 };
 pub use units::{parse_duration, parse_size};
 
@@ -55,6 +56,9 @@ impl std::error::Error for ConfigError {}
 
 /// The file types one pool is validated from.
 struct PoolSpec<'a> {
+    mode: Mode,
+    /// The service's send_proxy (a real server's own setting wins).
+    send_proxy: bool,
     scheduling: Scheduling,
     slow_start: Duration,
     persistence: &'a Option<FilePersistence>,
@@ -340,6 +344,12 @@ impl Validator<'_> {
                     })
                 }
             };
+            let mode = vs.mode.as_ref().map(|m| *m.get_ref()).unwrap_or_default();
+            let pass_through = vs.pass_through.as_ref().map(|t| PassThrough {
+                route_by_sni: t.route_by_sni.unwrap_or(true),
+            });
+            let send_proxy = vs.send_proxy.is_some();
+            self.check_mode(vs, mode, &p)?;
             let reencrypting = reencrypt.is_some();
             let vs_idx = services.len();
             // "0s" turns slow start off
@@ -349,6 +359,8 @@ impl Validator<'_> {
                     .map_err(|m| self.err(Some(v.span()), &format!("{p}.slow_start"), m))?,
             };
             let own = PoolSpec {
+                mode,
+                send_proxy,
                 slow_start,
                 scheduling: vs.scheduling,
                 persistence: &vs.persistence,
@@ -401,6 +413,8 @@ impl Validator<'_> {
                     ));
                 }
                 let spec = PoolSpec {
+                    mode,
+                    send_proxy,
                     slow_start,
                     scheduling: sub.scheduling,
                     persistence: &sub.persistence,
@@ -481,7 +495,19 @@ impl Validator<'_> {
                 Some(h) => Some(self.headers(h, &format!("{p}.headers"))?),
                 None => None,
             };
+            let accept_proxy = vs.accept_proxy.unwrap_or(false);
+            if accept_proxy && trusted_proxies.is_empty() {
+                return Err(self.err(
+                    Some(vs.listen.span()),
+                    &format!("{p}.accept_proxy"),
+                    "a PROXY header is believed only from trusted_proxies: list the load balancers or relays in front (CIDR)".into(),
+                ));
+            }
             services.push(VirtualService {
+                mode,
+                pass_through,
+                send_proxy,
+                accept_proxy,
                 slot: services.len(),
                 headers,
                 retries: count(&vs.retries, "retries", 2, 10)?,
@@ -588,6 +614,92 @@ impl Validator<'_> {
 
     /// Validate one pool of real servers (a service's own, or a sub-service's) and add it and
     /// its servers to the appliance-wide lists.
+    /// What a tcp service cannot have (it never reads HTTP), and what pass-through excludes.
+    fn check_mode(&self, vs: &FileVirtualService, mode: Mode, p: &str) -> Result<(), ConfigError> {
+        let span = vs.mode.as_ref().map(|m| m.span());
+        let refuse = |field: &str, why: &str| {
+            Err(self.err(span.clone(), &format!("{p}.{field}"), why.into()))
+        };
+        if mode == Mode::Http {
+            if vs.pass_through.is_some() {
+                return refuse("pass_through", "TLS pass-through needs mode = \"tcp\"");
+            }
+            if let Some(s) = &vs.send_proxy {
+                return Err(self.err(Some(s.span()), &format!("{p}.send_proxy"), "the PROXY protocol to real servers needs mode = \"tcp\" (HTTP real servers learn the client from X-Forwarded-For)".into()));
+            }
+            for (j, rs) in vs.real_server.iter().enumerate() {
+                if let Some(s) = &rs.send_proxy {
+                    return Err(self.err(
+                        Some(s.span()),
+                        &format!("{p}.real_server[{j}].send_proxy"),
+                        "the PROXY protocol to real servers needs mode = \"tcp\"".into(),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        let http_only = [
+            ("esp", vs.esp.is_some()),
+            ("redirect", vs.redirect.is_some()),
+            ("headers", vs.headers.is_some()),
+            ("max_body_size", vs.max_body_size.is_some()),
+            ("path_normalization", vs.path_normalization.is_some()),
+            ("forwarded_for", vs.forwarded_for.is_some()),
+            ("forwarded_header", vs.forwarded_header.is_some()),
+            ("queue_timeout", vs.queue_timeout.is_some()),
+        ];
+        for (field, set) in http_only {
+            if set {
+                return refuse(
+                    field,
+                    "an HTTP setting: a mode = \"tcp\" service relays bytes and reads no HTTP",
+                );
+            }
+        }
+        let cookie = |fp: &Option<FilePersistence>| {
+            fp.as_ref()
+                .is_some_and(|f| f.mode == PersistenceMode::ActiveCookie)
+        };
+        if cookie(&vs.persistence) {
+            return refuse(
+                "persistence.mode",
+                "a cookie needs HTTP: use \"source-ip\" persistence for a tcp service",
+            );
+        }
+        for (k, sub) in vs.sub_service.iter().enumerate() {
+            let sp = format!("sub_service[{k}]");
+            if !sub.paths.is_empty() {
+                return refuse(
+                    &format!("{sp}.paths"),
+                    "a tcp service sees no paths: its sub-services match by server name (SNI) only",
+                );
+            }
+            if sub.esp.is_some() || sub.headers.is_some() {
+                return refuse(
+                    &sp,
+                    "esp and headers are HTTP settings: a mode = \"tcp\" service reads no HTTP",
+                );
+            }
+            if cookie(&sub.persistence) {
+                return refuse(
+                    &format!("{sp}.persistence.mode"),
+                    "a cookie needs HTTP: use \"source-ip\" persistence for a tcp service",
+                );
+            }
+        }
+        if vs.pass_through.is_some() {
+            if vs.tls.is_some() {
+                return refuse("pass_through", "pass-through leaves TLS to the real servers: remove [virtual_service.tls] (or pass_through, to terminate TLS here)");
+            }
+            if vs.reencrypt.is_some() {
+                return refuse("pass_through", "pass-through forwards the client's TLS as it is: remove [virtual_service.reencrypt]");
+            }
+        } else if !vs.sub_service.is_empty() && vs.tls.is_none() {
+            return refuse("sub_service", "a plain tcp service has no server name to match: sub-services need pass_through or [virtual_service.tls]");
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn pool(
         &self,
@@ -633,6 +745,7 @@ impl Validator<'_> {
                 connection_limit: rs.connection_limit,
                 key: format!("{name} {}", rs.address.get_ref()),
                 retired: false,
+                send_proxy: spec.send_proxy || rs.send_proxy.is_some(),
             });
             ids.push(sid);
         }
@@ -642,7 +755,9 @@ impl Validator<'_> {
         };
         let health_check = match spec.health_check {
             None => None,
-            Some(h) => Some(self.health_check(h, &format!("{p}.health_check"), reencrypting)?),
+            Some(h) => {
+                Some(self.health_check(h, &format!("{p}.health_check"), reencrypting, spec.mode)?)
+            }
         };
         pools.push(Pool {
             id,
@@ -934,8 +1049,11 @@ impl Validator<'_> {
         h: &FileHealthCheck,
         p: &str,
         reencrypting: bool,
+        mode: Mode,
     ) -> Result<HealthCheck, ConfigError> {
-        let kind = h.kind.unwrap_or(if reencrypting {
+        let kind = h.kind.unwrap_or(if mode == Mode::Tcp {
+            CheckType::Tcp
+        } else if reencrypting {
             CheckType::Https
         } else {
             CheckType::Http

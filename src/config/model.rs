@@ -2,7 +2,8 @@
 //! validation step from the file types (`file.rs`) in `mod.rs`. No I/O here.
 
 use super::file::{
-    CheckType, ForwardedFor, LimitAction, LogFormat, PathNormalization, Role, Scheduling, Steering,
+    CheckType, ForwardedFor, LimitAction, LogFormat, Mode, PathNormalization, Role, Scheduling,
+    Steering,
 };
 use super::tls;
 use crate::access::Access;
@@ -249,6 +250,15 @@ pub struct Token {
 #[derive(Debug, Clone)]
 pub struct VirtualService {
     pub name: String,
+    /// HTTP (layer 7) or TCP (layer 4: bytes relayed, no HTTP).
+    pub mode: Mode,
+    /// tcp services: TLS passed through untouched; with `route_by_sni`, the sub-service is
+    /// chosen by the ClientHello's server name.
+    pub pass_through: Option<PassThrough>,
+    /// The service's `send_proxy` (real servers added at runtime take it).
+    pub send_proxy: bool,
+    /// Connections from `trusted_proxies` begin with a PROXY header; others are refused.
+    pub accept_proxy: bool,
     /// Its place in per-service state (counters, connection counts), kept across reloads.
     pub slot: usize,
     pub listen: SocketAddr,
@@ -294,6 +304,12 @@ pub struct VirtualService {
     pub access: Option<Access>,
     /// Header rules and HSTS (a sub-service's replace them for its requests).
     pub headers: Option<crate::http::rules::HeaderRules>,
+}
+
+/// TLS pass-through of a tcp service.
+#[derive(Debug, Clone, Copy)]
+pub struct PassThrough {
+    pub route_by_sni: bool,
 }
 
 /// TLS termination for a virtual service.
@@ -352,6 +368,8 @@ pub struct RealServer {
     pub connection_limit: u32,
     /// Who it is across reloads: its pool's name and its address as written.
     pub key: String,
+    /// Each connection to it starts with a PROXY protocol v2 header.
+    pub send_proxy: bool,
     /// Removed by a reload: kept only so that its id still names it for requests that were
     /// in flight on it; in no pool.
     pub retired: bool,

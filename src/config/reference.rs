@@ -44,7 +44,7 @@ pub const SECTIONS: &[Section] = &[
             k("oversubscribe", "bool", "false", "Allow more shards than CPUs, or a CPU listed twice (tests, small boxes)."),
             k("drain_timeout", "duration", "30s", "At SIGTERM/SIGINT or after an upgrade: how long requests in flight may take to finish."),
             k("ring_depth", "integer", "256", "io_uring entries per shard (a power of two, 8..4096)."),
-            k("io_memory", "size", "1MiB", "io_uring registered buffer memory per shard."),
+            k("io_memory", "size", "1MiB", "Memory glommio registers (and locks) for io_uring per shard; edgeshard's socket I/O does not use it, so keep it small."),
             k("spin_before_park", "duration", "0s", "Busy-poll this long before an idle shard sleeps (0: never)."),
             k("poll_before_park", "duration", "200us", "An idle shard waits this long in epoll_wait before it parks (0..10ms)."),
             k("backlog", "integer", "1024", "Listen backlog per shard and virtual service."),
@@ -123,6 +123,10 @@ pub const SECTIONS: &[Section] = &[
         keys: &[
             k("name", "string", "vs<N>", "Name used in logs, metrics, the status page and the API."),
             k("listen", "address", "required", "IP:port; each shard binds it with SO_REUSEPORT."),
+            k("mode", "http | tcp", "http", "tcp: bytes relayed both ways as they are (layer 4; TLS terminated, passed through or absent); no HTTP setting applies."),
+            k("pass_through", "table", "none", "tcp services: TLS left to the real servers: see `[virtual_service.pass_through]`."),
+            k("send_proxy", "\"v2\"", "none", "tcp services: every connection to a real server starts with a PROXY protocol v2 header naming the client."),
+            k("accept_proxy", "bool", "false", "Connections from `trusted_proxies` start with a PROXY header (v1 or v2) naming the client; connections from anyone else are refused."),
             k("scheduling", "round-robin | weighted-round-robin | least-connection | weighted-least-connection", "round-robin", "How a real server is chosen (least connection over the appliance-wide view)."),
             k("idle_timeout", "duration", "1800s", "Client idle time between requests on a keep-alive connection."),
             k("connect_timeout", "duration", "5s", "Connecting to a real server: 504 past it (502 if refused), after retries."),
@@ -146,7 +150,7 @@ pub const SECTIONS: &[Section] = &[
             k("max_headers", "integer", "100", "Header fields per request (1..256): 431 beyond."),
             k("path_normalization", "forward | refuse", "forward", "A path that normalisation changes (`/%61dmin`, `/x/../admin`): forwarded normalised, or 400."),
             k("forwarded_for", "replace | append", "replace", "The client's X-Forwarded-For: replaced by its address, or appended to."),
-            k("trusted_proxies", "list of CIDRs", "none", "Peers whose forwarding headers are kept and appended to."),
+            k("trusted_proxies", "list of CIDRs", "none", "Peers whose forwarding headers (and PROXY headers, with accept_proxy) are believed."),
             k("forwarded_header", "bool", "false", "Also send an RFC 7239 Forwarded header (for=, proto=, host=)."),
             k("shard_steering", "kernel | source-ip", "kernel", "Which shard gets a connection: the kernel's hash, or one shard per client address (reuseport BPF). Source-IP persistence and client limits imply source-ip."),
             k("access", "table", "everyone", "IP access list checked at accept: see `[virtual_service.access]`."),
@@ -169,6 +173,15 @@ pub const SECTIONS: &[Section] = &[
             k("address", "address", "required", "IP:port (or host:port, resolved once at load)."),
             k("weight", "integer", "1000", "1..65535, used by the weighted methods (and set at runtime by the API)."),
             k("connection_limit", "integer", "0 (no limit)", "Active connections to this server, appliance-wide."),
+            k("send_proxy", "\"v2\"", "the service's send_proxy", "tcp services: a PROXY protocol v2 header to this server."),
+        ],
+    },
+    Section {
+        header: "[virtual_service.pass_through]",
+        also: "",
+        doc: "TLS passed through by a tcp service: the ClientHello is read (bounded by request_timeout and 16 KiB), never answered, and forwarded byte for byte.",
+        keys: &[
+            k("route_by_sni", "bool", "true", "Choose the sub-service whose hosts match the ClientHello's server name; none, or no name: the service's own pool."),
         ],
     },
     Section {
@@ -318,7 +331,7 @@ pub fn markdown() -> String {
     );
     s.push_str(
         "TOML. Every key except those marked *required* may be left out. Durations are written \
-`500ms`, `5s`, `20m`, `2h`, `1d` (a bare number is seconds; `200us` for the sub-millisecond \
+`500ms`, `5s`, `20m`, `2h`, `1d` (always in quotes; a number alone, `\"30\"`, is seconds; `200us` for the sub-millisecond \
 park knobs); sizes `16KiB`, `1MiB`; paths are relative to the config file. `edgeshard check \
 --config FILE` refuses unknown keys and bad values with `file:line: field: problem`. See \
 [the guide](guide.md) for how the pieces fit, and `examples/` for complete files.\n\n",
@@ -448,6 +461,10 @@ mod tests {
             (
                 "[virtual_service.client_limits]",
                 format!("{VS}[virtual_service.client_limits]\nzz_unknown = 1\n"),
+            ),
+            (
+                "[virtual_service.pass_through]",
+                format!("{VS}[virtual_service.pass_through]\nzz_unknown = 1\n"),
             ),
             (
                 "[[virtual_service.sub_service]]",

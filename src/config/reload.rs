@@ -298,6 +298,7 @@ impl Config {
                 connection_limit: add.connection_limit,
                 key: format!("{} {}", add.pool, add.address),
                 retired: false,
+                send_proxy: self.services[self.pools[pool].service].send_proxy,
             });
             self.pools[pool].servers.push(id);
         }

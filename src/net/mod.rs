@@ -310,6 +310,57 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
 pub struct Socket(Registered);
 
 impl Socket {
+    /// Look at the bytes waiting without taking them: returns once more than `seen` are
+    /// there (or at EOF: 0). Reading a PROXY header this way leaves what follows it where
+    /// the TLS handshake or the HTTP reader will find it.
+    pub async fn peek_more(&self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let r = &self.0;
+            r.poller.poll_read_with(r.key, cx, buf.len(), || {
+                // SAFETY: recv into a buffer we own, of its length; never blocks.
+                let n = cvt(unsafe {
+                    libc::recv(
+                        r.fd.as_raw_fd(),
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                })?;
+                if n != 0 && n <= seen {
+                    // nothing new: wait for the next edge
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    /// Take `n` bytes a peek saw (they are in the socket: no waiting).
+    pub fn discard(&self, n: usize) -> io::Result<()> {
+        let mut scratch = [0u8; 1024];
+        let mut left = n;
+        while left > 0 {
+            let want = left.min(scratch.len());
+            // SAFETY: recv into our stack buffer, of at most its length; never blocks.
+            let got = cvt(unsafe {
+                libc::recv(
+                    self.0.fd.as_raw_fd(),
+                    scratch.as_mut_ptr() as *mut libc::c_void,
+                    want,
+                    libc::MSG_DONTWAIT,
+                )
+            })?;
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= got;
+        }
+        // what follows may already be there: the next read must try
+        self.0.poller.mark_readable(self.0.key);
+        Ok(())
+    }
+
     /// Has anything (data, EOF, an error) arrived since a read last found the socket empty,
     /// as far as the poller has collected?
     pub fn may_be_readable(&self) -> bool {

@@ -187,6 +187,11 @@ impl Poller {
         Poll::Pending
     }
 
+    /// Take the socket as readable again (bytes were left in it after a peek).
+    pub fn mark_readable(&self, key: Key) {
+        self.with(key, |s| s.readable = true)
+    }
+
     pub fn may_be_readable(&self, key: Key) -> bool {
         self.with(key, |s| s.readable)
     }

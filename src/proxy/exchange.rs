@@ -35,7 +35,7 @@ pub(super) struct Tried {
 }
 
 impl Tried {
-    fn new(first: ServerId) -> Tried {
+    pub(super) fn new(first: ServerId) -> Tried {
         let mut ids = [ServerId(usize::MAX); 11];
         ids[0] = first;
         Tried { ids, len: 1 }

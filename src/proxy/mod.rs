@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 mod exchange;
 mod head;
+pub mod l4;
 mod route;
 
 use exchange::*;

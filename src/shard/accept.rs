@@ -214,7 +214,8 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// A connection accepted for service `vs`: access list, limits, then its task.
+/// A connection accepted for service `vs`: its PROXY header first where the service takes
+/// one, then the access list, limits, and its task.
 fn accepted_connection(
     shard: Rc<Shard>,
     vs: usize,
@@ -222,6 +223,104 @@ fn accepted_connection(
     peer: SocketAddr,
     listen: SocketAddr,
 ) {
+    if shard.config.services[vs].accept_proxy {
+        // Waiting for the header takes a task of its own: the accept loop goes on.
+        spawn_connection(
+            peer,
+            Box::pin(async move {
+                if let Some(client) = proxy_header(&shard, vs, &stream, peer).await {
+                    admitted(shard, vs, stream, client, listen);
+                }
+            }),
+        );
+        return;
+    }
+    admitted(shard, vs, stream, peer, listen)
+}
+
+/// The client a trusted load balancer in front names in its PROXY header (its own address
+/// for a LOCAL one, e.g. its health check). None: refused (untrusted peer, no or a bad
+/// header, none in time) and logged; the socket closes.
+async fn proxy_header(
+    shard: &Shard,
+    vs: usize,
+    stream: &net::Socket,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
+    use crate::proxyproto::{parse, Header, MAX_HEADER};
+    let service = &shard.config.services[vs];
+    let refuse = |why: &str| {
+        shard.diag(
+            "PROXY header refused",
+            || tracing::info!(client = %peer, service = %service.name, "{why}: connection closed"),
+        );
+        if service.logging.security {
+            shard.log.security(&crate::log::SecurityRecord {
+                client: peer,
+                service: &service.name,
+                event: "proxy_protocol",
+                reason: why,
+                status: None,
+                host: None,
+                path: None,
+            });
+        }
+        let c = &shard.metrics.services[service.slot].access_refusals;
+        c.set(c.get() + 1);
+    };
+    if !service
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&peer.ip()))
+    {
+        refuse("a PROXY header is taken only from trusted_proxies");
+        return None;
+    }
+    let mut buf = [0u8; MAX_HEADER];
+    let mut seen = 0;
+    let deadline = Instant::now() + service.request_timeout;
+    loop {
+        let n = match crate::io::until(deadline, stream.peek_more(&mut buf, seen)).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                refuse("no PROXY header in time");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        if n == 0 {
+            return None; // closed before a word
+        }
+        seen = n;
+        match parse(&buf[..n]) {
+            Header::Incomplete if n < buf.len() => continue,
+            Header::Incomplete => {
+                refuse("PROXY header too long");
+                return None;
+            }
+            Header::Invalid(why) => {
+                refuse(why);
+                return None;
+            }
+            Header::Complete { len, source, .. } => {
+                if stream.discard(len).is_err() {
+                    return None;
+                }
+                return Some(source.unwrap_or(peer));
+            }
+        }
+    }
+}
+
+/// Access list, limits and the task of a connection whose client is known.
+fn admitted(
+    shard: Rc<Shard>,
+    vs: usize,
+    stream: net::Socket,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) {
+    let tcp = shard.config.services[vs].mode == crate::config::Mode::Tcp;
     if let Some(acl) = &shard.config.services[vs].access {
         if !acl.permits(peer.ip()) {
             // Refused before TLS and before any byte is read: the socket just closes.
@@ -242,8 +341,8 @@ fn accepted_connection(
             // Bounded: a flood of refused connections must not become a flood of tasks
             // holding sockets; beyond the bound they are closed at once.
             let refusing = shard.refusing.get();
-            if let (Some(status), None, true) =
-                (status, &shard.acceptors[vs], refusing < MAX_REFUSING)
+            if let (Some(status), None, false, true) =
+                (status, &shard.acceptors[vs], tcp, refusing < MAX_REFUSING)
             {
                 shard.refusing.set(refusing + 1);
                 let shard = shard.clone();
@@ -274,6 +373,7 @@ fn accepted_connection(
         requests: 0,
         bytes_in: 0,
         bytes_out: 0,
+        real_server: u32::MAX,
     };
     let shard = shard.clone();
     match shard.acceptors[vs].clone() {
@@ -284,7 +384,11 @@ fn accepted_connection(
                 facts,
                 guard,
             };
-            spawn_connection(peer, Box::pin(proxy::serve(shard, c)));
+            if tcp {
+                spawn_connection(peer, Box::pin(proxy::l4::serve(shard, c)));
+            } else {
+                spawn_connection(peer, Box::pin(proxy::serve(shard, c)));
+            }
         }
         // The handshake's state lives in its own allocation, gone once it is done.
         Some(acceptor) => spawn_connection(
@@ -351,7 +455,11 @@ async fn serve_tls(
                 facts,
                 guard,
             };
-            proxy::serve(shard, c).await
+            if shard.config.services[vs].mode == crate::config::Mode::Tcp {
+                proxy::l4::serve(shard, c).await
+            } else {
+                proxy::serve(shard, c).await
+            }
         }
         Err(e) => {
             counters.tls_failures.set(counters.tls_failures.get() + 1);
