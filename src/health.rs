@@ -103,6 +103,7 @@ async fn check_loop(lasting: Rc<State>, id: ServerId) {
         let state = machine.get_or_insert_with(|| HealthState::new(hc.initial_up || known_up));
         let started = Instant::now();
         let (ok, detail) = probe(&shard, id, &hc).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         if shard.is_closing() {
             return;
         }
@@ -128,6 +129,7 @@ async fn check_loop(lasting: Rc<State>, id: ServerId) {
                 ok,
                 at_unix_ms,
                 detail: detail.clone(),
+                latency_ms,
             });
         }
         let up = state.up;
@@ -138,6 +140,7 @@ async fn check_loop(lasting: Rc<State>, id: ServerId) {
                 ok,
                 at_unix_ms,
                 detail: detail.clone(),
+                latency_ms,
             })
             .await;
         let wait = hc.interval.saturating_sub(started.elapsed());

@@ -214,7 +214,7 @@ mod tests {
         if pad > 0 {
             exts.extend_from_slice(&21u16.to_be_bytes());
             exts.extend_from_slice(&(pad as u16).to_be_bytes());
-            exts.extend(std::iter::repeat(0).take(pad));
+            exts.extend(std::iter::repeat_n(0, pad));
         }
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]);
@@ -272,7 +272,15 @@ mod tests {
     #[test]
     fn a_hello_over_several_records() {
         // tiny records cost 5 bytes each: a small hello in them, a large one in larger ones
-        for (max, pad) in [(1, 0), (2, 0), (3, 40), (4, 40), (5, 300), (100, 3000), (1000, 3000)] {
+        for (max, pad) in [
+            (1, 0),
+            (2, 0),
+            (3, 40),
+            (4, 40),
+            (5, 300),
+            (100, 3000),
+            (1000, 3000),
+        ] {
             let msg = unwrap_records(&hello(Some("sip.example.com"), pad));
             let many = records(&msg, max);
             assert_eq!(

@@ -32,8 +32,9 @@ struct TcpOrigin {
 }
 
 fn checksum(b: &[u8]) -> u64 {
-    b.iter()
-        .fold(0xcbf29ce484222325u64, |h, &c| (h ^ c as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl TcpOrigin {
@@ -62,7 +63,8 @@ impl TcpOrigin {
                         s.read_exact(&mut rest).unwrap();
                         let mut all = head.to_vec();
                         all.extend_from_slice(&rest);
-                        conns.lock().unwrap()[i].proxied = match edgeshard::proxyproto::parse(&all) {
+                        conns.lock().unwrap()[i].proxied = match edgeshard::proxyproto::parse(&all)
+                        {
                             edgeshard::proxyproto::Header::Complete { source, .. } => source,
                             _ => None,
                         };
@@ -111,7 +113,12 @@ fn refused(addr: SocketAddr, data: &[u8]) -> bool {
     }
 }
 
-fn tcp_service(listen: SocketAddr, servers: &[SocketAddr], extra: &str, admin: SocketAddr) -> String {
+fn tcp_service(
+    listen: SocketAddr,
+    servers: &[SocketAddr],
+    extra: &str,
+    admin: SocketAddr,
+) -> String {
     simple_config(
         listen,
         servers,
@@ -143,19 +150,26 @@ fn bytes_relayed_both_ways_with_half_close_and_a_retry() {
     let p = Proxy::start(&cfg, admin);
     // payloads of every size class, one larger than every buffer on the way
     let mut sizes = vec![0usize, 1, 1000, 16 * 1024, 16 * 1024 + 1, 1 << 20];
-    sizes.extend(std::iter::repeat(777).take(14));
+    sizes.extend(std::iter::repeat_n(777, 14));
     let mut answers = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let data: Vec<u8> = (0..n).map(|k| (k * 31 + i) as u8).collect();
         let mut s = TcpStream::connect(listen).unwrap();
         let got = exchange(&mut s, &data);
         let want_tail = format!(" {} {:x}", n, checksum(&data));
-        assert!(got.ends_with(&want_tail), "connection {i}: {got:?} for {n} bytes");
+        assert!(
+            got.ends_with(&want_tail),
+            "connection {i}: {got:?} for {n} bytes"
+        );
         answers.push(got);
     }
     // both live servers served, the dead one cost retries, never a connection
     let (na, nb) = (a.conns().len(), b.conns().len());
-    assert_eq!(na + nb, sizes.len(), "every connection reached a live server");
+    assert_eq!(
+        na + nb,
+        sizes.len(),
+        "every connection reached a live server"
+    );
     assert!(na > 0 && nb > 0, "A {na} B {nb}");
     let m = metrics(admin);
     let errors: f64 = m
@@ -279,7 +293,10 @@ fn proxy_protocol_to_real_servers_and_from_a_trusted_balancer() {
     assert!(got.starts_with("A 22 "), "{got}");
     let c = a.conns();
     assert_eq!(c[0].proxied, Some("203.0.113.9:40000".parse().unwrap()));
-    assert_eq!(c[0].bytes, b"INVITE sip:x SIP/2.0\r\n", "only what follows the header");
+    assert_eq!(
+        c[0].bytes, b"INVITE sip:x SIP/2.0\r\n",
+        "only what follows the header"
+    );
     // a v2 header, and a LOCAL one (the balancer's own check): its own address then
     let mut v2 = Vec::new();
     edgeshard::proxyproto::write_v2(
@@ -290,23 +307,37 @@ fn proxy_protocol_to_real_servers_and_from_a_trusted_balancer() {
     let mut s = TcpStream::connect(listen).unwrap();
     v2.extend_from_slice(b"v2");
     assert!(exchange(&mut s, &v2).starts_with("A 2 "));
-    assert_eq!(a.conns()[1].proxied, Some("[2001:db8::9]:1234".parse().unwrap()));
+    assert_eq!(
+        a.conns()[1].proxied,
+        Some("[2001:db8::9]:1234".parse().unwrap())
+    );
     // no header from a trusted peer, and any connection from an untrusted one: refused
     // before any real server sees it
     for (addr, data) in [
         (listen, &b"INVITE sip:x SIP/2.0\r\n"[..]),
-        (strict, &b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 5061\r\nhi"[..]),
+        (
+            strict,
+            &b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 5061\r\nhi"[..],
+        ),
     ] {
         assert!(refused(addr, data), "closed without a word");
     }
-    assert_eq!(a.conns().len(), 2, "no real server saw a refused connection");
-    wait_until(Duration::from_secs(5), "refusals in the security log", || {
-        log_lines(&p, "sec.log")
-            .iter()
-            .filter(|r| r["event"] == "proxy_protocol")
-            .count()
-            == 2
-    });
+    assert_eq!(
+        a.conns().len(),
+        2,
+        "no real server saw a refused connection"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "refusals in the security log",
+        || {
+            log_lines(&p, "sec.log")
+                .iter()
+                .filter(|r| r["event"] == "proxy_protocol")
+                .count()
+                == 2
+        },
+    );
     let conns = log_lines(&p, "conn.log");
     assert!(
         conns.iter().any(|r| r["client"] == "203.0.113.9:40000"),
@@ -316,12 +347,19 @@ fn proxy_protocol_to_real_servers_and_from_a_trusted_balancer() {
     // and a header arriving in pieces is read whole
     let mut s = TcpStream::connect(listen).unwrap();
     s.set_nodelay(true).unwrap();
-    for piece in [&b"PROXY TCP4 198.51"[..], b".100.7 192.0.2.1 1 2\r", b"\nok"] {
+    for piece in [
+        &b"PROXY TCP4 198.51"[..],
+        b".100.7 192.0.2.1 1 2\r",
+        b"\nok",
+    ] {
         s.write_all(piece).unwrap();
         thread::sleep(Duration::from_millis(30));
     }
     assert!(exchange(&mut s, b"").starts_with("A 2 "));
-    assert_eq!(a.conns()[2].proxied, Some("198.51.100.7:1".parse().unwrap()));
+    assert_eq!(
+        a.conns()[2].proxied,
+        Some("198.51.100.7:1".parse().unwrap())
+    );
 }
 
 #[test]
@@ -362,7 +400,12 @@ fn client_hello(cfg: &Arc<rustls::ClientConfig>, sni: &str) -> (rustls::ClientCo
 #[test]
 fn tls_passed_through_and_routed_by_sni() {
     let ca = Ca::new("pass-through CA");
-    let a = TlsOrigin::start(ca.leaf(&["a.example", "*.a.example"], false).server_config(), "A", false);
+    let a = TlsOrigin::start(
+        ca.leaf(&["a.example", "*.a.example"], false)
+            .server_config(),
+        "A",
+        false,
+    );
     let b = TlsOrigin::start(ca.leaf(&["b.example"], false).server_config(), "B", false);
     let (listen, admin) = (local(free_port()), local(free_port()));
     let cfg = tcp_service(
@@ -403,8 +446,12 @@ fn tls_passed_through_and_routed_by_sni() {
     let before = a.handshakes.load(std::sync::atomic::Ordering::SeqCst)
         + b.handshakes.load(std::sync::atomic::Ordering::SeqCst);
     let mut oversized = vec![22u8, 3, 1, 0x40, 0x00, 1, 0x01, 0, 0];
-    oversized.extend(std::iter::repeat(0).take(16384 - 4));
-    for bad in [&b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"[..], &get[..], &oversized[..]] {
+    oversized.extend(std::iter::repeat_n(0, 16384 - 4));
+    for bad in [
+        &b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"[..],
+        &get[..],
+        &oversized[..],
+    ] {
         assert!(refused(listen, bad), "closed without a word");
     }
     let after = a.handshakes.load(std::sync::atomic::Ordering::SeqCst)

@@ -5,6 +5,7 @@
 //! and in all, a head timeout, a body limit.
 
 mod api;
+pub mod history;
 mod status;
 
 pub use api::{load_runtime_servers, load_state_file, StateEntry};
@@ -458,7 +459,7 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
     let read = Need::Role(Role::Read);
     let (need, change) = match (req.method.as_str(), req.path.as_str()) {
         ("GET" | "HEAD", "/") => (Need::Nothing, false),
-        ("GET" | "HEAD", "/status" | "/api/v1/services") => (read, false),
+        ("GET" | "HEAD", "/status" | "/api/v1/services" | "/api/v1/history") => (read, false),
         ("GET" | "HEAD", "/metrics" | "/healthz") if public_metrics => (Need::Nothing, false),
         ("GET" | "HEAD", "/metrics" | "/healthz") => (read, false),
         ("POST", "/real_server/enable" | "/real_server/disable") => {
@@ -469,7 +470,7 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
         }
         // the whole configuration: an admin's call
         ("POST", "/api/v1/reload") => (Need::Role(Role::Admin), true),
-        (_, "/" | "/status" | "/metrics" | "/healthz" | "/api/v1/services") => {
+        (_, "/" | "/status" | "/metrics" | "/healthz" | "/api/v1/services" | "/api/v1/history") => {
             return error(head, 405, "method not allowed")
         }
         _ => return error(head, 404, "no such page"),
@@ -514,6 +515,13 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
         "/status" | "/api/v1/services" => {
             let merged = shard.gather_metrics().await;
             response(head, 200, "application/json", &status_json(shard, &merged))
+        }
+        "/api/v1/history" => {
+            let v = match shard.history.borrow().as_ref() {
+                Some(h) => h.to_json(),
+                None => serde_json::json!({}),
+            };
+            json_response(head, 200, &v)
         }
         "/metrics" => {
             let merged = shard.gather_metrics().await;

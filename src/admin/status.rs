@@ -56,7 +56,14 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                     "active_connections": shard.load.global(id),
                     "active_connections_per_shard": shard.load.per_shard(id),
                     "requests_total": merged.servers.get(id.0).map(|s| s.requests).unwrap_or(0),
-                    "last_check": check.map(|c| json!({ "ok": c.ok, "at_unix_ms": c.at_unix_ms, "detail": c.detail })),
+                    "responses": merged.servers.get(id.0).map(|s| json!({ "1xx": s.responses[0], "2xx": s.responses[1], "3xx": s.responses[2], "4xx": s.responses[3], "5xx": s.responses[4] })),
+                    "connect_errors": merged.servers.get(id.0).map(|s| s.connect_errors).unwrap_or(0),
+                    "retries": merged.servers.get(id.0).map(|s| s.retries).unwrap_or(0),
+                    "passive_downs": merged.servers.get(id.0).map(|s| s.passive_downs).unwrap_or(0),
+                    "bytes_in": merged.servers.get(id.0).map(|s| s.bytes_in).unwrap_or(0),
+                    "bytes_out": merged.servers.get(id.0).map(|s| s.bytes_out).unwrap_or(0),
+                    "state_since_seconds": shard.load.changed_at(id).unwrap_or(shard.started).elapsed().as_secs(),
+                    "last_check": check.map(|c| json!({ "ok": c.ok, "at_unix_ms": c.at_unix_ms, "detail": c.detail, "latency_ms": (c.latency_ms * 10.0).round() / 10.0 })),
                 })
             })
             .collect();
@@ -116,6 +123,9 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                 v["requests_total"] = json!(m.requests);
                 v["connections_active"] = json!(m.connections_active);
                 v["responses"] = json!({ "1xx": m.responses[0], "2xx": m.responses[1], "3xx": m.responses[2], "4xx": m.responses[3], "5xx": m.responses[4] });
+                v["bytes_in"] = json!(m.bytes_in);
+                v["bytes_out"] = json!(m.bytes_out);
+                v["mode"] = json!(match vs.mode { crate::config::Mode::Http => "http", crate::config::Mode::Tcp => "tcp" });
             }
             v
         })

@@ -75,6 +75,8 @@ pub struct LoadView {
     health: Vec<Cell<Health>>,
     /// When a server came back up after being down (for slow start); None at start.
     up_since: Vec<Cell<Option<Instant>>>,
+    /// When the health or operator state last changed (None: not since start).
+    changed_at: Vec<Cell<Option<Instant>>>,
     /// Operator state (runtime API).
     admin: Vec<Cell<AdminState>>,
     /// Current weights (the config's, or the runtime API's).
@@ -104,6 +106,7 @@ impl LoadView {
             want_ack: Cell::new(false),
             health: (0..nr_servers).map(|_| Cell::new(Health::Up)).collect(),
             up_since: (0..nr_servers).map(|_| Cell::new(None)).collect(),
+            changed_at: (0..nr_servers).map(|_| Cell::new(None)).collect(),
             admin: (0..nr_servers)
                 .map(|_| Cell::new(AdminState::Ready))
                 .collect(),
@@ -187,8 +190,21 @@ impl LoadView {
     /// A health-checked server starts in `Checking` (no traffic until its first good check).
     pub fn set_checking(&self, id: ServerId) {
         if let Some(c) = self.health.get(id.0) {
-            c.set(Health::Checking);
+            if c.replace(Health::Checking) != Health::Checking {
+                self.changed(id);
+            }
         }
+    }
+
+    fn changed(&self, id: ServerId) {
+        if let Some(t) = self.changed_at.get(id.0) {
+            t.set(Some(Instant::now()));
+        }
+    }
+
+    /// When the server's health or operator state last changed (None: not since start).
+    pub fn changed_at(&self, id: ServerId) -> Option<Instant> {
+        self.changed_at.get(id.0).and_then(Cell::get)
     }
 
     pub fn admin_state(&self, id: ServerId) -> AdminState {
@@ -217,6 +233,7 @@ impl LoadView {
                     // Slow start ramps a server that comes back, not one seen for the first time.
                     t.set((old == Health::Down && up).then(Instant::now));
                 }
+                self.changed(id);
                 self.notify_capacity();
             }
         }
@@ -225,6 +242,7 @@ impl LoadView {
     pub fn set_admin_state(&self, id: ServerId, state: AdminState) {
         if let Some(c) = self.admin.get(id.0) {
             if c.replace(state) != state {
+                self.changed(id);
                 self.notify_capacity();
             }
         }

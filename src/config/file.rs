@@ -120,6 +120,8 @@ pub struct FileAdmin {
     pub hosts: Option<Vec<String>>,
     /// Runtime changes (state, weight) written here survive a restart.
     pub state_file: Option<Spanned<String>>,
+    /// Resolution of the in-memory history (15 minutes) behind /api/v1/history.
+    pub history_interval: Option<Spanned<String>>,
     /// HTTPS on the admin listener: `tls = { cert = "...", key = "..." }`.
     pub tls: Option<FileCertificate>,
     /// Client addresses (CIDR) allowed to reach the admin listener (default: all).

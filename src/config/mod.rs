@@ -835,6 +835,20 @@ impl Validator<'_> {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             state_file: a.state_file.as_ref().map(|f| self.path(f.get_ref())),
+            history_interval: match self.duration(
+                &a.history_interval,
+                "admin.history_interval",
+                Duration::from_secs(5),
+            )? {
+                d if d >= Duration::from_secs(1) && d <= Duration::from_secs(60) => d,
+                _ => {
+                    return Err(self.err(
+                        a.history_interval.as_ref().map(|s| s.span()),
+                        "admin.history_interval",
+                        "must be between 1s and 60s".into(),
+                    ))
+                }
+            },
             tls: match &a.tls {
                 None => None,
                 Some(c) => Some(Tls {

@@ -235,6 +235,8 @@ pub struct Admin {
     /// Lower-case names accepted in Host besides the listener's own address.
     pub hosts: Vec<String>,
     pub state_file: Option<PathBuf>,
+    /// One point of the 15-minute history every this long (1s..60s).
+    pub history_interval: Duration,
     /// HTTPS on the admin listener.
     pub tls: Option<Tls>,
 }

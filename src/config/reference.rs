@@ -80,6 +80,7 @@ pub const SECTIONS: &[Section] = &[
             k("public_metrics", "bool", "true on a loopback listener, else false", "/metrics and /healthz readable without a token."),
             k("hosts", "list of strings", "none", "Host names the listener answers to besides IP literals and localhost (DNS rebinding)."),
             k("state_file", "path", "none", "Runtime changes (operator state, weights, added/removed servers) are kept here and survive a restart."),
+            k("history_interval", "duration", "5s", "Resolution of the 15-minute in-memory history (status page plots, /api/v1/history), 1s..60s; read at start."),
             k("tls", "table {cert, key}", "none", "HTTPS on the admin listener: `tls = { cert = \"admin.pem\", key = \"admin.key\" }`."),
             k("allow", "list of CIDRs", "everyone", "Client addresses allowed to reach the admin listener."),
             k("deny", "list of CIDRs", "none", "Client addresses refused (deny wins over allow)."),

@@ -47,6 +47,7 @@ pub enum MeshMsg {
         ok: bool,
         at_unix_ms: u64,
         detail: String,
+        latency_ms: f64,
     },
     /// `server` failed passive health on the sender: take it out now.
     PassiveDown { server: usize },
@@ -108,6 +109,7 @@ fn apply(shard: &State, msg: MeshMsg) {
             ok,
             at_unix_ms,
             detail,
+            latency_ms,
         } => {
             shard.load.set_up(ServerId(server), up);
             if let Some(slot) = shard.checks.borrow_mut().get_mut(server) {
@@ -115,6 +117,7 @@ fn apply(shard: &State, msg: MeshMsg) {
                     ok,
                     at_unix_ms,
                     detail,
+                    latency_ms,
                 });
             }
         }

@@ -97,6 +97,8 @@ pub struct State {
     pub mesh: RefCell<Option<Rc<mesh::Outbox>>>,
     pub log: ShardLog,
     pub metrics: ShardMetrics,
+    /// The admin shard's 15-minute history (None elsewhere).
+    pub history: RefCell<Option<crate::admin::history::History>>,
     /// Metrics gathering on the admin shard: the last query id, and the replies so far of
     /// each gather in progress (two overlapping scrapes each get their own).
     metrics_query: Cell<u64>,
@@ -168,6 +170,8 @@ pub struct CheckResult {
     pub ok: bool,
     pub at_unix_ms: u64,
     pub detail: String,
+    /// How long the check took.
+    pub latency_ms: f64,
 }
 
 /// TLS built from a config for one shard: made by every shard for itself (each its own
@@ -264,6 +268,7 @@ impl State {
             mesh: RefCell::new(None),
             log: ShardLog::new(log),
             metrics: ShardMetrics::new(&slots),
+            history: RefCell::new(None),
             metrics_query: Cell::new(0),
             metrics_replies: RefCell::new(Vec::new()),
             secrets,

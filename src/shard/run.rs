@@ -452,6 +452,10 @@ fn serve(
         // SAFETY: the fd of a bound, listening socket whose ownership moves to glommio.
         let l = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         crate::runtime::supervise(state.id, "admin", admin::accept_loop(state.clone(), l));
+        if let Some(a) = &shard.config.admin {
+            *state.history.borrow_mut() = Some(admin::history::History::new(a.history_interval));
+            crate::runtime::supervise(state.id, "history", admin::history::run(state.clone()));
+        }
     }
     crate::health::start(shard);
     Ok(())
