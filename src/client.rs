@@ -44,6 +44,9 @@ pub struct ConnFacts {
     pub bytes_out: u64,
     /// A tcp service's real server (its ServerId), for the connection log; u32::MAX: none.
     pub real_server: u32,
+    /// An HTTP/2 stream's link to the request path: its connection has the connection
+    /// record and counts; this one only serves the request.
+    pub bridged: bool,
 }
 
 impl ConnFacts {
@@ -117,8 +120,16 @@ pub async fn close(shard: &Shard, mut client: Client, reason: &'static str) {
         futures_lite::AsyncWriteExt::close(&mut client.stream),
     )
     .await;
-    client.facts.record(shard, "close", Some(reason));
-    let counters = &shard.metrics.services[client.facts.vs_slot];
+    if client.facts.bridged {
+        return;
+    }
+    closed(shard, &client.facts, reason);
+}
+
+/// A client connection's end in the connection log and the active-connection gauge.
+pub fn closed(shard: &Shard, facts: &ConnFacts, reason: &'static str) {
+    facts.record(shard, "close", Some(reason));
+    let counters = &shard.metrics.services[facts.vs_slot];
     counters
         .connections_active
         .set(counters.connections_active.get().saturating_sub(1));

@@ -254,7 +254,7 @@ pub fn server_config(tls: &Tls, tickets: Arc<TicketKeys>) -> Result<Arc<ServerCo
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver::new(tls.certs.clone())));
-    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    cfg.alpn_protocols = tls.alpn.clone();
     // The appliance's order, not the client's (as HAProxy and nginx do by default).
     cfg.ignore_client_order = true;
     cfg.ticketer = tickets;

@@ -438,6 +438,8 @@ pub struct FileTls {
     /// The first certificate answers clients that send no SNI (or an unknown name).
     pub certificates: Spanned<Vec<FileCertificate>>,
     pub handshake_timeout: Option<Spanned<String>>,
+    /// Offer HTTP/2 by ALPN (default true; HTTP services only).
+    pub http2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -350,6 +350,11 @@ impl Validator<'_> {
             });
             let send_proxy = vs.send_proxy.is_some();
             self.check_mode(vs, mode, &p)?;
+            let mut tls = tls;
+            if let (Some(t), Mode::Tcp) = (tls.as_mut(), mode) {
+                // bytes relayed as they are: no application protocol to announce
+                t.alpn.clear();
+            }
             let reencrypting = reencrypt.is_some();
             let vs_idx = services.len();
             // "0s" turns slow start off
@@ -854,6 +859,7 @@ impl Validator<'_> {
                 Some(c) => Some(Tls {
                     certs: vec![self.server_cert(c, "admin.tls")?],
                     handshake_timeout: Duration::from_secs(5),
+                    alpn: vec![b"http/1.1".to_vec()],
                 }),
             },
         })
@@ -1198,6 +1204,11 @@ impl Validator<'_> {
                 &format!("{p}.tls.handshake_timeout"),
                 Duration::from_secs(10),
             )?,
+            alpn: if t.http2.unwrap_or(true) {
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            } else {
+                vec![b"http/1.1".to_vec()]
+            },
         })
     }
 

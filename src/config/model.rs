@@ -320,6 +320,8 @@ pub struct Tls {
     /// In config order: the first answers clients without (matching) SNI.
     pub certs: Vec<tls::ServerCert>,
     pub handshake_timeout: Duration,
+    /// Protocols offered by ALPN, preferred first (none for a tcp service).
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// Re-encryption to real servers.

@@ -192,6 +192,7 @@ pub const SECTIONS: &[Section] = &[
         keys: &[
             k("certificates", "list of {cert, key}", "required", "Chosen by SNI against each certificate's DNS names; the first answers clients without SNI or with an unknown name."),
             k("handshake_timeout", "duration", "10s", "A client handshake not done by then is closed."),
+            k("http2", "bool", "true", "Offer HTTP/2 (ALPN h2, then http/1.1); each stream takes the same request path as HTTP/1.1. tcp services offer no ALPN."),
         ],
     },
     Section {

@@ -310,6 +310,30 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
 pub struct Socket(Registered);
 
 impl Socket {
+    /// A connected pair of Unix stream sockets on this shard's poller: the in-process link
+    /// between an HTTP/2 stream and the HTTP/1.1 request path.
+    pub fn pair() -> io::Result<(Socket, Socket)> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: socketpair fills two fds we then own.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned from here on.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((
+            Socket(Registered::new(a, false, true)?),
+            Socket(Registered::new(b, false, true)?),
+        ))
+    }
+
     /// Look at the bytes waiting without taking them: returns once more than `seen` are
     /// there (or at EOF: 0). Reading a PROXY header this way leaves what follows it where
     /// the TLS handshake or the HTTP reader will find it.
@@ -380,21 +404,7 @@ impl futures_lite::AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let r = &self.0;
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        r.poller.poll_read_with(r.key, cx, buf.len(), || {
-            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
-            cvt(unsafe {
-                libc::recv(
-                    r.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            })
-        })
+        Pin::new(&mut &*self.get_mut()).poll_read(cx, buf)
     }
 }
 
@@ -404,18 +414,7 @@ impl futures_lite::AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = &self.0;
-        r.poller.poll_write_with(r.key, cx, || {
-            // SAFETY: send from a buffer we borrow, of its length; never blocks, no SIGPIPE.
-            cvt(unsafe {
-                libc::send(
-                    r.fd.as_raw_fd(),
-                    buf.as_ptr() as *const libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            })
-        })
+        Pin::new(&mut &*self.get_mut()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -445,6 +444,61 @@ impl futures_lite::AsyncWrite for Socket {
     }
 
     /// Half-close: our FIN goes out; reading goes on (a lingering close drains after it).
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.get_mut()).poll_close(cx)
+    }
+}
+
+// Reading and writing one socket from two futures at once (a bridge pumping both ways): the
+// poller keeps a reader's and a writer's waker apart, so `&Socket` may do both.
+impl futures_lite::AsyncRead for &Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = &self.0;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        r.poller.poll_read_with(r.key, cx, buf.len(), || {
+            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
+            cvt(unsafe {
+                libc::recv(
+                    r.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            })
+        })
+    }
+}
+
+impl futures_lite::AsyncWrite for &Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = &self.0;
+        r.poller.poll_write_with(r.key, cx, || {
+            // SAFETY: send from a buffer we borrow, of its length; never blocks, no SIGPIPE.
+            cvt(unsafe {
+                libc::send(
+                    r.fd.as_raw_fd(),
+                    buf.as_ptr() as *const libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            })
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         // SAFETY: shutdown on our own fd.
         let rc = unsafe { libc::shutdown(self.0.fd.as_raw_fd(), libc::SHUT_WR) };

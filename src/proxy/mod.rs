@@ -29,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 mod exchange;
+pub mod h2;
 mod head;
 pub mod l4;
 mod route;

@@ -11,10 +11,27 @@ pub struct ClientGuard {
     state: Rc<State>,
     slot: usize,
     ip: IpAddr,
+    /// False for an HTTP/2 stream's link to the request path: its connection holds the count.
+    counted: bool,
+}
+
+impl ClientGuard {
+    /// The guard of a request-path link inside a connection that is counted already.
+    pub fn uncounted(shard: &Shard, slot: usize, ip: IpAddr) -> ClientGuard {
+        ClientGuard {
+            state: shard.state.clone(),
+            slot,
+            ip,
+            counted: false,
+        }
+    }
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let s = &self.state;
         s.nr_clients.set(s.nr_clients.get().saturating_sub(1));
         s.vs_conns[self.slot].set(s.vs_conns[self.slot].get().saturating_sub(1));
@@ -68,6 +85,7 @@ impl Shard {
             state: self.state.clone(),
             slot,
             ip: peer.ip(),
+            counted: true,
         })
     }
 
@@ -374,6 +392,7 @@ fn admitted(
         bytes_in: 0,
         bytes_out: 0,
         real_server: u32::MAX,
+        bridged: false,
     };
     let shard = shard.clone();
     match shard.acceptors[vs].clone() {
@@ -449,6 +468,7 @@ async fn serve_tls(
                 _ => None,
             };
             facts.proto = "https";
+            let h2 = session.alpn_protocol() == Some(b"h2");
             client::opened(&shard, &facts);
             let c = Client {
                 stream: ClientStream::Tls(Box::new(tls)),
@@ -457,6 +477,8 @@ async fn serve_tls(
             };
             if shard.config.services[vs].mode == crate::config::Mode::Tcp {
                 proxy::l4::serve(shard, c).await
+            } else if h2 {
+                proxy::h2::serve(shard, c).await
             } else {
                 proxy::serve(shard, c).await
             }

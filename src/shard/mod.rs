@@ -4,7 +4,7 @@
 //! configuration generation on it (config, TLS, schedulers), held by the requests that use it.
 //! Start-up, reloads and the drain are in `run`, new connections in `accept`.
 
-mod accept;
+pub mod accept;
 pub mod mesh;
 mod run;
 pub mod sockets;

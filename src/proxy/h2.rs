@@ -1,0 +1,437 @@
+//! HTTP/2 on the client side (ALPN `h2` on TLS services), with the `h2` crate over the
+//! shard's own TLS stream (its I/O traits adapted below; no tokio runtime runs).
+//!
+//! Each stream becomes one HTTP/1.1 request on an in-process Unix socket pair, served by the
+//! very same request path as an HTTP/1.1 connection: routing, ESP, access lists and limits,
+//! header rules, persistence, retries, timeouts and the logs never differ by protocol. This
+//! side only translates: the request's pseudo-headers to a request line and Host, DATA to a
+//! body (chunked when the client gave no length), and the HTTP/1.1 response back to HEADERS
+//! and DATA under HTTP/2 flow control.
+
+use crate::client::{Client, ClientStream, ConnFacts};
+use crate::http::chunked::ChunkedDecoder;
+use crate::http::parse::{parse_response, Method as H1Method};
+use crate::http::{BodyKind, Buf};
+use crate::net::Socket;
+use crate::shard::accept::ClientGuard;
+use crate::shard::Shard;
+use bytes::Bytes;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use std::cell::Cell;
+use std::io;
+use std::io::Write as _;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Streams a client may have open at once (RFC 9113 suggests at least 100).
+const MAX_STREAMS: u32 = 100;
+/// Flow-control windows: a stream's, and the connection's (what a client may send unread).
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONN_WINDOW: u32 = 1024 * 1024;
+/// Response bytes buffered per stream before waiting for the client's window.
+const SEND_BUFFER: usize = 256 * 1024;
+/// How long a response may wait for the client to open its window.
+const WINDOW_WAIT: Duration = Duration::from_secs(60);
+/// Response head buffer (the request path's own head limits apply to requests).
+const RESPONSE_BUF: usize = 32 * 1024;
+
+/// rustls-over-glommio streams speak futures-io; the `h2` crate speaks tokio's I/O traits.
+struct Compat(ClientStream);
+
+impl tokio::io::AsyncRead for Compat {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let dst = buf.initialize_unfilled();
+        match futures_lite::AsyncRead::poll_read(Pin::new(&mut self.get_mut().0), cx, dst) {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Compat {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        futures_lite::AsyncWrite::poll_write(Pin::new(&mut self.get_mut().0), cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_lite::AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().0), cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_lite::AsyncWrite::poll_close(Pin::new(&mut self.get_mut().0), cx)
+    }
+}
+
+/// Serve an HTTP/2 connection: accept its streams until the client goes away, the connection
+/// has been idle for the service's `idle_timeout`, or the shard stops (then GOAWAY, and the
+/// streams in flight finish).
+pub async fn serve(shard: Rc<Shard>, client: Client) {
+    let Client {
+        stream,
+        mut facts,
+        guard,
+    } = client;
+    let vs = &shard.config.services[facts.vs_idx];
+    let (idle, head_limit) = (vs.idle_timeout, vs.limits.max_header_size);
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(head_limit as u32);
+    let handshake = crate::io::timeout(vs.request_timeout, async {
+        builder
+            .handshake::<_, Bytes>(Compat(stream))
+            .await
+            .map_err(io::Error::other)
+    });
+    let mut conn = match handshake.await {
+        Ok(c) => c,
+        Err(_) => {
+            crate::client::closed(&shard, &facts, "error");
+            drop(guard);
+            return;
+        }
+    };
+    let active = Rc::new(Cell::new(0usize));
+    let mut idle_since = Instant::now();
+    let mut going_away = false;
+    let reason = loop {
+        let tick = async {
+            futures_lite::future::or(glommio::timer::sleep(Duration::from_millis(500)), async {
+                shard.closed().await
+            })
+            .await;
+            None
+        };
+        let next = futures_lite::future::or(async { Some(conn.accept().await) }, tick).await;
+        match next {
+            Some(Some(Ok((req, respond)))) => {
+                facts.requests += 1;
+                active.set(active.get() + 1);
+                let link = Link {
+                    shard: shard.clone(),
+                    facts: link_facts(&facts),
+                    active: active.clone(),
+                };
+                glommio::spawn_local(link.serve(req, respond)).detach();
+            }
+            Some(Some(Err(e))) => {
+                shard.diag(
+                    "HTTP/2 connection error",
+                    || tracing::info!(client = %facts.peer, "HTTP/2 connection error: {e}"),
+                );
+                break "error";
+            }
+            Some(None) => break if going_away { "shutdown" } else { "client" },
+            None => {}
+        }
+        if active.get() > 0 {
+            idle_since = Instant::now();
+        }
+        if !going_away && (shard.is_closing() || idle_since.elapsed() >= idle) {
+            // GOAWAY: no new streams; those in flight finish, then accept() ends
+            conn.graceful_shutdown();
+            going_away = true;
+        }
+    };
+    crate::client::closed(&shard, &facts, reason);
+    drop(guard);
+}
+
+/// A stream's link facts: the connection's client, service and TLS, as a connection of its
+/// own that logs no connection record.
+fn link_facts(f: &ConnFacts) -> ConnFacts {
+    ConnFacts {
+        vs_idx: f.vs_idx,
+        vs_slot: f.vs_slot,
+        origin: f.origin.clone(),
+        listen: f.listen,
+        peer: f.peer,
+        proto: f.proto,
+        sni: f.sni.clone(),
+        tls: f.tls,
+        opened: Instant::now(),
+        requests: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        real_server: u32::MAX,
+        bridged: true,
+    }
+}
+
+struct Link {
+    shard: Rc<Shard>,
+    facts: ConnFacts,
+    active: Rc<Cell<usize>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.active.set(self.active.get().saturating_sub(1));
+    }
+}
+
+/// Header fields that describe one HTTP/1.1 connection, never forwarded across protocols.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te"
+    )
+}
+
+impl Link {
+    async fn serve(
+        self,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+    ) {
+        let (parts, mut body) = req.into_parts();
+        if parts.method == http::Method::CONNECT {
+            let _ = respond.send_response(status_only(405), true);
+            return;
+        }
+        // The request as HTTP/1.1: the request path judges it as it judges any other.
+        let mut head = Vec::with_capacity(512);
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let _ = write!(head, "{} {target} HTTP/1.1\r\n", parts.method);
+        if let Some(a) = parts.uri.authority() {
+            let _ = write!(head, "Host: {a}\r\n");
+        }
+        let has_length = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            if hop_by_hop(n) || (n == "host" && parts.uri.authority().is_some()) {
+                continue;
+            }
+            head.extend_from_slice(n.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        let chunked = !body.is_end_stream() && !has_length;
+        if chunked {
+            head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        head.extend_from_slice(b"Connection: close\r\n\r\n");
+        let head_only = parts.method == http::Method::HEAD;
+
+        let (mine, theirs) = match Socket::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("HTTP/2 stream: no socket pair: {e}");
+                let _ = respond.send_response(status_only(503), true);
+                return;
+            }
+        };
+        let shard = self.shard.clone();
+        let guard = ClientGuard::uncounted(&shard, self.facts.vs_slot, self.facts.peer.ip());
+        let link = Client {
+            stream: ClientStream::Plain(theirs),
+            facts: link_facts(&self.facts),
+            guard,
+        };
+        crate::shard::accept::spawn_connection(
+            self.facts.peer,
+            Box::pin(super::serve(shard.clone(), link)),
+        );
+
+        let send = async {
+            let mut w = &mine;
+            if w.write_all(&head).await.is_err() {
+                return;
+            }
+            while let Some(chunk) = body.data().await {
+                let Ok(data) = chunk else { return };
+                let n = data.len();
+                let ok = if chunked {
+                    let mut size = Vec::with_capacity(12);
+                    let _ = write!(size, "{n:x}\r\n");
+                    w.write_all(&size).await.is_ok()
+                        && w.write_all(&data).await.is_ok()
+                        && w.write_all(b"\r\n").await.is_ok()
+                } else {
+                    w.write_all(&data).await.is_ok()
+                };
+                if !ok {
+                    return;
+                }
+                let _ = body.flow_control().release_capacity(n);
+            }
+            if chunked {
+                let _ = w.write_all(b"0\r\n\r\n").await;
+            }
+        };
+        // The request body may still be coming when the answer is complete (an early 413):
+        // the answer decides when this stream is done.
+        let send = async {
+            send.await;
+            std::future::pending::<Result<(), &'static str>>().await
+        };
+        let answer = relay_response(&mine, &mut respond, head_only);
+        if let Err(why) = futures_lite::future::or(send, answer).await {
+            shard.diag(
+                "HTTP/2 stream failed",
+                || tracing::info!(client = %self.facts.peer, "HTTP/2 stream ended early: {why}"),
+            );
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    }
+}
+
+fn status_only(status: u16) -> http::Response<()> {
+    let mut r = http::Response::new(());
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    r
+}
+
+/// Read the request path's HTTP/1.1 answer from the link and send it as HEADERS and DATA.
+async fn relay_response(
+    link: &Socket,
+    respond: &mut h2::server::SendResponse<Bytes>,
+    head_only: bool,
+) -> Result<(), &'static str> {
+    let mut r = link;
+    let mut buf = Buf::new(RESPONSE_BUF);
+    let (response, framing, head_len) = loop {
+        if buf.is_full() {
+            return Err("response head too large");
+        }
+        let n = r.read(buf.spare()).await.map_err(|_| "link read failed")?;
+        if n == 0 {
+            return Err("no response");
+        }
+        buf.advance(n);
+        let mut hdrs = [httparse::EMPTY_HEADER; crate::config::MAX_HEADERS_CEILING];
+        let method = if head_only {
+            H1Method::Head
+        } else {
+            H1Method::Get
+        };
+        match parse_response(buf.filled(), &mut hdrs, method, RESPONSE_BUF) {
+            Ok(None) => continue,
+            Err(e) => return Err(e),
+            Ok(Some(p)) if p.info.status < 200 => {
+                // 1xx (the path sends none here: no Expect is forwarded): skip it
+                let n = p.info.head_len;
+                buf.consume(n);
+                continue;
+            }
+            Ok(Some(p)) => {
+                let mut resp = http::Response::new(());
+                *resp.status_mut() =
+                    http::StatusCode::from_u16(p.info.status).map_err(|_| "invalid status code")?;
+                for h in p.headers {
+                    let lower = h.name.to_ascii_lowercase();
+                    if hop_by_hop(&lower) || p.connection.lists(&lower) {
+                        continue;
+                    }
+                    let (Ok(name), Ok(value)) = (
+                        http::header::HeaderName::from_bytes(lower.as_bytes()),
+                        http::header::HeaderValue::from_bytes(h.value),
+                    ) else {
+                        continue;
+                    };
+                    resp.headers_mut().append(name, value);
+                }
+                break (resp, p.info.body, p.info.head_len);
+            }
+        }
+    };
+    buf.consume(head_len);
+    let no_body = head_only || matches!(framing, BodyKind::None) || framing == BodyKind::Length(0);
+    let mut tx = respond
+        .send_response(response, no_body)
+        .map_err(|_| "client reset the stream")?;
+    if no_body {
+        return Ok(());
+    }
+    let mut left = match framing {
+        BodyKind::Length(n) => Some(n),
+        _ => None,
+    };
+    let mut chunks = matches!(framing, BodyKind::Chunked).then(ChunkedDecoder::new);
+    loop {
+        // what is buffered first, then more from the link
+        while !buf.is_empty() {
+            let filled = buf.filled();
+            let (data, used, done) = match &mut chunks {
+                Some(d) => {
+                    let s = d.step(filled).map_err(|_| "bad chunked response")?;
+                    let data = s.data.map(|(o, l)| &filled[o..o + l]).unwrap_or(&[]);
+                    (data, s.consumed, s.done)
+                }
+                None => {
+                    let n = left.map_or(filled.len(), |l| (l as usize).min(filled.len()));
+                    (&filled[..n], n, left == Some(n as u64))
+                }
+            };
+            if !data.is_empty() {
+                send_data(&mut tx, data).await?;
+            }
+            if let Some(l) = left.as_mut() {
+                *l -= data.len() as u64;
+            }
+            buf.consume(used);
+            if done {
+                return tx
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| "client reset the stream");
+            }
+            if used == 0 {
+                break;
+            }
+        }
+        let n = r.read(buf.spare()).await.map_err(|_| "link read failed")?;
+        if n == 0 {
+            return match (left, &chunks) {
+                // a body delimited by the close: it is complete
+                (None, None) => tx
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| "client reset the stream"),
+                _ => Err("response cut short"),
+            };
+        }
+        buf.advance(n);
+    }
+}
+
+/// Send `data` within the client's flow-control window (waiting for it, bounded).
+async fn send_data(tx: &mut h2::SendStream<Bytes>, mut data: &[u8]) -> Result<(), &'static str> {
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let cap = crate::io::timeout(WINDOW_WAIT, async {
+            Ok(std::future::poll_fn(|cx| tx.poll_capacity(cx)).await)
+        })
+        .await
+        .map_err(|_| "client window stayed closed")?;
+        let n = match cap {
+            Some(Ok(n)) => n.min(data.len()),
+            _ => return Err("client reset the stream"),
+        };
+        if n == 0 {
+            continue;
+        }
+        tx.send_data(Bytes::copy_from_slice(&data[..n]), false)
+            .map_err(|_| "client reset the stream")?;
+        data = &data[n..];
+    }
+    Ok(())
+}

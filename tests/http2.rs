@@ -1,0 +1,287 @@
+//! HTTP/2 on the client side, with curl (nghttp2) as the client: ALPN, the same request path
+//! as HTTP/1.1 (ESP, routing, forwarded headers, logs), many streams on one connection, request
+//! bodies with and without a length, a large response under flow control, and `http2 = false`.
+
+mod common;
+
+use common::origin::{Next, Origin, Seen};
+use common::pki::{self, Ca};
+use common::*;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// An origin that answers `/big` with 4 MiB, and anything else with the length and checksum
+/// of the body it received.
+fn origin() -> Origin {
+    Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.request_line.contains(" /big ") {
+            let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if !s.request_line.starts_with("HEAD ") {
+                let _ = w.write_all(&body);
+            }
+        } else {
+            let text = format!("{} {:x}", s.body.len(), checksum(&s.body));
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: yes\r\nKeep-Alive: timeout=5\r\n\r\n{text}",
+                text.len()
+            );
+        }
+        Next::KeepAlive
+    }))
+}
+
+struct Setup {
+    p: Proxy,
+    listen: SocketAddr,
+    o: Origin,
+    ca_file: std::path::PathBuf,
+}
+
+fn setup(extra_tls: &str) -> Setup {
+    let ca = Ca::new("h2 CA");
+    let dir = tmpdir("h2");
+    let (cert, key) = ca.leaf(&["web.example"], false).write(&dir, "web");
+    let ca_file = pki::write_pem(&dir, "ca.pem", &ca.pem());
+    let o = origin();
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let cfg = simple_config(
+        listen,
+        &[o.addr],
+        &format!(
+            "[virtual_service.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{extra_tls}\n[virtual_service.esp]\nallowed_hosts = [\"web.example\"]\nallowed_directories = [\"/*\"]\nexcluded_directories = [\"/secret/*\"]\n",
+            cert.display(),
+            key.display()
+        ),
+        &format!("[admin]\nlisten = \"{admin}\"\n[log]\nuser_access = \"access.log\"\nconnection = \"conn.log\"\nsecurity = \"sec.log\"\n"),
+    );
+    let p = Proxy::start(&cfg, admin);
+    Setup {
+        p,
+        listen,
+        o,
+        ca_file,
+    }
+}
+
+/// curl over HTTP/2 (ALPN), verifying the appliance's certificate; returns its stdout.
+fn curl(s: &Setup, args: &[&str], stdin: Option<&[u8]>) -> String {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--http2", "--max-time", "20", "--cacert"])
+        .arg(&s.ca_file)
+        .args([
+            "--resolve",
+            &format!("web.example:{}:127.0.0.1", s.listen.port()),
+        ])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .expect("curl (tests/run installs it when missing)");
+    if let Some(data) = stdin {
+        let mut i = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = i.write_all(&data);
+        });
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn url(s: &Setup, path: &str) -> String {
+    format!("https://web.example:{}{path}", s.listen.port())
+}
+
+fn log(s: &Setup, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(s.p.dir.join(name))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn streams_take_the_same_request_path() {
+    let s = setup("");
+    // negotiated h2; answered through the request path
+    let out = curl(
+        &s,
+        &[
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            &url(&s, "/a?b=1"),
+        ],
+        None,
+    );
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains("x-origin: yes"), "{out}");
+    assert!(
+        !out.to_ascii_lowercase().contains("keep-alive:"),
+        "hop-by-hop dropped: {out}"
+    );
+    assert!(out.ends_with('2'), "{out}");
+    let seen = s.o.requests();
+    let r = seen.last().unwrap();
+    assert_eq!(r.request_line, "GET /a?b=1 HTTP/1.1");
+    assert_eq!(
+        r.header("Host"),
+        Some(&*format!("web.example:{}", s.listen.port()))
+    );
+    assert_eq!(r.header("X-Forwarded-Proto"), Some("https"));
+    assert_eq!(r.header("X-Forwarded-For"), Some("127.0.0.1"));
+    // ESP judges it as any request: refused, logged, never at the origin
+    let before = s.o.nr_requests();
+    let code = curl(
+        &s,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url(&s, "/secret/x"),
+        ],
+        None,
+    );
+    assert_eq!(code, "403");
+    let code = curl(
+        &s,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: other.example",
+            &url(&s, "/"),
+        ],
+        None,
+    );
+    assert_eq!(code, "403", "a foreign host in :authority");
+    assert_eq!(s.o.nr_requests(), before);
+    wait_until(Duration::from_secs(5), "ESP refusals logged", || {
+        log(&s, "sec.log")
+            .iter()
+            .filter(|r| r["event"].as_str().is_some_and(|e| e.starts_with("esp_")))
+            .count()
+            == 2
+    });
+    // many streams on one connection, all answered
+    let mut args: Vec<String> = vec!["--parallel".into(), "--parallel-max".into(), "40".into()];
+    for i in 0..40 {
+        args.push("-o".into());
+        args.push("/dev/null".into());
+        args.push(url(&s, &format!("/many/{i}")));
+    }
+    args.push("-w".into());
+    args.push("%{http_code} ".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&s, &refs, None);
+    assert_eq!(
+        out.split_whitespace().filter(|c| *c == "200").count(),
+        40,
+        "{out}"
+    );
+    wait_until(Duration::from_secs(5), "the access records", || {
+        log(&s, "access.log")
+            .iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/many/")))
+            .count()
+            == 40
+    });
+    let conns = log(&s, "conn.log");
+    let closes: Vec<_> = conns.iter().filter(|r| r["event"] == "close").collect();
+    let many = closes
+        .iter()
+        .filter(|r| r["requests"].as_u64().unwrap_or(0) > 1)
+        .count();
+    assert!(many >= 1, "streams share a connection: {closes:?}");
+    let opens = conns.iter().filter(|r| r["event"] == "open").count();
+    assert!(
+        opens < 10,
+        "44 requests, a few connections: stream links log no connection of their own ({opens})"
+    );
+}
+
+#[test]
+fn request_bodies_and_a_large_response() {
+    let s = setup("");
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let want = format!("{} {:x}", data.len(), checksum(&data));
+    // with a length (curl sends content-length), and without (from a pipe: chunked upstream)
+    let with_len = curl(&s, &["--data-binary", "@-", &url(&s, "/up")], Some(&data));
+    assert_eq!(with_len, want);
+    let streamed = curl(
+        &s,
+        &[
+            "-T",
+            "-",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Length:",
+            &url(&s, "/up"),
+        ],
+        Some(&data),
+    );
+    assert_eq!(streamed, want);
+    let chunked =
+        s.o.requests()
+            .into_iter()
+            .filter(|r| r.header("Transfer-Encoding").is_some())
+            .count();
+    assert!(chunked >= 1, "the length-less body went up chunked");
+    // 4 MiB down through the client's flow-control window
+    let dir = tmpdir("h2big");
+    let file = dir.join("big");
+    curl(&s, &["-o", file.to_str().unwrap(), &url(&s, "/big")], None);
+    let got = std::fs::read(&file).unwrap();
+    let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    assert!(got == body, "4 MiB intact ({} bytes)", got.len());
+    // HEAD: the head alone
+    let out = curl(&s, &["-I", &url(&s, "/big")], None);
+    assert!(
+        out.starts_with("HTTP/2 200") && out.contains("content-length: 4194304"),
+        "{out}"
+    );
+}
+
+#[test]
+fn http2_can_be_turned_off() {
+    let s = setup("http2 = false\n");
+    let v = curl(
+        &s,
+        &["-o", "/dev/null", "-w", "%{http_version}", &url(&s, "/")],
+        None,
+    );
+    assert_eq!(v, "1.1");
+}
