@@ -241,7 +241,9 @@ impl Link {
                 return;
             }
         };
-        let shard = self.shard.clone();
+        // each stream takes the configuration current when it starts (a reload since the
+        // connection opened applies to its next streams, as to an HTTP/1.1 connection's)
+        let shard = self.shard.current();
         let guard = ClientGuard::uncounted(&shard, self.facts.vs_slot, self.facts.peer.ip());
         let link = Client {
             stream: ClientStream::Plain(theirs),
