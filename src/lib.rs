@@ -24,6 +24,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod net;
+pub mod ocsp;
 pub mod proxy;
 pub mod proxyproto;
 pub mod relay;

@@ -774,6 +774,8 @@ fn run(
     let log = edgeshard::log::LogWriter::start(&config.log);
     // an upgrade loads the file again: one more generation than the old process's
     let generation = carried.as_ref().map_or(1, |c| c.generation + 1);
+    // OCSP statuses are fetched by a thread of their own, once this process serves
+    edgeshard::ocsp::start();
     let mut running = match edgeshard::shard::start(
         config.clone(),
         log.clone(),

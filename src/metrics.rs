@@ -748,6 +748,22 @@ pub fn prometheus(
     );
     family(
         &mut o,
+        "edgeshard_ocsp_refreshes_total",
+        "counter",
+        "OCSP status refreshes of stapled certificates, by result (error: the last good status, if still valid, stays stapled).",
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_ocsp_refreshes_total{{result=\"ok\"}} {}",
+        crate::ocsp::REFRESH_OK.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "edgeshard_ocsp_refreshes_total{{result=\"error\"}} {}",
+        crate::ocsp::REFRESH_ERROR.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    family(
+        &mut o,
         "edgeshard_config_last_reload_timestamp_seconds",
         "gauge",
         "When the last reload was tried (0: never).",

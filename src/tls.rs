@@ -223,27 +223,32 @@ impl SniResolver {
         SniResolver { certs }
     }
 
-    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
+    pub fn select(&self, sni: Option<&str>) -> Option<&ServerCert> {
         if let Some(name) = sni {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             if let Some(c) = self.certs.iter().find(|c| c.names.contains(&name)) {
-                return Some(&c.key);
+                return Some(c);
             }
             // a wildcard covers exactly one label
             if let Some((_, parent)) = name.split_once('.') {
                 let wild = format!("*.{parent}");
                 if let Some(c) = self.certs.iter().find(|c| c.names.contains(&wild)) {
-                    return Some(&c.key);
+                    return Some(c);
                 }
             }
         }
-        self.certs.first().map(|c| &c.key)
+        self.certs.first()
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.select(hello.server_name()).cloned()
+        let c = self.select(hello.server_name())?;
+        // the stapled form when there is a current status (a lock-free load)
+        match c.stapled.as_ref().and_then(|s| s.load_full()) {
+            Some(k) => Some(k),
+            None => Some(c.key.clone()),
+        }
     }
 }
 

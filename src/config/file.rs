@@ -440,6 +440,8 @@ pub struct FileTls {
     pub handshake_timeout: Option<Spanned<String>>,
     /// Offer HTTP/2 by ALPN (default true; HTTP services only).
     pub http2: Option<bool>,
+    /// Staple each certificate's OCSP status (from its AIA responder, or its file).
+    pub ocsp_stapling: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -447,6 +449,8 @@ pub struct FileTls {
 pub struct FileCertificate {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    /// A DER OCSP response for this certificate, fetched by the operator (implies stapling).
+    pub ocsp_response_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

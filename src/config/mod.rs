@@ -856,6 +856,13 @@ impl Validator<'_> {
             },
             tls: match &a.tls {
                 None => None,
+                Some(c) if c.ocsp_response_file.is_some() => {
+                    return Err(self.err(
+                        c.ocsp_response_file.as_ref().map(|x| x.span()),
+                        "admin.tls.ocsp_response_file",
+                        "OCSP stapling is for virtual services' certificates".into(),
+                    ))
+                }
                 Some(c) => Some(Tls {
                     certs: vec![self.server_cert(c, "admin.tls")?],
                     handshake_timeout: Duration::from_secs(5),
@@ -1194,8 +1201,32 @@ impl Validator<'_> {
             ));
         }
         let mut certs = Vec::new();
+        let stapling = t.ocsp_stapling.unwrap_or(false);
         for (k, c) in t.certificates.get_ref().iter().enumerate() {
-            certs.push(self.server_cert(c, &format!("{p}.tls.certificates[{k}]"))?);
+            let f = format!("{p}.tls.certificates[{k}]");
+            let mut sc = self.server_cert(c, &f)?;
+            let file = c
+                .ocsp_response_file
+                .as_ref()
+                .map(|x| self.path(x.get_ref()));
+            if stapling || file.is_some() {
+                let span = c
+                    .ocsp_response_file
+                    .as_ref()
+                    .map(|x| x.span())
+                    .unwrap_or(c.cert.span());
+                let field = if file.is_some() {
+                    format!("{f}.ocsp_response_file")
+                } else {
+                    format!("{p}.tls.ocsp_stapling")
+                };
+                let stapled =
+                    crate::ocsp::register(c.cert.get_ref(), &sc.key, file).map_err(|m| {
+                        self.err(Some(span), &field, format!("{}: {m}", c.cert.get_ref()))
+                    })?;
+                sc.stapled = Some(stapled);
+            }
+            certs.push(sc);
         }
         Ok(Tls {
             certs,

@@ -104,6 +104,7 @@ pub const SECTIONS: &[Section] = &[
         keys: &[
             k("cert", "path", "required", "PEM certificate chain, leaf first."),
             k("key", "path", "required", "PEM private key matching the certificate."),
+            k("ocsp_response_file", "path", "none", "Services only: a DER OCSP response for this certificate, fetched by the operator (checked at load, re-read when due; implies stapling)."),
         ],
     },
     Section {
@@ -192,6 +193,7 @@ pub const SECTIONS: &[Section] = &[
         keys: &[
             k("certificates", "list of {cert, key}", "required", "Chosen by SNI against each certificate's DNS names; the first answers clients without SNI or with an unknown name."),
             k("handshake_timeout", "duration", "10s", "A client handshake not done by then is closed."),
+            k("ocsp_stapling", "bool", "false", "Staple each certificate's OCSP status, fetched from the responder its AIA extension names (http://) off the shards, verified, refreshed halfway to nextUpdate; the cert file must hold the issuer after the leaf."),
             k("http2", "bool", "true", "Offer HTTP/2 (ALPN h2, then http/1.1); each stream takes the same request path as HTTP/1.1. tcp services offer no ALPN."),
         ],
     },

@@ -15,6 +15,8 @@ pub struct ServerCert {
     pub names: Vec<String>,
     /// Seconds since the epoch after which the leaf is expired.
     pub not_after: i64,
+    /// With OCSP stapling: the certificate with its current status, once there is one.
+    pub stapled: Option<Arc<arc_swap::ArcSwapOption<CertifiedKey>>>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -94,6 +96,7 @@ pub fn load_server_cert(cert: &Path, key: &Path) -> Result<ServerCert, (bool, St
         key: Arc::new(ck),
         names,
         not_after,
+        stapled: None,
     })
 }
 

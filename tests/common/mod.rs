@@ -102,6 +102,11 @@ pub struct Proxy {
 impl Proxy {
     /// Write `toml` to a file and `edgeshard run` it; returns once `ready_addr` accepts.
     pub fn start(toml: &str, ready_addr: SocketAddr) -> Proxy {
+        Proxy::start_with_env(toml, ready_addr, &[])
+    }
+
+    /// `start`, with these environment variables set for the proxy (test hooks).
+    pub fn start_with_env(toml: &str, ready_addr: SocketAddr, env: &[(&str, &str)]) -> Proxy {
         let dir = tmpdir("proxy");
         let config = dir.join("edgeshard.toml");
         std::fs::write(&config, toml).unwrap();
@@ -110,6 +115,7 @@ impl Proxy {
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
