@@ -175,6 +175,8 @@ fn client_hello(body: &[u8]) -> Result<Option<Box<str>>, &'static str> {
 /// A DNS host name as SNI carries it: letters, digits, '-', '.', '_'; no trailing dot; lower
 /// case (names match in any case).
 fn host_name(b: &[u8]) -> Result<Box<str>, &'static str> {
+    // a fully qualified name's trailing dot names the same host (as routing reads Host)
+    let b = b.strip_suffix(b".").unwrap_or(b);
     if b.is_empty() || b.len() > 253 {
         return Err("bad server name length");
     }
@@ -303,7 +305,13 @@ mod tests {
             Hello::Invalid(_)
         ));
         assert!(matches!(parse(&hello(Some("a b"), 0)), Hello::Invalid(_)));
-        assert!(matches!(parse(&hello(Some("x."), 0)), Hello::Invalid(_)));
+        assert!(matches!(parse(&hello(Some("x.."), 0)), Hello::Invalid(_)));
+        assert_eq!(
+            parse(&hello(Some("www.Example."), 0)),
+            Hello::Complete {
+                sni: Some("www.example".into())
+            }
+        );
         // too large: refused without waiting for the rest
         let big = hello(Some("a.example"), MAX_HELLO);
         assert!(matches!(parse(&big[..6000]), Hello::Incomplete));

@@ -517,3 +517,44 @@ fn http_settings_on_a_tcp_service_are_refused() {
         assert!(out.contains(field), "{extra}: {out}");
     }
 }
+
+#[test]
+fn limits_and_sub_service_access_hold_on_tcp_services() {
+    let a = TcpOrigin::start("A", false);
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let pt = local(free_port());
+    let cfg = format!(
+        "{}\n[[virtual_service]]\nname = \"pt\"\nlisten = \"{pt}\"\nmode = \"tcp\"\n[virtual_service.pass_through]\n[[virtual_service.sub_service]]\nname = \"a\"\nhosts = [\"a.example\"]\n[virtual_service.sub_service.access]\ndeny = [\"127.0.0.0/8\"]\n[[virtual_service.sub_service.real_server]]\naddress = \"{}\"\n[[virtual_service.real_server]]\naddress = \"{}\"\n",
+        tcp_service(listen, &[], "", admin).replace(
+            "mode = \"tcp\"\n",
+            &format!("mode = \"tcp\"\n[[virtual_service.real_server]]\naddress = \"{}\"\nconnection_limit = 100\n", a.addr)
+        ),
+        a.addr,
+        a.addr
+    );
+    let p = Proxy::start(&cfg, admin);
+    // a burst far below the server's limit: every connection served, none refused while the
+    // shards acknowledge each other's admissions
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(listen).unwrap();
+                exchange(&mut s, format!("burst {i}").as_bytes())
+            })
+        })
+        .collect();
+    for h in handles {
+        let got = h.join().unwrap();
+        assert!(got.starts_with("A "), "served: {got:?}");
+    }
+    // the sub-service's access list refuses 127.0.0.0/8, before any real server sees it
+    let before = a.conns().len();
+    let (_conn, hello) = client_hello(&pki::any_cert_client(true), "a.example");
+    assert!(refused(pt, &hello));
+    assert_eq!(a.conns().len(), before);
+    wait_until(Duration::from_secs(5), "the refusal logged", || {
+        log_lines(&p, "sec.log")
+            .iter()
+            .any(|r| r["event"] == "access")
+    });
+}

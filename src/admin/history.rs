@@ -41,6 +41,8 @@ pub struct History {
     /// Keyed "<kind>\u{0}<name>\u{0}<metric>".
     series: BTreeMap<(u8, String, &'static str), Series>,
     prev: Option<Prev>,
+    /// `GET /api/v1/history`'s body, made once per point (pages poll it every interval).
+    cached: Option<std::rc::Rc<str>>,
 }
 
 const SERVICE: u8 = 0;
@@ -59,6 +61,7 @@ impl History {
             stamps: VecDeque::with_capacity(capacity),
             series: BTreeMap::new(),
             prev: None,
+            cached: None,
         }
     }
 
@@ -68,10 +71,8 @@ impl History {
             .series
             .entry((kind, name.to_string(), metric))
             .or_default();
-        // a new series starts with gaps up to now; a series that missed points gets gaps
-        let have = s.points.len() as u64;
-        let want = taken.min(cap as u64);
-        let missing = want.saturating_sub(have + 1) as usize;
+        // the points it missed since it was last fed (all of them for a new series) are gaps
+        let missing = taken.saturating_sub(s.fed_at + 1) as usize;
         for _ in 0..missing.min(cap) {
             s.points.push_back(None);
         }
@@ -82,8 +83,19 @@ impl History {
         s.fed_at = taken;
     }
 
+    /// The JSON body, from the cache while no point has been taken since.
+    pub fn body(&mut self) -> std::rc::Rc<str> {
+        if let Some(c) = &self.cached {
+            return c.clone();
+        }
+        let body: std::rc::Rc<str> = self.to_json().to_string().into();
+        self.cached = Some(body.clone());
+        body
+    }
+
     /// Take one point from counters merged over every shard.
     pub fn sample(&mut self, shard: &Shard, merged: &Merged, now: Instant, wall_ms: u64) {
+        self.cached = None;
         let cfg = &shard.config;
         let mut counts = BTreeMap::new();
         let mut latency = BTreeMap::new();
@@ -187,18 +199,23 @@ impl History {
     pub fn to_json(&self) -> Value {
         let n = self.stamps.len();
         // every series aligned to the timestamps (older points than a series has: null)
-        let values =
-            |s: &Series| -> Vec<Value> {
-                let pad = n.saturating_sub(s.points.len());
-                std::iter::repeat_n(Value::Null, pad)
-                    .chain(s.points.iter().skip(s.points.len().saturating_sub(n)).map(
-                        |v| match v {
-                            Some(x) if x.is_finite() => json!((x * 1000.0).round() / 1000.0),
-                            _ => Value::Null,
-                        },
-                    ))
-                    .collect()
-            };
+        // a series not fed lately (its service or server left) ends with gaps up to now
+        let values = |s: &Series| -> Vec<Value> {
+            let stale = (self.taken - s.fed_at) as usize;
+            let points = s
+                .points
+                .iter()
+                .map(|v| match v {
+                    Some(x) if x.is_finite() => json!((x * 1000.0).round() / 1000.0),
+                    _ => Value::Null,
+                })
+                .chain(std::iter::repeat_n(Value::Null, stale));
+            let total = s.points.len() + stale;
+            let pad = n.saturating_sub(total);
+            std::iter::repeat_n(Value::Null, pad)
+                .chain(points.skip(total.saturating_sub(n)))
+                .collect()
+        };
         let mut services: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
         let mut servers: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
         let mut shards: BTreeMap<usize, serde_json::Map<String, Value>> = BTreeMap::new();
@@ -247,13 +264,22 @@ fn unix_ms() -> u64 {
 
 /// The admin shard's sampler: one gather per interval, for as long as the shard runs.
 pub async fn run(state: Rc<State>) {
-    let Some(interval) = state.history.borrow().as_ref().map(|h| h.interval) else {
-        return;
-    };
     let mut next = Instant::now();
     loop {
-        next += interval;
         let shard = state.current();
+        // a reload may change the resolution: the history starts over at the new one
+        let interval = shard
+            .config
+            .admin
+            .as_ref()
+            .map_or(Duration::from_secs(5), |a| a.history_interval);
+        {
+            let mut h = state.history.borrow_mut();
+            if h.as_ref().is_none_or(|h| h.interval != interval) {
+                *h = Some(History::new(interval));
+            }
+        }
+        next += interval;
         let merged = shard.gather_metrics().await;
         if let Some(h) = state.history.borrow_mut().as_mut() {
             h.sample(&shard, &merged, Instant::now(), unix_ms());
@@ -269,5 +295,61 @@ pub async fn run(state: Rc<State>) {
         if state.is_closing() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(h: &mut History, feed_a: bool) {
+        h.taken += 1;
+        h.stamps.push_back(h.taken);
+        while h.stamps.len() > h.capacity {
+            h.stamps.pop_front();
+        }
+        if feed_a {
+            h.push(SERVICE, "a", "requests_per_second", Some(1.0));
+        }
+        h.push(SERVICE, "b", "requests_per_second", Some(2.0));
+    }
+
+    fn series(h: &History, name: &str) -> Vec<Value> {
+        let j = h.to_json();
+        j["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["requests_per_second"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// A series that stops being fed shows gaps from then on, also once the window is full,
+    /// and comes back after its gap; every series stays aligned to the timestamps.
+    #[test]
+    fn a_series_that_stops_shows_gaps_not_its_last_value() {
+        let mut h = History::new(Duration::from_secs(300)); // 3 points in the window
+        for feed in [true, true, true, true, false, false, true] {
+            tick(&mut h, feed);
+        }
+        assert_eq!(h.stamps.len(), 3);
+        let a = series(&h, "a");
+        assert_eq!(
+            a,
+            vec![Value::Null, Value::Null, json!(1.0)],
+            "gap, gap, back"
+        );
+        assert_eq!(series(&h, "b"), vec![json!(2.0); 3]);
+        tick(&mut h, false);
+        tick(&mut h, false);
+        assert_eq!(series(&h, "a"), vec![json!(1.0), Value::Null, Value::Null]);
+        // a new series starts with gaps before its first point
+        let mut h = History::new(Duration::from_secs(300));
+        tick(&mut h, false);
+        tick(&mut h, true);
+        assert_eq!(series(&h, "a"), vec![Value::Null, json!(1.0)]);
     }
 }

@@ -517,11 +517,11 @@ async fn handle(shard: &Shard, req: &Request, auth_log: &RefCell<ClientTable>) -
             response(head, 200, "application/json", &status_json(shard, &merged))
         }
         "/api/v1/history" => {
-            let v = match shard.history.borrow().as_ref() {
-                Some(h) => h.to_json(),
-                None => serde_json::json!({}),
+            let body = match shard.history.borrow_mut().as_mut() {
+                Some(h) => h.body(),
+                None => "{}".into(),
             };
-            json_response(head, 200, &v)
+            response(head, 200, "application/json", &body)
         }
         "/metrics" => {
             let merged = shard.gather_metrics().await;

@@ -271,6 +271,14 @@ impl Validator<'_> {
                 ));
             }
             let name = vs.name.clone().unwrap_or_else(|| format!("vs{i}"));
+            if name.is_empty() || name.contains(['/', ' ']) {
+                // "service/sub" names a sub-service's pool (in the API, metrics and history)
+                return Err(self.err(
+                    Some(vs.listen.span()),
+                    &format!("{p}.name"),
+                    format!("{name:?}: a service name has no '/' or space (\"service/sub\" names a sub-service)"),
+                ));
+            }
             if !names.insert(name.clone()) {
                 return Err(self.err(
                     Some(vs.listen.span()),
@@ -385,6 +393,17 @@ impl Validator<'_> {
             for (k, sub) in vs.sub_service.iter().enumerate() {
                 let sp = format!("{p}.sub_service[{k}]");
                 let sub_name = sub.name.clone().unwrap_or_else(|| format!("sub{k}"));
+                let clash = vs.sub_service[..k]
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| o.name.clone().unwrap_or_else(|| format!("sub{j}")) == sub_name);
+                if sub_name.is_empty() || sub_name.contains(['/', ' ']) || clash {
+                    return Err(self.err(
+                        None,
+                        &format!("{sp}.name"),
+                        format!("{sub_name:?}: sub-service names are unique in their service, with no '/' or space"),
+                    ));
+                }
                 let hosts: Vec<String> = match &sub.hosts {
                     Some(h) => {
                         for host in h.get_ref() {
@@ -652,6 +671,16 @@ impl Validator<'_> {
             ("forwarded_for", vs.forwarded_for.is_some()),
             ("forwarded_header", vs.forwarded_header.is_some()),
             ("queue_timeout", vs.queue_timeout.is_some()),
+            ("queue_size", vs.queue_size.is_some()),
+            ("response_timeout", vs.response_timeout.is_some()),
+            ("client_body_timeout", vs.client_body_timeout.is_some()),
+            ("upstream_body_timeout", vs.upstream_body_timeout.is_some()),
+            ("tunnel_idle_timeout", vs.tunnel_idle_timeout.is_some()),
+            ("max_headers", vs.max_headers.is_some()),
+            ("max_header_size", vs.max_header_size.is_some()),
+            ("max_request_line", vs.max_request_line.is_some()),
+            ("pool_size", vs.pool_size.is_some()),
+            ("pool_idle_timeout", vs.pool_idle_timeout.is_some()),
         ];
         for (field, set) in http_only {
             if set {

@@ -40,7 +40,7 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
     let name = client.facts.sni.clone();
     let host = name.as_deref().filter(|_| by_sni).map(str::as_bytes);
     let own_empty = shard.config.pools[vs.pool].servers.is_empty();
-    let Some((pool, _sub)) = route(vs, own_empty, host, b"/") else {
+    let Some((pool, sub)) = route(vs, own_empty, host, b"/") else {
         return refuse(
             &shard,
             client,
@@ -50,7 +50,40 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
         .await;
     };
     let peer = client.facts.peer;
-    let Some(first) = choose_server(&shard, pool, peer) else {
+    // a sub-service's own access list (the service's was checked at accept)
+    if let Some(acl) = sub.and_then(|i| vs.sub_services[i].access.as_ref()) {
+        if !acl.permits(peer.ip()) {
+            let c = &shard.metrics.services[client.facts.vs_slot].access_refusals;
+            c.set(c.get() + 1);
+            return refuse(
+                &shard,
+                client,
+                "access",
+                "the sub-service's access list refuses this address",
+            )
+            .await;
+        }
+    }
+    // Every real server at its limit only until the other shards acknowledge a release (or
+    // this shard's beyond-share admission): wait for that briefly, as HTTP requests do.
+    let deadline = Instant::now() + ACK_WAIT;
+    let chosen = loop {
+        let gen = shard.load.capacity_gen();
+        match choose_server(&shard, pool, peer) {
+            Some(s) => break Some(s),
+            None if shard.schedulers[pool].awaiting_ack(&shard.load)
+                && Instant::now() < deadline =>
+            {
+                let _ = until(deadline, async {
+                    std::future::poll_fn(|cx| shard.load.poll_capacity(cx, gen)).await;
+                    Ok(())
+                })
+                .await;
+            }
+            None => break None,
+        }
+    };
+    let Some(first) = chosen else {
         shard.diag("no real server available", || {
             tracing::warn!(service = %vs.name, client = %peer, "no real server available: connection closed")
         });
@@ -144,7 +177,11 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
     let reason = match end {
         TunnelEnd::Closed => "closed",
         TunnelEnd::Idle => "idle_timeout",
-        TunnelEnd::Error => "reset",
+        TunnelEnd::Error => {
+            // a reset on one side is passed on as a reset, not a clean end of stream
+            reset_on_close(&client.stream);
+            "reset"
+        }
     };
     crate::client::close(&shard, client, reason).await
 }
@@ -208,6 +245,29 @@ async fn refuse(shard: &Shard, client: Client, event: &str, why: &str) {
         }
     }
     crate::client::close(shard, client, "refused").await
+}
+
+/// Make the socket's close send RST (SO_LINGER 0), so the client sees the stream was cut.
+fn reset_on_close(stream: &ClientStream) {
+    use std::os::unix::io::AsRawFd;
+    let fd = match stream {
+        ClientStream::Plain(s) => s.as_raw_fd(),
+        ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
+    };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on the connection's own fd with a linger struct of its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// The address the client reached (a wildcard listener's own address for this connection).

@@ -222,6 +222,7 @@ pub async fn serve(mut shard: Rc<Shard>, client: Client) {
                 v.slot == facts.vs_slot
                     && v.listen == facts.listen
                     && v.tls.is_some() == facts.tls.is_some()
+                    && v.mode == crate::config::Mode::Http
             });
             let end = match same {
                 Some(i) => {
