@@ -222,7 +222,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (ab, ba, _) = tunnel_until(a, a_buf, b, b_buf, idle).await;
+    let (ab, ba, _) = tunnel_until(a, a_buf, b, b_buf, idle, std::future::pending()).await;
     (ab, ba)
 }
 
@@ -235,15 +235,18 @@ pub enum TunnelEnd {
     Idle,
     /// A read or write failed (a reset, mostly).
     Error,
+    /// `stop` came first (the appliance's drain ran out).
+    Stopped,
 }
 
-/// `tunnel`, also saying how it ended.
+/// `tunnel`, also saying how it ended; it ends at once when `stop` completes.
 pub async fn tunnel_until<A, B>(
     a: &mut A,
     a_buf: &mut Buf,
     b: &mut B,
     b_buf: &mut Buf,
     idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
 ) -> (u64, u64, TunnelEnd)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -261,6 +264,8 @@ where
         shut: false,
         moved: 0,
     };
+    let mut stop = std::pin::pin!(stop);
+    let mut stopped = false;
     let end = loop {
         if ab.shut && ba.shut {
             break TunnelEnd::Closed;
@@ -268,6 +273,10 @@ where
         let step = timeout(
             idle,
             poll_fn(|cx| {
+                if stop.as_mut().poll(cx).is_ready() {
+                    stopped = true;
+                    return Poll::Ready(Ok(()));
+                }
                 let p1 = if ab.shut {
                     Poll::Pending
                 } else {
@@ -287,6 +296,7 @@ where
         )
         .await;
         match step {
+            _ if stopped => break TunnelEnd::Stopped,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break TunnelEnd::Idle,
             Err(_) => break TunnelEnd::Error,
             Ok(()) => {}

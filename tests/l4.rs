@@ -558,3 +558,30 @@ fn limits_and_sub_service_access_hold_on_tcp_services() {
             .any(|r| r["event"] == "access")
     });
 }
+
+#[test]
+fn a_tunnel_open_at_shutdown_ends_within_the_drain_and_is_logged() {
+    let a = TcpOrigin::start("A", false);
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    // drain_timeout is 5 s in the test configuration
+    let mut p = Proxy::start(&tcp_service(listen, &[a.addr], "", admin), admin);
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.write_all(b"held").unwrap();
+    wait_until(Duration::from_secs(5), "the tunnel at the origin", || {
+        a.conns().iter().any(|c| c.bytes == b"held")
+    });
+    let t = Instant::now();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
+    let closes: Vec<_> = log_lines(&p, "conn.log")
+        .into_iter()
+        .filter(|r| r["event"] == "close")
+        .collect();
+    assert!(
+        closes
+            .iter()
+            .any(|r| r["reason"] == "shutdown" && r["bytes_in"] == 4),
+        "{closes:?}"
+    );
+}

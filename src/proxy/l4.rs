@@ -160,12 +160,20 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
             return crate::client::close(&shard, client, "error").await;
         }
     }
+    // At shutdown a tunnel (no request boundary to stop at) gets the drain's time to end by
+    // itself, then ends here, a little before the shard stops, so its record is written.
+    let drain = shard.config.runtime.drain_timeout;
+    let stop = async {
+        shard.closed().await;
+        glommio::timer::sleep(drain.saturating_sub(Duration::from_millis(250))).await;
+    };
     let (to_server, to_client, end) = tunnel_until(
         &mut client.stream,
         &mut cbuf,
         &mut up.stream,
         &mut up.buf,
         vs.idle_timeout,
+        stop,
     )
     .await;
     sc.bytes_in.set(sc.bytes_in.get() + to_server);
@@ -177,6 +185,7 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
     let reason = match end {
         TunnelEnd::Closed => "closed",
         TunnelEnd::Idle => "idle_timeout",
+        TunnelEnd::Stopped => "shutdown",
         TunnelEnd::Error => {
             // a reset on one side is passed on as a reset, not a clean end of stream
             reset_on_close(&client.stream);

@@ -242,11 +242,17 @@ fn accepted_connection(
     listen: SocketAddr,
 ) {
     if shard.config.services[vs].accept_proxy {
+        if shard.proxy_waiting.get() >= MAX_PROXY_WAITING {
+            return; // closed at once: too many connections that have not said who they are
+        }
+        shard.proxy_waiting.set(shard.proxy_waiting.get() + 1);
         // Waiting for the header takes a task of its own: the accept loop goes on.
         spawn_connection(
             peer,
             Box::pin(async move {
-                if let Some(client) = proxy_header(&shard, vs, &stream, peer).await {
+                let client = proxy_header(&shard, vs, &stream, peer).await;
+                shard.proxy_waiting.set(shard.proxy_waiting.get() - 1);
+                if let Some(client) = client {
                     admitted(shard, vs, stream, client, listen);
                 }
             }),

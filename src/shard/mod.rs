@@ -109,6 +109,8 @@ pub struct State {
     diag_limit: crate::diag::RateLimit,
     /// Connections refused by a limit that are being told so (at most MAX_REFUSING).
     refusing: Cell<usize>,
+    /// Connections waiting for their PROXY header (at most MAX_PROXY_WAITING).
+    proxy_waiting: Cell<usize>,
     /// Operator changes sent from this shard: id, and the peers that acknowledged it.
     admin_changes: Cell<u64>,
     admin_acks: RefCell<Vec<(u64, usize)>>,
@@ -159,6 +161,9 @@ impl std::ops::Deref for Shard {
 
 /// Refused connections a shard answers at once (429/503); beyond, they are closed unanswered.
 const MAX_REFUSING: usize = 256;
+/// Connections a shard lets wait for a PROXY header at once: they are not admitted yet (the
+/// limits need the client's address), so a silent flood must not hold sockets unbounded.
+const MAX_PROXY_WAITING: usize = 1024;
 
 /// Without an active health check, a server taken out by passive health is tried again after
 /// this long (nginx's fail_timeout).
@@ -243,6 +248,7 @@ impl State {
             passive: (0..slots.servers).map(|_| Cell::new(0)).collect(),
             diag_limit: Default::default(),
             refusing: Cell::new(0),
+            proxy_waiting: Cell::new(0),
             admin_changes: Cell::new(0),
             admin_acks: RefCell::new(Vec::new()),
             pools: Pools::new(slots.servers),
