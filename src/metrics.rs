@@ -39,6 +39,8 @@ pub struct ServiceCounters {
     pub limit_refusals: [Cell<u64>; 5],
     /// Connections or requests refused by an IP access list.
     pub access_refusals: Cell<u64>,
+    /// Requests waiting for room under connection limits now.
+    pub queued: Cell<u64>,
 }
 
 #[derive(Default)]
@@ -78,6 +80,7 @@ impl ServiceCounters {
             &self.tls_resumed,
             &self.tls_failures,
             &self.access_refusals,
+            &self.queued,
         ] {
             c.set(0);
         }
@@ -207,6 +210,7 @@ impl ShardMetrics {
                     bytes_in: s.bytes_in.get(),
                     bytes_out: s.bytes_out.get(),
                     connections_active: s.connections_active.get(),
+                    queued: s.queued.get(),
                     connections_total: s.connections_total.get(),
                     tls_handshakes: s.tls_handshakes.get(),
                     tls_resumed: s.tls_resumed.get(),
@@ -267,6 +271,8 @@ pub struct ServiceSnap {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connections_active: u64,
+    /// Requests waiting for room under connection limits.
+    pub queued: u64,
     pub connections_total: u64,
     pub tls_handshakes: u64,
     pub tls_resumed: u64,
@@ -322,6 +328,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.bytes_in += v.bytes_in;
             m.bytes_out += v.bytes_out;
             m.connections_active += v.connections_active;
+            m.queued += v.queued;
             m.connections_total += v.connections_total;
             m.tls_handshakes += v.tls_handshakes;
             m.tls_resumed += v.tls_resumed;
@@ -454,6 +461,20 @@ pub fn prometheus(
                 .unwrap_or(0);
             let _ = writeln!(o, "{name}{{service=\"{}\"}} {v}", esc(&vs.name));
         }
+    }
+    family(
+        &mut o,
+        "edgeshard_queued_requests",
+        "gauge",
+        "Requests waiting for room under real servers' connection limits (queue_timeout).",
+    );
+    for vs in &cfg.services {
+        let v = m.services.get(vs.slot).map(|s| s.queued).unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "edgeshard_queued_requests{{service=\"{}\"}} {v}",
+            esc(&vs.name)
+        );
     }
     family(
         &mut o,

@@ -465,8 +465,9 @@ fn a_bounded_queue_waits_for_room_under_the_limit() {
     let (release, conc, max) = counters();
     let o = holding("o", release.clone(), conc.clone(), max.clone());
     let listen = local(free_port());
+    let admin = local(free_port());
     let cfg = format!(
-        "[runtime]\nshards = 1\n[[virtual_service]]\nlisten = \"{listen}\"\nqueue_timeout = \"10s\"\nqueue_size = 1\n\
+        "[admin]\nlisten = \"{admin}\"\n[runtime]\nshards = 1\n[[virtual_service]]\nlisten = \"{listen}\"\nqueue_timeout = \"10s\"\nqueue_size = 1\n\
          [[virtual_service.real_server]]\naddress = \"{}\"\nconnection_limit = 1\n",
         o.addr
     );
@@ -484,6 +485,12 @@ fn a_bounded_queue_waits_for_room_under_the_limit() {
     assert_eq!(r.status, 503);
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(o.nr_requests(), 1, "the queued request waits for room");
+    // the wait shows on /status and /metrics
+    assert_eq!(status(admin)["virtual_services"][0]["queued_requests"], 1);
+    assert_eq!(
+        metrics(admin).get("edgeshard_queued_requests{service=\"vs0\"}"),
+        Some(&1.0)
+    );
     release.store(true, Ordering::SeqCst);
     let released = Instant::now();
     assert_eq!(first.read(false).unwrap().status, 200);

@@ -123,6 +123,7 @@ pub fn status_json(shard: &Shard, merged: &Merged) -> String {
                 v["requests_total"] = json!(m.requests);
                 v["connections_active"] = json!(m.connections_active);
                 v["responses"] = json!({ "1xx": m.responses[0], "2xx": m.responses[1], "3xx": m.responses[2], "4xx": m.responses[3], "5xx": m.responses[4] });
+                v["queued_requests"] = json!(m.queued);
                 v["bytes_in"] = json!(m.bytes_in);
                 v["bytes_out"] = json!(m.bytes_out);
                 v["mode"] = json!(match vs.mode { crate::config::Mode::Http => "http", crate::config::Mode::Tcp => "tcp" });

@@ -517,11 +517,14 @@ async fn serve_requests(
                 if Instant::now() < d {
                     // Wait for room: a release, a peer's snapshot or acknowledgement.
                     shard.queued.set(shard.queued.get() + 1);
+                    let q = &shard.metrics.services[conn.f.vs_slot].queued;
+                    q.set(q.get() + 1);
                     let _ = until(d, async {
                         std::future::poll_fn(|cx| shard.load.poll_capacity(cx, gen)).await;
                         Ok(())
                     })
                     .await;
+                    q.set(q.get().saturating_sub(1));
                     shard.queued.set(shard.queued.get() - 1);
                     continue;
                 }
