@@ -65,8 +65,9 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
         }
     }
     // Every real server at its limit only until the other shards acknowledge a release (or
-    // this shard's beyond-share admission): wait for that briefly, as HTTP requests do.
-    let deadline = Instant::now() + ACK_WAIT;
+    // this shard's beyond-share admission): wait for that, as HTTP requests do, a little
+    // longer (a client waits for its connection anyway), within connect_timeout.
+    let deadline = Instant::now() + (ACK_WAIT * 10).min(vs.connect_timeout);
     let chosen = loop {
         let gen = shard.load.capacity_gen();
         match choose_server(&shard, pool, peer) {
