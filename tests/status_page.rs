@@ -23,8 +23,9 @@ fn chromium() -> &'static str {
     panic!("no chromium found: install Debian's chromium package (.ci/run does)");
 }
 
-/// The page's DOM after its scripts ran.
-fn rendered(url: &str) -> String {
+/// Headless chromium on `url` with `extra` arguments (a fresh profile, no background
+/// networking: the machine's network is closed); its stdout.
+fn chromium_run(url: &str, extra: &[&str]) -> String {
     let profile = tmpdir("chromium-profile");
     let out = Command::new(chromium())
         .args([
@@ -37,8 +38,8 @@ fn rendered(url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--virtual-time-budget=4000",
-            "--dump-dom",
         ])
+        .args(extra)
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(url)
         .output()
@@ -50,6 +51,11 @@ fn rendered(url: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The page's DOM after its scripts ran.
+fn rendered(url: &str) -> String {
+    chromium_run(url, &["--dump-dom"])
 }
 
 #[test]
@@ -310,31 +316,13 @@ fn history_plots_show_the_traffic_sent() {
 
     // a screenshot of it (the README's picture comes from this test's output)
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
-    let profile = tmpdir("chromium-shot");
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+    chromium_run(
+        &format!("http://{admin}/"),
+        &[
             "--hide-scrollbars",
             "--window-size=1280,760",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("http://{admin}/"))
-        .output()
-        .expect("run chromium");
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &format!("--screenshot={}", shot.display()),
+        ],
     );
     let png = std::fs::read(&shot).unwrap();
     assert!(
