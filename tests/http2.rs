@@ -23,6 +23,9 @@ fn checksum(b: &[u8]) -> u64 {
 /// of the body it received.
 fn origin() -> Origin {
     Origin::start(Arc::new(|s: &Seen, w: &mut TcpStream| {
+        if s.request_line.starts_with("GET /slow ") {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
         if s.request_line.contains(" /big ") {
             let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
             let _ = write!(
@@ -288,4 +291,44 @@ fn http2_can_be_turned_off() {
         None,
     );
     assert_eq!(v, "1.1");
+}
+
+#[test]
+fn sigterm_lets_streams_in_flight_finish_then_exits() {
+    let mut s = setup("");
+    let curl = {
+        let mut c = Command::new("curl");
+        c.args(["-s", "--http2", "--max-time", "20", "--cacert"])
+            .arg(&s.ca_file)
+            .args([
+                "--resolve",
+                &format!("web.example:{}:127.0.0.1", s.listen.port()),
+            ])
+            .args(["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/slow")])
+            .stdout(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request at the origin",
+        || {
+            s.o.requests()
+                .iter()
+                .any(|r| r.request_line.starts_with("GET /slow "))
+        },
+    );
+    let t = std::time::Instant::now();
+    s.p.signal(libc::SIGTERM);
+    let out = curl.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the stream in flight finished"
+    );
+    assert_eq!(s.p.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exited once it was done: {:?}",
+        t.elapsed()
+    );
 }

@@ -36,6 +36,11 @@ const SEND_BUFFER: usize = 256 * 1024;
 const WINDOW_WAIT: Duration = Duration::from_secs(60);
 /// Response head buffer (the request path's own head limits apply to requests).
 const RESPONSE_BUF: usize = 32 * 1024;
+/// Client-reset streams on one connection from which, if they are most of its streams, the
+/// connection is cut (ENHANCE_YOUR_CALM).
+const RESET_ABUSE: u64 = 200;
+/// How long streams in flight get to finish after an idle connection's GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 
 /// rustls-over-glommio streams speak futures-io; the `h2` crate speaks tokio's I/O traits.
 struct Compat(ClientStream);
@@ -107,27 +112,43 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         }
     };
     let active = Rc::new(Cell::new(0usize));
+    let resets = Rc::new(Cell::new(0u64));
     let mut idle_since = Instant::now();
-    let mut going_away = false;
+    let mut going_away: Option<Instant> = None;
+    let drain = shard.config.runtime.drain_timeout;
     let reason = loop {
+        // once stopping, `closed()` stays ready: then only the timer paces this loop
+        let stopping = shard.is_closing();
         let tick = async {
-            futures_lite::future::or(glommio::timer::sleep(Duration::from_millis(500)), async {
-                shard.closed().await
-            })
-            .await;
+            if stopping || going_away.is_some() {
+                glommio::timer::sleep(Duration::from_millis(500)).await;
+            } else {
+                futures_lite::future::or(
+                    glommio::timer::sleep(Duration::from_millis(500)),
+                    async { shard.closed().await },
+                )
+                .await;
+            }
             None
         };
         let next = futures_lite::future::or(async { Some(conn.accept().await) }, tick).await;
         match next {
-            Some(Some(Ok((req, respond)))) => {
+            Some(Some(Ok((req, mut respond)))) => {
                 facts.requests += 1;
-                active.set(active.get() + 1);
-                let link = Link {
-                    shard: shard.clone(),
-                    facts: link_facts(&facts),
-                    active: active.clone(),
-                };
-                glommio::spawn_local(link.serve(req, respond)).detach();
+                if active.get() >= MAX_STREAMS as usize {
+                    // streams the client reset still hold their place until the request path
+                    // lets go of them: no more than MAX_STREAMS at once, whatever it cancels
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                } else {
+                    active.set(active.get() + 1);
+                    let link = Link {
+                        shard: shard.clone(),
+                        facts: link_facts(&facts),
+                        active: active.clone(),
+                        resets: resets.clone(),
+                    };
+                    glommio::spawn_local(link.serve(req, respond)).detach();
+                }
             }
             Some(Some(Err(e))) => {
                 shard.diag(
@@ -136,16 +157,60 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
                 );
                 break "error";
             }
-            Some(None) => break if going_away { "shutdown" } else { "client" },
+            Some(None) => {
+                break if going_away.is_some() {
+                    "shutdown"
+                } else {
+                    "client"
+                }
+            }
             None => {}
+        }
+        // Rapid reset (CVE-2023-44487): streams opened and cancelled in bulk cost the request
+        // path work each; a connection that cancels most of what it asks is cut.
+        let r = resets.get();
+        if r >= RESET_ABUSE && r * 2 >= facts.requests {
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            let vs = &shard.config.services[facts.vs_idx];
+            if vs.logging.security {
+                shard.log.security(&crate::log::SecurityRecord {
+                    client: facts.peer,
+                    service: &vs.name,
+                    event: "h2_rapid_reset",
+                    reason: "most streams reset by the client: connection closed",
+                    status: None,
+                    host: None,
+                    path: None,
+                });
+            }
+            break "abuse";
         }
         if active.get() > 0 {
             idle_since = Instant::now();
         }
-        if !going_away && (shard.is_closing() || idle_since.elapsed() >= idle) {
-            // GOAWAY: no new streams; those in flight finish, then accept() ends
-            conn.graceful_shutdown();
-            going_away = true;
+        match going_away {
+            None if shard.is_closing() || idle_since.elapsed() >= idle => {
+                // GOAWAY: no new streams; those in flight finish, then accept() ends
+                conn.graceful_shutdown();
+                going_away = Some(Instant::now());
+            }
+            // a client that never reads cannot take the GOAWAY: it does not hold the
+            // connection beyond a grace (the drain's, when stopping)
+            Some(t) => {
+                let grace = if shard.is_closing() {
+                    drain.saturating_sub(Duration::from_millis(250))
+                } else {
+                    GOAWAY_GRACE
+                };
+                if t.elapsed() >= grace {
+                    break if shard.is_closing() {
+                        "shutdown"
+                    } else {
+                        "idle_timeout"
+                    };
+                }
+            }
+            None => {}
         }
     };
     crate::client::closed(&shard, &facts, reason);
@@ -177,6 +242,8 @@ struct Link {
     shard: Rc<Shard>,
     facts: ConnFacts,
     active: Rc<Cell<usize>>,
+    /// Streams of this connection the client reset before their answer.
+    resets: Rc<Cell<u64>>,
 }
 
 impl Drop for Link {
@@ -216,9 +283,20 @@ impl Link {
             let _ = write!(head, "Host: {a}\r\n");
         }
         let has_length = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+        // HTTP/2 may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3)
+        let mut cookies = parts.headers.get_all(http::header::COOKIE).iter();
+        if let Some(first) = cookies.next() {
+            head.extend_from_slice(b"Cookie: ");
+            head.extend_from_slice(first.as_bytes());
+            for c in cookies {
+                head.extend_from_slice(b"; ");
+                head.extend_from_slice(c.as_bytes());
+            }
+            head.extend_from_slice(b"\r\n");
+        }
         for (name, value) in &parts.headers {
             let n = name.as_str();
-            if hop_by_hop(n) || (n == "host" && parts.uri.authority().is_some()) {
+            if hop_by_hop(n) || n == "cookie" || (n == "host" && parts.uri.authority().is_some()) {
                 continue;
             }
             head.extend_from_slice(n.as_bytes());
@@ -288,15 +366,31 @@ impl Link {
             std::future::pending::<Result<(), &'static str>>().await
         };
         let answer = relay_response(&mine, &mut respond, head_only);
-        if let Err(why) = futures_lite::future::or(send, answer).await {
-            shard.diag(
-                "HTTP/2 stream failed",
-                || tracing::info!(client = %self.facts.peer, "HTTP/2 stream ended early: {why}"),
-            );
-            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        match futures_lite::future::or(send, answer).await {
+            Ok(()) => {}
+            Err(CLIENT_RESET) => {
+                self.resets.set(self.resets.get() + 1);
+                // the stream keeps its place until the request path has let go of it
+                let mut sink = [0u8; 4096];
+                let mut r = &mine;
+                while let Ok(n) = r.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            Err(why) => {
+                shard.diag("HTTP/2 stream failed", || {
+                    tracing::info!(client = %self.facts.peer, "HTTP/2 stream ended early: {why}")
+                });
+                respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            }
         }
     }
 }
+
+/// Why a stream ended: the client reset it.
+const CLIENT_RESET: &str = "client reset the stream";
 
 fn status_only(status: u16) -> http::Response<()> {
     let mut r = http::Response::new(());
@@ -316,7 +410,16 @@ async fn relay_response(
         if buf.is_full() {
             return Err("response head too large");
         }
-        let n = r.read(buf.spare()).await.map_err(|_| "link read failed")?;
+        // waiting for the request path's answer, a client's reset of the stream ends it
+        let spare = buf.spare();
+        let n = futures_lite::future::or(
+            async { r.read(spare).await.map_err(|_| "link read failed") },
+            async {
+                let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                Err(CLIENT_RESET)
+            },
+        )
+        .await?;
         if n == 0 {
             return Err("no response");
         }
