@@ -35,6 +35,8 @@ const MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 const SKEW: Duration = Duration::from_secs(300);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: usize = 64 * 1024;
+/// How long a status without nextUpdate stays stapled.
+const NO_NEXT_UPDATE: Duration = Duration::from_secs(24 * 3600);
 
 /// One certificate whose status is stapled.
 pub struct Entry {
@@ -64,7 +66,8 @@ impl Entry {
         ck.ocsp = Some(der);
         self.stapled.store(Some(Arc::new(ck)));
         if let Ok(mut x) = self.expires.lock() {
-            *x = next;
+            // a status with no nextUpdate is not served for ever: a day at most
+            *x = Some(next.unwrap_or(this + NO_NEXT_UPDATE));
         }
         let half = next
             .and_then(|n| n.duration_since(this).ok())
@@ -138,15 +141,26 @@ pub fn register(
             return Err(format!("OCSP responder {u}: only http:// responders are supported (OCSP is signed; set ocsp_response_file for another scheme)"));
         }
     }
-    let key = [
-        leaf_der.as_ref(),
-        &[0],
+    // the whole chain (a re-issued intermediate is another entry, with its own chain) and
+    // the file
+    let mut key: Vec<u8> = chain
+        .iter()
+        .flat_map(|c| c.as_ref().iter().copied())
+        .collect();
+    key.push(0);
+    key.extend_from_slice(
         file.as_ref()
             .map_or(&b""[..], |f| f.as_os_str().as_encoded_bytes()),
-    ]
-    .concat();
+    );
     let mut reg = registry().lock().map_err(|_| "OCSP registry poisoned")?;
     if let Some(e) = reg.get(&key) {
+        if e.file.is_some() {
+            // a reload reads the operator's file again: a bad one refuses the reload
+            let now = SystemTime::now();
+            let der = fetch(e)?;
+            let (this, next) = verify(&der, &e.leaf, &e.issuer, now)?;
+            e.install(der, this, next, now);
+        }
         return Ok(e.stapled.clone());
     }
     let entry = Arc::new(Entry {
@@ -321,24 +335,56 @@ fn http_post(url: &str, body: &[u8]) -> Result<Vec<u8>, String> {
     s.write_all(head.as_bytes())
         .and_then(|_| s.write_all(body))
         .map_err(|e| format!("{url}: {e}"))?;
+    // one deadline for the whole answer: a responder trickling bytes must not hold the
+    // thread (and every other certificate's refresh) for long
+    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
     let mut resp = Vec::new();
-    s.take(MAX_RESPONSE as u64 + 4096)
-        .read_to_end(&mut resp)
-        .map_err(|e| format!("{url}: {e}"))?;
-    let mut hdrs = [httparse::EMPTY_HEADER; 32];
-    let mut r = httparse::Response::new(&mut hdrs);
-    let n = match r.parse(&resp) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err(format!("{url}: not an HTTP response")),
-    };
-    if r.code != Some(200) {
-        return Err(format!("{url}: HTTP status {}", r.code.unwrap_or(0)));
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("{url}: no whole answer within {FETCH_TIMEOUT:?}"));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        let n = s.read(&mut chunk).map_err(|e| format!("{url}: {e}"))?;
+        resp.extend_from_slice(&chunk[..n]);
+        if resp.len() > MAX_RESPONSE + 4096 {
+            return Err(format!("{url}: response too large"));
+        }
+        let mut hdrs = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut hdrs);
+        let head = match r.parse(&resp) {
+            Ok(httparse::Status::Complete(h)) => Some(h),
+            Ok(httparse::Status::Partial) => None,
+            Err(_) => return Err(format!("{url}: not an HTTP response")),
+        };
+        if let Some(h) = head {
+            if r.code != Some(200) {
+                return Err(format!("{url}: HTTP status {}", r.code.unwrap_or(0)));
+            }
+            let length = r
+                .headers
+                .iter()
+                .find(|x| x.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|x| {
+                    std::str::from_utf8(x.value)
+                        .ok()?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                });
+            match length {
+                Some(l) if l > MAX_RESPONSE => return Err(format!("{url}: response too large")),
+                // whole by its length: no need to wait for the responder to close
+                Some(l) if resp.len() >= h + l => return Ok(resp[h..h + l].to_vec()),
+                None if n == 0 => return Ok(resp[h..].to_vec()),
+                _ => {}
+            }
+        }
+        if n == 0 {
+            return Err(format!("{url}: the answer was cut short"));
+        }
     }
-    let body = &resp[n..];
-    if body.len() > MAX_RESPONSE {
-        return Err(format!("{url}: response too large"));
-    }
-    Ok(body.to_vec())
 }
 
 /// The raw bytes of the first element inside the DER SEQUENCE `outer` (what a signature
@@ -480,6 +526,12 @@ pub fn verify(
             });
         if !ocsp_signing {
             return Err("the responder certificate is not for OCSP signing".into());
+        }
+        let validity = &delegated.tbs_certificate.validity;
+        if validity.not_before.to_system_time() > now + SKEW
+            || validity.not_after.to_system_time() <= now
+        {
+            return Err("the responder certificate is not valid now".into());
         }
         delegated.tbs_certificate.subject_public_key_info.clone()
     };

@@ -282,10 +282,21 @@ fn an_operators_response_file_and_refusals() {
         dir.join("good.der").display()
     );
     let (cfg, listen, admin) = service(&dir, "good", &extra);
-    let _p = start(&cfg, admin);
+    let p = start(&cfg, admin);
     wait_until(Duration::from_secs(10), "the file's status stapled", || {
         staple(listen) == "good"
     });
+    // a reload reads the file again: garbage there refuses the reload, the status stays
+    let good = std::fs::read(dir.join("good.der")).unwrap();
+    std::fs::write(dir.join("good.der"), b"garbage").unwrap();
+    p.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload refused", || {
+        metrics(admin)
+            .get("edgeshard_config_reloads_total{result=\"error\"}")
+            .is_some_and(|v| *v >= 1.0)
+    });
+    assert_eq!(staple(listen), "good");
+    std::fs::write(dir.join("good.der"), good).unwrap();
     // refused at load: a file that is not a response for this certificate, a chain with no
     // issuer to check it against
     std::fs::write(dir.join("junk.der"), b"not DER").unwrap();
