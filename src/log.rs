@@ -284,6 +284,8 @@ pub struct AccessRecord<'a> {
     pub real_server: Option<&'a str>,
     pub duration: Duration,
     pub tls: Option<&'a str>,
+    /// "HTTP/1.1" (HTTP/1.0 included) or "HTTP/2": what the client spoke.
+    pub protocol: &'a str,
 }
 
 /// A refused request or a failed handshake, for the security log.
@@ -479,6 +481,7 @@ impl AccessRecord<'_> {
             .opt("real_server", self.real_server.map(str::as_bytes))
             .num("duration_ms", ms(self.duration))
             .opt("tls", self.tls.map(str::as_bytes))
+            .str("protocol", self.protocol.as_bytes())
             .end();
     }
 }
@@ -549,6 +552,7 @@ mod tests {
             real_server: Some("10.0.0.1:80"),
             duration: Duration::from_micros(1500),
             tls: Some("TLSv1.3"),
+            protocol: "HTTP/1.1",
         };
         let mut out = Vec::new();
         r.write(&mut out, true);

@@ -218,6 +218,7 @@ fn streams_take_the_same_request_path() {
         log(&s, "access.log")
             .iter()
             .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/many/")))
+            .filter(|r| r["protocol"] == "HTTP/2")
             .count()
             == 40
     });

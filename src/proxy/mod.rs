@@ -159,6 +159,7 @@ impl Conn<'_> {
                 real_server: server.map(|s| self.shard.server(s).name.as_str()),
                 duration: elapsed,
                 tls: self.f.tls,
+                protocol: if self.f.bridged { "HTTP/2" } else { "HTTP/1.1" },
             });
         }
     }
