@@ -333,3 +333,57 @@ fn sigterm_lets_streams_in_flight_finish_then_exits() {
         t.elapsed()
     );
 }
+
+/// Rapid reset (CVE-2023-44487): streams opened and cancelled in bulk on one connection; the
+/// connection is cut with ENHANCE_YOUR_CALM, the origin sees a bounded number of them, and the
+/// service goes on serving others.
+#[test]
+fn a_rapid_reset_flood_is_cut_and_bounded() {
+    let s = setup("");
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/h2/rapid_reset.py"
+        ))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+            "2000",
+        ])
+        .output()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 0xb: ENHANCE_YOUR_CALM
+    assert!(
+        text.contains("goaway=11"),
+        "cut with ENHANCE_YOUR_CALM: {text}"
+    );
+    let sent: usize = text
+        .split("sent=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(sent < 2000, "cut before the flood ended: {text}");
+    let slow =
+        s.o.requests()
+            .iter()
+            .filter(|r| r.request_line.starts_with("GET /slow "))
+            .count();
+    assert!(
+        slow <= 300,
+        "a bounded number reached the origin: {slow} of {sent}"
+    );
+    // others are still served
+    let code = curl(
+        &s,
+        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/after")],
+        None,
+    );
+    assert_eq!(code, "200");
+}

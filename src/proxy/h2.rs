@@ -171,6 +171,14 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         let r = resets.get();
         if r >= RESET_ABUSE && r * 2 >= facts.requests {
             conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            // driven a little longer so that the GOAWAY goes out
+            let _ = crate::io::timeout(Duration::from_secs(1), async {
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+                Ok(())
+            })
+            .await;
             let vs = &shard.config.services[facts.vs_idx];
             if vs.logging.security {
                 shard.log.security(&crate::log::SecurityRecord {
