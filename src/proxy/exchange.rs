@@ -28,6 +28,16 @@ pub(super) struct Retry {
     pub(super) default_host: Option<std::ops::Range<usize>>,
 }
 
+impl Retry {
+    /// Time for the next connect: the connect timeout, within what is left for retries.
+    pub(super) fn budget(&self, vs: &VirtualService) -> Duration {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .min(vs.connect_timeout)
+            .max(Duration::from_millis(1))
+    }
+}
+
 /// Servers tried for one request, at most `retries` + 1 (config caps retries at 10).
 pub(super) struct Tried {
     ids: [ServerId; 11],
@@ -136,12 +146,14 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let mut up = match pooled {
             Some(c) => c,
             None => {
-                let budget = retry
-                    .deadline
-                    .saturating_duration_since(Instant::now())
-                    .min(vs.connect_timeout)
-                    .max(Duration::from_millis(1));
-                match connect(server, rs.address, budget, shard.upstream_tls(server)).await {
+                match connect(
+                    server,
+                    rs.address,
+                    retry.budget(vs),
+                    shard.upstream_tls(server),
+                )
+                .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         let c = &shard.metrics.servers[server.0].connect_errors;

@@ -102,12 +102,14 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
     let (mut up, _lease) = loop {
         let rs = shard.server(server);
         let lease = shard.load.lease(server, rs.connection_limit);
-        let budget = retry
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .min(vs.connect_timeout)
-            .max(Duration::from_millis(1));
-        match connect(server, rs.address, budget, shard.upstream_tls(server)).await {
+        match connect(
+            server,
+            rs.address,
+            retry.budget(vs),
+            shard.upstream_tls(server),
+        )
+        .await
+        {
             Ok(c) => break (c, lease),
             Err(e) => {
                 let c = &shard.metrics.servers[server.0].connect_errors;
