@@ -68,6 +68,14 @@ fn a_stderr_nobody_reads_never_stalls_a_shard() {
     );
     // stderr is a pipe we hold and never read, shrunk to one page so it fills at once
     let (mut child, _dir) = spawn(&cfg, listen, Stdio::piped(), &[("RUST_LOG", "debug")]);
+    // killed even when an assertion fails first (a leaked proxy would outlive the test run)
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(child.id() as i32);
     let pipe = child.stderr.take().unwrap();
     unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
     // a flood of refusals of many kinds (each kind logs at most 5 lines a second per shard),
