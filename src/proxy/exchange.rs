@@ -85,6 +85,31 @@ pub(super) fn next_server(
     Some(next)
 }
 
+/// Connecting to `server` failed (nothing was sent): counted, passive health told; the next
+/// real server to try (the retry logged), or the error the client gets when none is left.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn connect_failed(
+    shard: &Shard,
+    vs: &VirtualService,
+    retry: &mut Retry,
+    tried: &mut Tried,
+    server: ServerId,
+    e: ConnectError,
+    req_out: &mut Vec<u8>,
+    set_cookie: &mut Vec<u8>,
+) -> Result<ServerId, ProxyError> {
+    let rs = shard.server(server);
+    let c = &shard.metrics.servers[server.0].connect_errors;
+    c.set(c.get() + 1);
+    shard.upstream_failed(server);
+    let err = connect_error(shard, rs, e).at(server);
+    let next = next_server(shard, vs, retry, tried, server, req_out, set_cookie).ok_or(err)?;
+    shard.diag(err.reason, || {
+        tracing::warn!(service = %vs.name, real_server = %rs.name, "{}: retrying on {}", err.reason, shard.server(next).name)
+    });
+    Ok(next)
+}
+
 /// The response a failed connect stands for.
 pub(super) fn connect_error(
     shard: &Shard,
@@ -156,23 +181,11 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 {
                     Ok(c) => c,
                     Err(e) => {
-                        let c = &shard.metrics.servers[server.0].connect_errors;
-                        c.set(c.get() + 1);
-                        shard.upstream_failed(server);
-                        let err = connect_error(shard, rs, e).at(server);
-                        match next_server(
-                            shard, vs, &mut retry, &mut tried, server, req_out, set_cookie,
-                        ) {
-                            Some(next) => {
-                                shard.diag(err.reason, || {
-                                    tracing::warn!(service = %vs.name, real_server = %rs.name, "{}: retrying on {}", err.reason, shard.server(next).name)
-                                });
-                                server = next;
-                                fresh_only = false;
-                                continue;
-                            }
-                            None => return Err(err),
-                        }
+                        server = connect_failed(
+                            shard, vs, &mut retry, &mut tried, server, e, req_out, set_cookie,
+                        )?;
+                        fresh_only = false;
+                        continue;
                     }
                 }
             }

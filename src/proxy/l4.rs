@@ -112,28 +112,20 @@ pub async fn serve(shard: Rc<Shard>, mut client: Client) {
         {
             Ok(c) => break (c, lease),
             Err(e) => {
-                let c = &shard.metrics.servers[server.0].connect_errors;
-                c.set(c.get() + 1);
-                shard.upstream_failed(server);
-                let err = connect_error(&shard, rs, e);
                 drop(lease);
                 let (mut no_head, mut no_cookie) = (Vec::new(), Vec::new());
-                match next_server(
+                match connect_failed(
                     &shard,
                     vs,
                     &mut retry,
                     &mut tried,
                     server,
+                    e,
                     &mut no_head,
                     &mut no_cookie,
                 ) {
-                    Some(next) => {
-                        shard.diag(err.reason, || {
-                            tracing::warn!(service = %vs.name, real_server = %rs.name, "{}: retrying on {}", err.reason, shard.server(next).name)
-                        });
-                        server = next;
-                    }
-                    None => {
+                    Ok(next) => server = next,
+                    Err(err) => {
                         shard.diag(err.reason, || {
                             tracing::warn!(service = %vs.name, real_server = %rs.name, phase = err.phase.unwrap_or("connect"), client = %peer, "{}: connection closed", err.reason)
                         });
