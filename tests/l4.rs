@@ -232,6 +232,11 @@ fn idle_timeout_counts_and_source_ip_persistence() {
             .sum::<u64>()
             == 6
     });
+    // the proxy counts a tunnel once the kernel completed the connect; the origins'
+    // accept threads may still be catching up
+    wait_until(Duration::from_secs(5), "six tunnels at the origins", || {
+        a.conns().len() + b.conns().len() == 6
+    });
     // source-IP persistence: every connection from 127.0.0.1 went to one server
     let (na, nb) = (a.conns().len(), b.conns().len());
     assert!((na, nb) == (6, 0) || (na, nb) == (0, 6), "A {na} B {nb}");
