@@ -67,6 +67,12 @@ pub async fn respond_and_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, res
     {
         return;
     }
+    linger(s).await;
+}
+
+/// Close our side, then read and drop what the peer is still sending (bounded): closing with
+/// unread data makes the kernel send a reset, which can destroy our last words in flight.
+pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     let _ = timeout(Duration::from_secs(1), s.close()).await;
     let deadline = Instant::now() + Duration::from_millis(500);
     // on the heap: this rare path must not grow every connection's task

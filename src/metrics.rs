@@ -41,6 +41,12 @@ pub struct ServiceCounters {
     pub access_refusals: Cell<u64>,
     /// Requests waiting for room under connection limits now.
     pub queued: Cell<u64>,
+    /// Of `requests`, those that came as HTTP/2 streams.
+    pub h2_requests: Cell<u64>,
+    /// HTTP/2 connections accepted (ALPN h2).
+    pub h2_connections: Cell<u64>,
+    /// HTTP/2 connections closed for abuse, by `h2flood::Abuse::ALL` order.
+    pub h2_abuse: [Cell<u64>; 8],
 }
 
 #[derive(Default)]
@@ -81,6 +87,8 @@ impl ServiceCounters {
             &self.tls_failures,
             &self.access_refusals,
             &self.queued,
+            &self.h2_requests,
+            &self.h2_connections,
         ] {
             c.set(0);
         }
@@ -89,6 +97,7 @@ impl ServiceCounters {
             .iter()
             .chain(&self.esp_refusals)
             .chain(&self.limit_refusals)
+            .chain(&self.h2_abuse)
         {
             c.set(0);
         }
@@ -160,15 +169,18 @@ impl ShardMetrics {
     pub fn request(
         &self,
         vs: usize,
+        h2: bool,
         server: Option<usize>,
         status: u16,
-        bytes_in: u64,
-        bytes_out: u64,
+        (bytes_in, bytes_out): (u64, u64),
         micros: u64,
     ) {
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         if let Some(s) = self.services.get(vs) {
             bump(&s.requests, 1);
+            if h2 {
+                bump(&s.h2_requests, 1);
+            }
             bump(&s.responses[class], 1);
             bump(&s.bytes_in, bytes_in);
             bump(&s.bytes_out, bytes_out);
@@ -218,6 +230,9 @@ impl ShardMetrics {
                     esp_refusals: s.esp_refusals.each_ref().map(get),
                     limit_refusals: s.limit_refusals.each_ref().map(get),
                     access_refusals: s.access_refusals.get(),
+                    h2_requests: s.h2_requests.get(),
+                    h2_connections: s.h2_connections.get(),
+                    h2_abuse: s.h2_abuse.each_ref().map(get),
                     latency: h.borrow().clone().unwrap_or_else(histogram),
                 })
                 .collect(),
@@ -280,6 +295,9 @@ pub struct ServiceSnap {
     pub esp_refusals: [u64; 5],
     pub limit_refusals: [u64; 5],
     pub access_refusals: u64,
+    pub h2_requests: u64,
+    pub h2_connections: u64,
+    pub h2_abuse: [u64; 8],
     pub latency: Histogram<u64>,
 }
 
@@ -336,6 +354,11 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             add5(&mut m.esp_refusals, &v.esp_refusals);
             add5(&mut m.limit_refusals, &v.limit_refusals);
             m.access_refusals += v.access_refusals;
+            m.h2_requests += v.h2_requests;
+            m.h2_connections += v.h2_connections;
+            for (x, y) in m.h2_abuse.iter_mut().zip(&v.h2_abuse) {
+                *x += y;
+            }
             let _ = m.latency.add(&v.latency);
         }
         for (i, v) in s.servers.iter().enumerate() {
@@ -380,16 +403,51 @@ pub fn prometheus(
         &mut o,
         "edgeshard_requests_total",
         "counter",
-        "Requests answered, per virtual service.",
+        "Requests answered, per virtual service and client protocol.",
     );
     for vs in &cfg.services {
-        let i = vs.slot;
-        let v = m.services.get(i).map(|s| s.requests).unwrap_or(0);
+        let (all, h2) = m
+            .services
+            .get(vs.slot)
+            .map_or((0, 0), |s| (s.requests, s.h2_requests));
+        for (protocol, v) in [("http/1.1", all.saturating_sub(h2)), ("h2", h2)] {
+            let _ = writeln!(
+                o,
+                "edgeshard_requests_total{{service=\"{}\",protocol=\"{protocol}\"}} {v}",
+                esc(&vs.name)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "edgeshard_h2_connections_total",
+        "counter",
+        "HTTP/2 client connections (ALPN h2), per virtual service.",
+    );
+    for vs in &cfg.services {
+        let v = m.services.get(vs.slot).map_or(0, |s| s.h2_connections);
         let _ = writeln!(
             o,
-            "edgeshard_requests_total{{service=\"{}\"}} {v}",
+            "edgeshard_h2_connections_total{{service=\"{}\"}} {v}",
             esc(&vs.name)
         );
+    }
+    family(
+        &mut o,
+        "edgeshard_h2_abuse_total",
+        "counter",
+        "HTTP/2 connections closed for abuse (floods, rapid reset, protocol errors), by kind.",
+    );
+    for vs in &cfg.services {
+        for a in crate::proxy::h2flood::Abuse::ALL {
+            let v = m.services.get(vs.slot).map_or(0, |s| s.h2_abuse[a.index()]);
+            let _ = writeln!(
+                o,
+                "edgeshard_h2_abuse_total{{service=\"{}\",kind=\"{}\"}} {v}",
+                esc(&vs.name),
+                a.label()
+            );
+        }
     }
     family(
         &mut o,

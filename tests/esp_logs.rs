@@ -361,7 +361,7 @@ fn metrics_parse_and_match_the_traffic() {
     let mut m = HashMap::new();
     wait_until(Duration::from_secs(5), "every request counted", || {
         m = metrics(admin);
-        m.get("edgeshard_requests_total{service=\"web\"}") == Some(&40.0)
+        m.get("edgeshard_requests_total{service=\"web\",protocol=\"http/1.1\"}") == Some(&40.0)
     });
     assert_eq!(
         m["edgeshard_responses_total{service=\"web\",class=\"2xx\"}"],

@@ -51,6 +51,7 @@ fn origin() -> Origin {
 struct Setup {
     p: Proxy,
     listen: SocketAddr,
+    admin: SocketAddr,
     o: Origin,
     ca_file: std::path::PathBuf,
 }
@@ -76,6 +77,7 @@ fn setup(extra_tls: &str) -> Setup {
     Setup {
         p,
         listen,
+        admin,
         o,
         ca_file,
     }
@@ -379,6 +381,10 @@ fn a_rapid_reset_flood_is_cut_and_bounded() {
         slow <= 300,
         "a bounded number reached the origin: {slow} of {sent}"
     );
+    wait_until(Duration::from_secs(5), "the rapid reset counted", || {
+        metrics(s.admin).get("edgeshard_h2_abuse_total{service=\"web\",kind=\"rapid_reset\"}")
+            == Some(&1.0)
+    });
     // others are still served
     let code = curl(
         &s,
@@ -386,4 +392,95 @@ fn a_rapid_reset_flood_is_cut_and_bounded() {
         None,
     );
     assert_eq!(code, "200");
+}
+
+/// Run tests/h2/flood.py: `KIND` frames, up to `n`, on one connection.
+fn flood(s: &Setup, kind: &str, n: usize) -> String {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/flood.py"))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+            kind,
+            &n.to_string(),
+        ])
+        .output()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{kind}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn control_frame_floods_are_cut_counted_and_logged() {
+    let s = setup("");
+    let kinds = [
+        ("ping", "ping_flood"),
+        ("settings", "settings_flood"),
+        ("window_update", "window_update_flood"),
+        ("priority", "priority_flood"),
+        ("empty_data", "empty_frames"),
+        ("continuation", "continuation_flood"),
+    ];
+    for (kind, label) in kinds {
+        let text = flood(&s, kind, 20_000);
+        // 0xb: ENHANCE_YOUR_CALM, long before the flood's end
+        assert!(text.contains("goaway=11"), "{kind}: {text}");
+        let sent: usize = text
+            .split("sent=")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        assert!(sent < 20_000, "{kind} cut early: {text}");
+        let key = format!("edgeshard_h2_abuse_total{{service=\"web\",kind=\"{label}\"}}");
+        wait_until(Duration::from_secs(5), &format!("{label} counted"), || {
+            metrics(s.admin).get(&key) == Some(&1.0)
+        });
+    }
+    // as many pings as the budget allows are answered, and nothing more happens (51 ACKs:
+    // the 50 pongs and the one for the client's own SETTINGS)
+    let text = flood(&s, "ping", 50);
+    assert!(
+        text.contains("goaway=None") && text.contains("acks=51"),
+        "{text}"
+    );
+    wait_until(Duration::from_secs(5), "six floods logged", || {
+        let events: Vec<String> = log(&s, "sec.log")
+            .iter()
+            .filter_map(|r| r["event"].as_str().map(String::from))
+            .filter(|e| e.starts_with("h2_"))
+            .collect();
+        kinds
+            .iter()
+            .all(|(_, label)| events.iter().filter(|e| e[3..] == **label).count() == 1)
+    });
+    // no request of a flood reached the origin; others are still served, as HTTP/2
+    assert!(s.o.requests().is_empty(), "{:?}", s.o.requests().len());
+    let code = curl(
+        &s,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            &url(&s, "/after"),
+        ],
+        None,
+    );
+    assert_eq!(code, "200 2");
+    let m = metrics(s.admin);
+    assert_eq!(
+        m["edgeshard_requests_total{service=\"web\",protocol=\"h2\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["edgeshard_requests_total{service=\"web\",protocol=\"http/1.1\"}"],
+        0.0
+    );
+    assert_eq!(m["edgeshard_h2_connections_total{service=\"web\"}"], 8.0);
 }

@@ -8,6 +8,7 @@
 //! body (chunked when the client gave no length), and the HTTP/1.1 response back to HEADERS
 //! and DATA under HTTP/2 flow control.
 
+use super::h2flood::{Abuse, Meter};
 use crate::client::{Client, ClientStream, ConnFacts};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::parse::{parse_response, Method as H1Method};
@@ -17,7 +18,7 @@ use crate::shard::accept::ClientGuard;
 use crate::shard::Shard;
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::io::Write as _;
 use std::pin::Pin;
@@ -43,7 +44,9 @@ const RESET_ABUSE: u64 = 200;
 const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 
 /// rustls-over-glommio streams speak futures-io; the `h2` crate speaks tokio's I/O traits.
-struct Compat(ClientStream);
+/// The bytes going by are shown to the flood meter. The stream is shared so that it outlives
+/// the h2 connection for a lingering close.
+struct Compat(Rc<RefCell<ClientStream>>, Rc<Meter>);
 
 impl tokio::io::AsyncRead for Compat {
     fn poll_read(
@@ -51,9 +54,16 @@ impl tokio::io::AsyncRead for Compat {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.1.tripped().is_some() {
+            // an abuser's further frames are not read: the connection is being closed
+            return Poll::Pending;
+        }
         let dst = buf.initialize_unfilled();
-        match futures_lite::AsyncRead::poll_read(Pin::new(&mut self.get_mut().0), cx, dst) {
+        let mut io = this.0.borrow_mut();
+        match futures_lite::AsyncRead::poll_read(Pin::new(&mut *io), cx, dst) {
             Poll::Ready(Ok(n)) => {
+                this.1.received(&dst[..n]);
                 buf.advance(n);
                 Poll::Ready(Ok(()))
             }
@@ -69,13 +79,18 @@ impl tokio::io::AsyncWrite for Compat {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        futures_lite::AsyncWrite::poll_write(Pin::new(&mut self.get_mut().0), cx, buf)
+        let this = self.get_mut();
+        let r = futures_lite::AsyncWrite::poll_write(Pin::new(&mut *this.0.borrow_mut()), cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.1.sent(&buf[..n]);
+        }
+        r
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_lite::AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().0), cx)
+        futures_lite::AsyncWrite::poll_flush(Pin::new(&mut *self.0.borrow_mut()), cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_lite::AsyncWrite::poll_close(Pin::new(&mut self.get_mut().0), cx)
+        futures_lite::AsyncWrite::poll_close(Pin::new(&mut *self.0.borrow_mut()), cx)
     }
 }
 
@@ -97,9 +112,14 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         .initial_connection_window_size(CONN_WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
         .max_header_list_size(head_limit as u32);
+    let meter = Rc::new(Meter::new());
+    let io = Rc::new(RefCell::new(stream));
+    if let Some(c) = shard.metrics.services.get(facts.vs_slot) {
+        c.h2_connections.set(c.h2_connections.get() + 1);
+    }
     let handshake = crate::io::timeout(vs.request_timeout, async {
         builder
-            .handshake::<_, Bytes>(Compat(stream))
+            .handshake::<_, Bytes>(Compat(io.clone(), meter.clone()))
             .await
             .map_err(io::Error::other)
     });
@@ -131,9 +151,17 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             }
             None
         };
-        let next = futures_lite::future::or(async { Some(conn.accept().await) }, tick).await;
+        let abuse = async {
+            let a = std::future::poll_fn(|cx| meter.poll_tripped(cx)).await;
+            Some(Err(a))
+        };
+        let next = futures_lite::future::or(
+            async { Some(Ok(conn.accept().await)) },
+            futures_lite::future::or(abuse, tick),
+        )
+        .await;
         match next {
-            Some(Some(Ok((req, mut respond)))) => {
+            Some(Ok(Some(Ok((req, mut respond))))) => {
                 facts.requests += 1;
                 if active.get() >= MAX_STREAMS as usize {
                     // streams the client reset still hold their place until the request path
@@ -150,14 +178,38 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
                     glommio::spawn_local(link.serve(req, respond)).detach();
                 }
             }
-            Some(Some(Err(e))) => {
+            Some(Ok(Some(Err(e)))) => {
                 shard.diag(
                     "HTTP/2 connection error",
                     || tracing::info!(client = %facts.peer, "HTTP/2 connection error: {e}"),
                 );
+                // the h2 layer found the client at fault and sent its GOAWAY itself
+                if e.is_go_away() && !e.is_remote() {
+                    let kind = match e.reason() {
+                        Some(h2::Reason::ENHANCE_YOUR_CALM) => Some(meter.calm_cause()),
+                        Some(h2::Reason::NO_ERROR) | None => None,
+                        Some(_) => Some(Abuse::ProtocolError),
+                    };
+                    if let Some(kind) = kind {
+                        record_abuse(&shard, &facts, kind);
+                    }
+                }
                 break "error";
             }
-            Some(None) => {
+            Some(Err(kind)) => {
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                // driven a little longer so that the GOAWAY goes out
+                let _ = crate::io::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                    Ok(())
+                })
+                .await;
+                record_abuse(&shard, &facts, kind);
+                break "abuse";
+            }
+            Some(Ok(None)) => {
                 break if going_away.is_some() {
                     "shutdown"
                 } else {
@@ -170,28 +222,8 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         // path work each; a connection that cancels most of what it asks is cut.
         let r = resets.get();
         if r >= RESET_ABUSE && r * 2 >= facts.requests {
-            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-            // driven a little longer so that the GOAWAY goes out
-            let _ = crate::io::timeout(Duration::from_secs(1), async {
-                while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                }
-                Ok(())
-            })
-            .await;
-            let vs = &shard.config.services[facts.vs_idx];
-            if vs.logging.security {
-                shard.log.security(&crate::log::SecurityRecord {
-                    client: facts.peer,
-                    service: &vs.name,
-                    event: "h2_rapid_reset",
-                    reason: "most streams reset by the client: connection closed",
-                    status: None,
-                    host: None,
-                    path: None,
-                });
-            }
-            break "abuse";
+            meter.trip(Abuse::RapidReset);
+            continue;
         }
         if active.get() > 0 {
             idle_since = Instant::now();
@@ -221,8 +253,36 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             None => {}
         }
     };
+    if reason == "abuse" || reason == "error" {
+        // frames still in flight from the client would turn our close into a reset that
+        // overtakes the GOAWAY
+        drop(conn);
+        if let Ok(io) = Rc::try_unwrap(io) {
+            crate::io::linger(&mut io.into_inner()).await;
+        }
+    }
     crate::client::closed(&shard, &facts, reason);
     drop(guard);
+}
+
+/// An abusive connection: counted, and a security record.
+fn record_abuse(shard: &Shard, facts: &ConnFacts, kind: Abuse) {
+    if let Some(c) = shard.metrics.services.get(facts.vs_slot) {
+        let n = &c.h2_abuse[kind.index()];
+        n.set(n.get() + 1);
+    }
+    let vs = &shard.config.services[facts.vs_idx];
+    if vs.logging.security {
+        shard.log.security(&crate::log::SecurityRecord {
+            client: facts.peer,
+            service: &vs.name,
+            event: kind.event(),
+            reason: kind.reason(),
+            status: None,
+            host: None,
+            path: None,
+        });
+    }
 }
 
 /// A stream's link facts: the connection's client, service and TLS, as a connection of its

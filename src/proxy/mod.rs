@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 mod exchange;
 pub mod h2;
+pub mod h2flood;
 mod head;
 pub mod l4;
 mod route;
@@ -135,10 +136,10 @@ impl Conn<'_> {
         let m = &self.shard.metrics;
         m.request(
             self.f.vs_slot,
+            self.f.bridged,
             server.map(|s| s.0),
             status,
-            bytes_in,
-            bytes_out,
+            (bytes_in, bytes_out),
             elapsed.as_micros() as u64,
         );
         if self.vs.logging.user_access {

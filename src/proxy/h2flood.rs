@@ -1,0 +1,455 @@
+//! HTTP/2 flood accounting, beside the `h2` crate (which parses every frame itself).
+//!
+//! The crate answers each PING and SETTINGS and applies each WINDOW_UPDATE, PRIORITY and empty
+//! frame, but never tells its user about them: a client can keep a shard busy with frames that
+//! ask for work and carry no request (CVE-2019-9512, -9515, -9518). This meter only follows
+//! the frame boundaries of the bytes going by (the 9-byte headers; payloads are skipped, never
+//! decoded) and keeps a budget per kind of frame that does no useful work. A connection that
+//! spends one is closed with ENHANCE_YOUR_CALM and counted, as HAProxy and nginx do.
+
+use std::cell::{Cell, RefCell};
+use std::task::Waker;
+use std::time::Instant;
+
+/// What a connection abused, in the order of the `edgeshard_h2_abuse_total` kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abuse {
+    RapidReset,
+    Ping,
+    Settings,
+    WindowUpdate,
+    Priority,
+    EmptyFrames,
+    Continuation,
+    ProtocolError,
+}
+
+impl Abuse {
+    pub const ALL: [Abuse; 8] = [
+        Abuse::RapidReset,
+        Abuse::Ping,
+        Abuse::Settings,
+        Abuse::WindowUpdate,
+        Abuse::Priority,
+        Abuse::EmptyFrames,
+        Abuse::Continuation,
+        Abuse::ProtocolError,
+    ];
+
+    /// The metric label and security-log event suffix.
+    pub fn label(self) -> &'static str {
+        match self {
+            Abuse::RapidReset => "rapid_reset",
+            Abuse::Ping => "ping_flood",
+            Abuse::Settings => "settings_flood",
+            Abuse::WindowUpdate => "window_update_flood",
+            Abuse::Priority => "priority_flood",
+            Abuse::EmptyFrames => "empty_frames",
+            Abuse::Continuation => "continuation_flood",
+            Abuse::ProtocolError => "protocol_error",
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Abuse::RapidReset => "most streams reset by the client: connection closed",
+            Abuse::Ping => "PING frames beyond the budget: connection closed",
+            Abuse::Settings => "SETTINGS frames beyond the budget: connection closed",
+            Abuse::WindowUpdate => {
+                "WINDOW_UPDATE frames beyond what the data sent explains: connection closed"
+            }
+            Abuse::Priority => "PRIORITY frames beyond the budget: connection closed",
+            Abuse::EmptyFrames => {
+                "empty DATA/CONTINUATION frames beyond the budget: connection closed"
+            }
+            Abuse::Continuation => {
+                "a header block in too many CONTINUATION frames: connection closed"
+            }
+            Abuse::ProtocolError => "HTTP/2 protocol error: connection closed by the h2 layer",
+        }
+    }
+
+    /// The security-log event.
+    pub fn event(self) -> &'static str {
+        match self {
+            Abuse::RapidReset => "h2_rapid_reset",
+            Abuse::Ping => "h2_ping_flood",
+            Abuse::Settings => "h2_settings_flood",
+            Abuse::WindowUpdate => "h2_window_update_flood",
+            Abuse::Priority => "h2_priority_flood",
+            Abuse::EmptyFrames => "h2_empty_frames",
+            Abuse::Continuation => "h2_continuation_flood",
+            Abuse::ProtocolError => "h2_protocol_error",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const PRIORITY: u8 = 2;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const WINDOW_UPDATE: u8 = 8;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// The client connection preface that precedes its first frame.
+const PREFACE_LEN: usize = 24;
+/// CONTINUATION frames one header block may take (the h2 crate bounds the block's size; this
+/// bounds the frame count, so tiny frames cannot make a large one expensive).
+const MAX_CONTINUATIONS: u32 = 64;
+
+/// One frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub len: u32,
+}
+
+/// Follows frame boundaries across reads of any size.
+#[derive(Debug)]
+pub struct Scanner {
+    preface_left: usize,
+    head: [u8; 9],
+    head_len: usize,
+    skip: usize,
+}
+
+impl Scanner {
+    /// A client's byte stream (it starts with the preface).
+    pub fn client() -> Scanner {
+        Scanner {
+            preface_left: PREFACE_LEN,
+            head: [0; 9],
+            head_len: 0,
+            skip: 0,
+        }
+    }
+
+    /// A server's byte stream (frames from the first byte).
+    pub fn server() -> Scanner {
+        Scanner {
+            preface_left: 0,
+            ..Scanner::client()
+        }
+    }
+
+    pub fn scan(&mut self, mut data: &[u8], mut on_frame: impl FnMut(Frame)) {
+        while !data.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(data.len());
+                self.preface_left -= n;
+                data = &data[n..];
+            } else if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+            } else {
+                let n = (9 - self.head_len).min(data.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
+                self.head_len += n;
+                data = &data[n..];
+                if self.head_len == 9 {
+                    let h = &self.head;
+                    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+                    self.head_len = 0;
+                    self.skip = len as usize;
+                    on_frame(Frame {
+                        kind: h[3],
+                        flags: h[4],
+                        len,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A refilling allowance of frames of one kind.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    credit: f64,
+    burst: f64,
+    per_sec: f64,
+}
+
+impl Bucket {
+    const fn new(burst: f64, per_sec: f64) -> Bucket {
+        Bucket {
+            credit: burst,
+            burst,
+            per_sec,
+        }
+    }
+
+    fn refill(&mut self, secs: f64) {
+        // what was earned above the burst is kept until spent
+        if self.credit < self.burst {
+            self.credit = (self.credit + secs * self.per_sec).min(self.burst);
+        }
+    }
+
+    /// Earned by useful work (a stream, data sent): may exceed the burst until spent.
+    fn earn(&mut self, n: f64) {
+        self.credit += n;
+    }
+
+    fn spend(&mut self) -> bool {
+        self.credit -= 1.0;
+        self.credit >= 0.0
+    }
+}
+
+/// Budgets: a burst, a steady rate, and what useful work earns. Browsers send a handful of
+/// SETTINGS and PRIORITY frames per connection, pings rarely, and a WINDOW_UPDATE or two per
+/// DATA frame they read: far below these.
+#[derive(Debug)]
+struct Budgets {
+    ping: Bucket,
+    settings: Bucket,
+    window_update: Bucket,
+    priority: Bucket,
+    empty: Bucket,
+}
+
+impl Budgets {
+    fn new() -> Budgets {
+        Budgets {
+            ping: Bucket::new(100.0, 10.0),
+            settings: Bucket::new(100.0, 10.0),
+            window_update: Bucket::new(1000.0, 100.0),
+            priority: Bucket::new(1000.0, 100.0),
+            empty: Bucket::new(100.0, 10.0),
+        }
+    }
+}
+
+/// Per connection: what the client sent and what was sent to it, and the verdict.
+pub struct Meter {
+    inbound: RefCell<(Scanner, Budgets, Instant, u32, bool)>,
+    outbound: RefCell<Scanner>,
+    tripped: Cell<Option<Abuse>>,
+    /// The type of the last frame read.
+    last_kind: Cell<u8>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter::new()
+    }
+}
+
+impl Meter {
+    pub fn new() -> Meter {
+        Meter {
+            inbound: RefCell::new((Scanner::client(), Budgets::new(), Instant::now(), 0, false)),
+            outbound: RefCell::new(Scanner::server()),
+            tripped: Cell::new(None),
+            last_kind: Cell::new(u8::MAX),
+            waker: Cell::new(None),
+        }
+    }
+
+    /// The abuse found, if any (then the connection must be closed).
+    pub fn tripped(&self) -> Option<Abuse> {
+        self.tripped.get()
+    }
+
+    /// What the h2 layer's own ENHANCE_YOUR_CALM answered, from the frames it had just read:
+    /// a header block still open is a CONTINUATION flood, small DATA frames an empty-frame
+    /// flood, anything else its limits on reset streams.
+    pub fn calm_cause(&self) -> Abuse {
+        if self.inbound.borrow().4 {
+            Abuse::Continuation
+        } else if self.last_kind.get() == DATA {
+            Abuse::EmptyFrames
+        } else {
+            Abuse::RapidReset
+        }
+    }
+
+    /// Ready once an abuse is found.
+    pub fn poll_tripped(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Abuse> {
+        match self.tripped.get() {
+            Some(a) => std::task::Poll::Ready(a),
+            None => {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// Bytes read from the client.
+    pub fn received(&self, data: &[u8]) {
+        if self.tripped.get().is_some() || data.is_empty() {
+            return;
+        }
+        let mut guard = self.inbound.borrow_mut();
+        let (scanner, b, last, continuations, open_block) = &mut *guard;
+        let now = Instant::now();
+        let secs = now.duration_since(*last).as_secs_f64();
+        *last = now;
+        for bucket in [
+            &mut b.ping,
+            &mut b.settings,
+            &mut b.window_update,
+            &mut b.priority,
+            &mut b.empty,
+        ] {
+            bucket.refill(secs);
+        }
+        let mut found = None;
+        let mut last = self.last_kind.get();
+        scanner.scan(data, |f| {
+            last = f.kind;
+            if found.is_some() {
+                return;
+            }
+            let ok = match f.kind {
+                HEADERS => {
+                    // a stream's work earns some room for the frames that go with it
+                    b.window_update.earn(4.0);
+                    b.priority.earn(4.0);
+                    b.empty.earn(1.0);
+                    *continuations = 0;
+                    *open_block = f.flags & END_HEADERS == 0;
+                    true
+                }
+                CONTINUATION => {
+                    *continuations += 1;
+                    if f.flags & END_HEADERS != 0 {
+                        *open_block = false;
+                    }
+                    if *continuations > MAX_CONTINUATIONS {
+                        found = Some(Abuse::Continuation);
+                    }
+                    f.len > 0 || f.flags & END_HEADERS != 0 || b.empty.spend()
+                }
+                DATA => f.len > 0 || f.flags & END_STREAM != 0 || b.empty.spend(),
+                PING => f.flags & ACK != 0 || b.ping.spend(),
+                SETTINGS => f.flags & ACK != 0 || b.settings.spend(),
+                WINDOW_UPDATE => b.window_update.spend(),
+                PRIORITY => b.priority.spend(),
+                _ => true,
+            };
+            if !ok && found.is_none() {
+                found = Some(match f.kind {
+                    PING => Abuse::Ping,
+                    SETTINGS => Abuse::Settings,
+                    WINDOW_UPDATE => Abuse::WindowUpdate,
+                    PRIORITY => Abuse::Priority,
+                    _ => Abuse::EmptyFrames,
+                });
+            }
+        });
+        self.last_kind.set(last);
+        if let Some(a) = found {
+            self.trip(a);
+        }
+    }
+
+    /// Bytes written to the client: each DATA frame sent explains a WINDOW_UPDATE or two.
+    pub fn sent(&self, data: &[u8]) {
+        let mut frames = 0u32;
+        self.outbound.borrow_mut().scan(data, |f| {
+            if f.kind == DATA && f.len > 0 {
+                frames += 1;
+            }
+        });
+        if frames > 0 {
+            self.inbound
+                .borrow_mut()
+                .1
+                .window_update
+                .earn(2.0 * frames as f64);
+        }
+    }
+
+    /// Record an abuse found elsewhere (resets, the h2 layer's own errors).
+    pub fn trip(&self, a: Abuse) {
+        if self.tripped.get().is_none() {
+            self.tripped.set(Some(a));
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len() as u32;
+        let mut v = n.to_be_bytes()[1..].to_vec();
+        v.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn frames_are_found_across_any_split() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        stream.extend(frame(SETTINGS, 0, &[0; 6]));
+        stream.extend(frame(HEADERS, END_HEADERS, &[1; 40]));
+        stream.extend(frame(DATA, END_STREAM, &[2; 70000 % 16384]));
+        stream.extend(frame(PING, 0, &[0; 8]));
+        for step in [1, 2, 5, 9, 10, 23, 24, 100, stream.len()] {
+            let mut s = Scanner::client();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(step) {
+                s.scan(chunk, |f| seen.push(f.kind));
+            }
+            assert_eq!(seen, [SETTINGS, HEADERS, DATA, PING], "step {step}");
+        }
+    }
+
+    fn flood(kind: u8, flags: u8, payload: &[u8], n: usize) -> Option<Abuse> {
+        let m = Meter::new();
+        m.received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let f = frame(kind, flags, payload);
+        let all: Vec<u8> = f.iter().copied().cycle().take(f.len() * n).collect();
+        m.received(&all);
+        m.tripped()
+    }
+
+    #[test]
+    fn each_flood_is_named_and_acks_are_free() {
+        assert_eq!(flood(PING, 0, &[0; 8], 90), None);
+        assert_eq!(flood(PING, 0, &[0; 8], 150), Some(Abuse::Ping));
+        assert_eq!(flood(PING, ACK, &[0; 8], 10_000), None);
+        assert_eq!(flood(SETTINGS, 0, &[], 150), Some(Abuse::Settings));
+        assert_eq!(flood(SETTINGS, ACK, &[], 10_000), None);
+        assert_eq!(
+            flood(WINDOW_UPDATE, 0, &[0, 0, 0, 1], 1500),
+            Some(Abuse::WindowUpdate)
+        );
+        assert_eq!(flood(PRIORITY, 0, &[0; 5], 1500), Some(Abuse::Priority));
+        assert_eq!(flood(DATA, 0, &[], 150), Some(Abuse::EmptyFrames));
+        assert_eq!(flood(DATA, END_STREAM, &[], 150), None);
+        assert_eq!(flood(DATA, 0, &[1], 10_000), None);
+        assert_eq!(flood(CONTINUATION, 0, &[1], 100), Some(Abuse::Continuation));
+    }
+
+    #[test]
+    fn data_sent_explains_window_updates() {
+        let m = Meter::new();
+        m.received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let out: Vec<u8> = (0..2000).flat_map(|_| frame(DATA, 0, &[7; 100])).collect();
+        m.sent(&out);
+        let wu: Vec<u8> = (0..4000)
+            .flat_map(|_| frame(WINDOW_UPDATE, 0, &[0, 0, 0, 100]))
+            .collect();
+        m.received(&wu);
+        assert_eq!(m.tripped(), None);
+    }
+}

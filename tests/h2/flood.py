@@ -1,0 +1,105 @@
+"""HTTP/2 floods against edgeshard, one kind per run: frames that ask the server for work and
+carry no request. Sends up to N frames of KIND on one TLS connection (raw frame headers after a
+normal h2 start, so nothing in the client library smooths them out), reading what comes back,
+until the server sends GOAWAY or closes. Prints "sent=... goaway=<code or None> acks=..."
+(acks: PING and SETTINGS ACKs, that of the client's own first SETTINGS included).
+Usage: python3 flood.py HOST PORT AUTHORITY KIND N. KIND: ping settings window_update priority
+empty_data continuation. Driven by tests/http2.rs."""
+import socket
+import ssl
+import struct
+import sys
+
+import h2.config
+import h2.connection
+import h2.events
+
+host, port, authority, kind, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["h2"])
+s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
+assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_inbound_headers=False))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+
+
+def frame(ftype, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", stream) + payload
+
+
+# a stream for the kinds that need one: a POST whose body never comes
+if kind in ("empty_data", "continuation"):
+    if kind == "empty_data":
+        c.send_headers(1, [(":method", "POST"), (":path", "/upload"), (":authority", authority), (":scheme", "https")])
+        s.sendall(c.data_to_send())
+    else:
+        # HEADERS without END_HEADERS: the block then goes on in CONTINUATION frames forever
+        s.sendall(frame(1, 0, 1, b"\x82"))
+
+one = {
+    "ping": lambda i: frame(6, 0, 0, struct.pack(">Q", i)),
+    "settings": lambda i: frame(4, 0, 0),
+    "window_update": lambda i: frame(8, 0, 0, struct.pack(">I", 1)),
+    "priority": lambda i: frame(2, 0, 3, struct.pack(">IB", 0, 15)),
+    "empty_data": lambda i: frame(0, 0, 1),
+    "continuation": lambda i: frame(9, 0, 1, b"\x00\x01x\x01y"),
+}[kind]
+
+goaway = None
+acks = 0
+closed = False
+s.settimeout(0.002)
+
+
+def pump():
+    """Read once; False when nothing came in time."""
+    global goaway, acks, closed
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        return False
+    except OSError:
+        closed = True
+        return
+    if not data:
+        closed = True
+        return
+    try:
+        events = c.receive_data(data)
+    except Exception as e:
+        # the client library refuses what follows a GOAWAY: the frames it did take count
+        closed = True
+        sys.stderr.write(f"client library: {e!r}\n")
+        return
+    for ev in events:
+        if isinstance(ev, h2.events.ConnectionTerminated):
+            goaway = ev.error_code
+        if isinstance(ev, (h2.events.PingAckReceived, h2.events.SettingsAcknowledged)):
+            acks += 1
+    out = c.data_to_send()
+    if out:
+        try:
+            s.sendall(out)
+        except OSError:
+            closed = True
+    return True
+
+
+sent = 0
+batch = 10
+while sent < n and goaway is None and not closed:
+    try:
+        s.sendall(b"".join(one(sent + k) for k in range(batch)))
+    except OSError:
+        closed = True
+        break
+    sent += batch
+    pump()
+s.settimeout(1)
+# what is still on its way, until a second passes with nothing
+while goaway is None and not closed and pump():
+    pass
+print(f"sent={sent} goaway={goaway} acks={acks}")
