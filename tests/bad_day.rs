@@ -171,7 +171,8 @@ fn concurrent_scrapes_never_see_a_counter_go_backwards() {
                 let mut last = 0.0;
                 for _ in 0..40 {
                     let before = done.load(Ordering::SeqCst) as f64;
-                    let v = metrics(admin)["edgeshard_requests_total{service=\"web\",protocol=\"http/1.1\"}"];
+                    let v = metrics(admin)
+                        ["edgeshard_requests_total{service=\"web\",protocol=\"http/1.1\"}"];
                     assert!(v >= last, "requests_total went back from {last} to {v}");
                     // a request is counted just after its response is written: at most one
                     // per client may be answered and not yet counted

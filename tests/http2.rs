@@ -57,6 +57,11 @@ struct Setup {
 }
 
 fn setup(extra_tls: &str) -> Setup {
+    setup_with("", extra_tls)
+}
+
+/// `service_keys` go in the virtual service's table, `extra_tls` in its TLS table.
+fn setup_with(service_keys: &str, extra_tls: &str) -> Setup {
     let ca = Ca::new("h2 CA");
     let dir = tmpdir("h2");
     let (cert, key) = ca.leaf(&["web.example"], false).write(&dir, "web");
@@ -67,7 +72,7 @@ fn setup(extra_tls: &str) -> Setup {
         listen,
         &[o.addr],
         &format!(
-            "[virtual_service.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{extra_tls}\n[virtual_service.esp]\nallowed_hosts = [\"web.example\"]\nallowed_directories = [\"/*\"]\nexcluded_directories = [\"/secret/*\"]\n",
+            "{service_keys}[virtual_service.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{extra_tls}\n[virtual_service.esp]\nallowed_hosts = [\"web.example\"]\nallowed_directories = [\"/*\"]\nexcluded_directories = [\"/secret/*\"]\n",
             cert.display(),
             key.display()
         ),
@@ -483,4 +488,86 @@ fn control_frame_floods_are_cut_counted_and_logged() {
         0.0
     );
     assert_eq!(m["edgeshard_h2_connections_total{service=\"web\"}"], 8.0);
+}
+
+/// The proxy's resident memory, KiB.
+fn rss_kib(p: &Proxy) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_reader_that_never_opens_its_window_pins_no_memory() {
+    let s = setup_with("client_write_timeout = \"3s\"\n", "");
+    // warm: the first streams' one-off growth is not what is measured
+    let code = curl(
+        &s,
+        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/big")],
+        None,
+    );
+    assert_eq!(code, "200");
+    let before = rss_kib(&s.p);
+    // two connections, 100 streams each, for 4 MiB responses: 800 MiB if it were buffered
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new("python3")
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/h2/slow_reader.py"
+                ))
+                .args([
+                    "127.0.0.1",
+                    &s.listen.port().to_string(),
+                    &format!("web.example:{}", s.listen.port()),
+                    "/big",
+                    "100",
+                    "20",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("python3 with the h2 package (tests/run installs it)")
+        })
+        .collect();
+    // every stream reached the origin and is stalled on the client's window
+    wait_until(
+        Duration::from_secs(10),
+        "200 stalled streams at the origin",
+        || {
+            s.o.requests()
+                .iter()
+                .filter(|r| r.request_line.starts_with("GET /big "))
+                .count()
+                >= 201
+        },
+    );
+    let peak = rss_kib(&s.p);
+    // meanwhile another client is served
+    let code = curl(
+        &s,
+        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/other")],
+        None,
+    );
+    assert_eq!(code, "200");
+    for r in readers {
+        let out = r.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // each stream got its head, then a reset once client_write_timeout passed (not 20 s)
+        assert!(text.contains("headers=100 resets=100"), "{text}");
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("RSS before {before} KiB, with 200 stalled streams {peak} KiB (+{grown})");
+    assert!(
+        grown < 64 * 1024,
+        "200 stalled 4 MiB responses grew RSS by {grown} KiB"
+    );
 }

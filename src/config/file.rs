@@ -291,6 +291,8 @@ pub struct FileVirtualService {
     pub client_body_timeout: Option<Spanned<String>>,
     /// Longest wait for the next piece of a response body from a real server.
     pub upstream_body_timeout: Option<Spanned<String>>,
+    /// Longest wait for a client to take response bytes (or, over HTTP/2, open its window).
+    pub client_write_timeout: Option<Spanned<String>>,
     /// A WebSocket (or other upgraded) tunnel idle this long is closed.
     pub tunnel_idle_timeout: Option<Spanned<String>>,
     /// Largest request body accepted (413 beyond); 0 or absent: no limit.

@@ -590,6 +590,11 @@ impl Validator<'_> {
                     &format!("{p}.upstream_body_timeout"),
                     Duration::from_secs(60),
                 )?,
+                client_write_timeout: self.duration(
+                    &vs.client_write_timeout,
+                    &format!("{p}.client_write_timeout"),
+                    Duration::from_secs(60),
+                )?,
                 tunnel_idle_timeout: self.duration(
                     &vs.tunnel_idle_timeout,
                     &format!("{p}.tunnel_idle_timeout"),
@@ -677,6 +682,7 @@ impl Validator<'_> {
             ("response_timeout", vs.response_timeout.is_some()),
             ("client_body_timeout", vs.client_body_timeout.is_some()),
             ("upstream_body_timeout", vs.upstream_body_timeout.is_some()),
+            ("client_write_timeout", vs.client_write_timeout.is_some()),
             ("tunnel_idle_timeout", vs.tunnel_idle_timeout.is_some()),
             ("max_headers", vs.max_headers.is_some()),
             ("max_header_size", vs.max_header_size.is_some()),

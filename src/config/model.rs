@@ -278,6 +278,8 @@ pub struct VirtualService {
     pub pool_idle_timeout: Duration,
     pub client_body_timeout: Duration,
     pub upstream_body_timeout: Duration,
+    /// Longest wait for a client to take response bytes (HTTP/2: to open its window).
+    pub client_write_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     /// 0: no limit.
     pub max_body_size: u64,

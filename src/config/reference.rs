@@ -136,6 +136,7 @@ pub const SECTIONS: &[Section] = &[
             k("request_timeout", "duration", "30s", "A started request head must arrive within it: 408."),
             k("client_body_timeout", "duration", "30s", "Longest wait for the next piece of a request body."),
             k("upstream_body_timeout", "duration", "60s", "Longest wait for the next piece of a response body."),
+            k("client_write_timeout", "duration", "60s", "Longest wait for a client to take response bytes (nginx's send_timeout); over HTTP/2, for the client to open its flow-control window, then the stream is reset."),
             k("tunnel_idle_timeout", "duration", "1800s", "A WebSocket (or other upgraded) tunnel idle this long is closed."),
             k("max_body_size", "size", "0 (no limit)", "Largest request body accepted: 413 beyond."),
             k("max_connections", "integer", "0 (no limit)", "Client connections this service holds at once, across shards."),
@@ -526,6 +527,7 @@ mod tests {
         assert_eq!(vs.request_timeout, d("request_timeout"));
         assert_eq!(vs.client_body_timeout, d("client_body_timeout"));
         assert_eq!(vs.upstream_body_timeout, d("upstream_body_timeout"));
+        assert_eq!(vs.client_write_timeout, d("client_write_timeout"));
         assert_eq!(vs.tunnel_idle_timeout, d("tunnel_idle_timeout"));
         assert_eq!(vs.pool_idle_timeout, d("pool_idle_timeout"));
         assert_eq!(vs.queue_timeout, d("queue_timeout"));

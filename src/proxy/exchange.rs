@@ -192,7 +192,7 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         if info.expect_continue && !sent_continue {
             // We stand in for the real server's 100 Continue (Expect is not forwarded).
-            if write_all(client, CONTINUE_100, CLIENT_WRITE_TIMEOUT)
+            if write_all(client, CONTINUE_100, vs.client_write_timeout)
                 .await
                 .is_err()
             {
@@ -460,7 +460,7 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         bytes_out: resp_out.len() as u64,
         body_in: 0,
     };
-    if write_all(client, resp_out, CLIENT_WRITE_TIMEOUT)
+    if write_all(client, resp_out, vs.client_write_timeout)
         .await
         .is_err()
     {
@@ -505,7 +505,7 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         dechunk,
         Bounds {
             read_timeout: vs.upstream_body_timeout,
-            write_timeout: CLIENT_WRITE_TIMEOUT,
+            write_timeout: vs.client_write_timeout,
             max: 0,
         },
     )

@@ -33,8 +33,6 @@ const STREAM_WINDOW: u32 = 256 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
 /// Response bytes buffered per stream before waiting for the client's window.
 const SEND_BUFFER: usize = 256 * 1024;
-/// How long a response may wait for the client to open its window.
-const WINDOW_WAIT: Duration = Duration::from_secs(60);
 /// Response head buffer (the request path's own head limits apply to requests).
 const RESPONSE_BUF: usize = 32 * 1024;
 /// Client-reset streams on one connection from which, if they are most of its streams, the
@@ -433,7 +431,8 @@ impl Link {
             send.await;
             std::future::pending::<Result<(), &'static str>>().await
         };
-        let answer = relay_response(&mine, &mut respond, head_only);
+        let window_wait = self.shard.config.services[self.facts.vs_idx].client_write_timeout;
+        let answer = relay_response(&mine, &mut respond, head_only, window_wait);
         match futures_lite::future::or(send, answer).await {
             Ok(()) => {}
             Err(CLIENT_RESET) => {
@@ -471,6 +470,7 @@ async fn relay_response(
     link: &Socket,
     respond: &mut h2::server::SendResponse<Bytes>,
     head_only: bool,
+    window_wait: Duration,
 ) -> Result<(), &'static str> {
     let mut r = link;
     let mut buf = Buf::new(RESPONSE_BUF);
@@ -557,7 +557,7 @@ async fn relay_response(
                 }
             };
             if !data.is_empty() {
-                send_data(&mut tx, data).await?;
+                send_data(&mut tx, data, window_wait).await?;
             }
             if let Some(l) = left.as_mut() {
                 *l -= data.len() as u64;
@@ -587,10 +587,14 @@ async fn relay_response(
 }
 
 /// Send `data` within the client's flow-control window (waiting for it, bounded).
-async fn send_data(tx: &mut h2::SendStream<Bytes>, mut data: &[u8]) -> Result<(), &'static str> {
+async fn send_data(
+    tx: &mut h2::SendStream<Bytes>,
+    mut data: &[u8],
+    window_wait: Duration,
+) -> Result<(), &'static str> {
     while !data.is_empty() {
         tx.reserve_capacity(data.len());
-        let cap = crate::io::timeout(WINDOW_WAIT, async {
+        let cap = crate::io::timeout(window_wait, async {
             Ok(std::future::poll_fn(|cx| tx.poll_capacity(cx)).await)
         })
         .await

@@ -42,7 +42,6 @@ use route::*;
 /// Responses with a body this small go out in the same write as their head.
 const COALESCE_BODY: usize = 16 * 1024;
 /// How long a client that stopped reading may stall a write to it.
-const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A connection task's working memory: lent by the shard's pool for as long as the task
 /// runs (a parked connection has none), so requests in steady state allocate nothing here.
 #[derive(Default)]
@@ -557,7 +556,7 @@ async fn serve_requests(
                 }
                 resp_out.extend_from_slice(b"\r\n");
                 cbuf.consume(info.head_len);
-                let ok = write_all(client, resp_out, CLIENT_WRITE_TIMEOUT)
+                let ok = write_all(client, resp_out, vs.client_write_timeout)
                     .await
                     .is_ok();
                 let status = vs.redirect.map(|r| r.status).unwrap_or(301);
