@@ -23,7 +23,13 @@ pub(super) fn esp_refusal(
         crate::esp::Refusal::Host | crate::esp::Refusal::HostSniMismatch => "esp_host",
         _ => "esp_directory",
     };
-    ProxyError::policy(esp.refusal_status, r.reason()).with_event(event)
+    // A client that reused a connection for another name its certificate covers (HTTP/2
+    // coalescing) is told to open one for that name, not refused (RFC 9110 15.5.20).
+    let status = match r {
+        crate::esp::Refusal::HostSniMismatch => 421,
+        _ => esp.refusal_status,
+    };
+    ProxyError::policy(status, r.reason()).with_event(event)
 }
 
 /// The pool a request goes to: the first sub-service whose hosts (Host, else SNI; no port,
