@@ -129,7 +129,8 @@ fn a_stderr_nobody_reads_never_stalls_a_shard() {
     }
     let dropped = metrics(admin)["edgeshard_log_records_dropped_total{log=\"stderr\"}"];
     eprintln!("{normal} normal requests beside the flood, slowest {slowest:?}; stderr lines dropped {dropped}");
-    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    // a frozen shard would hold them for good; a busy 2-core machine may take a second
+    assert!(slowest < Duration::from_millis(2000), "slowest {slowest:?}");
     assert!(dropped > 0.0, "the stalled stderr dropped lines: {dropped}");
     let _ = child.kill();
     let _ = child.wait();

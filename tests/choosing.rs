@@ -331,7 +331,9 @@ fn health_checks_take_servers_down_and_up() {
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicBool::new(true)),
     );
-    let a = Origin::health_checked("a", ha.clone(), None);
+    // A restarts on its port below: one outside the ephemeral range, which no client's
+    // connection can take meanwhile
+    let a = Origin::health_checked("a", ha.clone(), Some(local(free_port())));
     let b = Origin::health_checked("b", hb.clone(), None);
     let (_p, listen, admin) = proxy_with_operator(&[a.addr, b.addr], "[virtual_service.health_check]\nurl = \"/healthcheck.html\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2");
     wait_until(Duration::from_secs(5), "first checks reported", || {
@@ -345,7 +347,7 @@ fn health_checks_take_servers_down_and_up() {
         server_status(admin, 0) == "down"
     });
     assert!(
-        started.elapsed() < Duration::from_millis(2 * 200 + 300 + 1500),
+        started.elapsed() < Duration::from_millis(2 * 200 + 300 + 3000),
         "took {:?}",
         started.elapsed()
     );
@@ -479,6 +481,9 @@ fn a_bounded_queue_waits_for_room_under_the_limit() {
     });
     let mut queued = Client::connect(listen);
     queued.send(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n");
+    wait_until(Duration::from_secs(5), "the second request queued", || {
+        status(admin)["virtual_services"][0]["queued_requests"] == 1
+    });
     // the queue holds one: a third request is refused at once
     let started = Instant::now();
     let r = one(listen, b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n");

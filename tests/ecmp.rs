@@ -240,7 +240,9 @@ fn ecmp_appliances_agree_on_persistence_and_a_withdrawal_moves_only_its_flows() 
     );
     // withdraw lb2: its connections move to lb1, each client to the same real server
     lab.ip("rt", &["route", "replace", &vip32, "via", "10.214.2.2"]);
-    let lb2_before = served(&lab, "lb2");
+    let lb2_before = common::steady(Duration::from_secs(5), "lb2's count", || {
+        served(&lab, "lb2")
+    });
     let after = round(clients.clone());
     assert_eq!(
         served(&lab, "lb2"),

@@ -14,11 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON log line {l:?}: {e}")))
-        .collect()
+    json_lines(path)
 }
 
 struct Logs {

@@ -101,7 +101,8 @@ fn a_parked_connection_is_closed_at_its_idle_timeout_and_logged() {
     assert!(c.is_closed(), "the proxy closes the idle connection");
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(350) && waited < Duration::from_secs(5),
+        // the timer started as the answer went out, a little before the client read it
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
         "closed after {waited:?}"
     );
     assert_eq!(parked(admin), 0);

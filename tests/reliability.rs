@@ -143,7 +143,7 @@ fn a_crashing_real_server_costs_no_request_that_was_not_in_flight() {
         t.ok,
         t.failures.len()
     );
-    assert!(total > 600, "the load ran: {total} requests");
+    assert!(total > 300, "the load ran: {total} requests");
     assert!(a_before_stop > 300, "a took the load after the crash");
     assert!(
         t.failures.is_empty(),

@@ -333,7 +333,7 @@ fn reloads_and_upgrades_under_load_fail_no_request() {
     wait_until(Duration::from_secs(5), "A's last requests answered", || {
         in_flight(&a) == 0 && a.answered.load(Ordering::SeqCst) >= answered_by_a
     });
-    let a_after = a.nr_requests();
+    let a_after = steady(Duration::from_secs(5), "A's count", || a.nr_requests());
     settle();
     assert_eq!(
         a.nr_requests(),
@@ -1134,10 +1134,14 @@ fn churn_by_reloads_never_runs_out_of_room() {
         common::client::one(listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").text(),
         "A"
     );
+    // the service's counters: only this service's one request (counted once the answer is
+    // out: waited for)
+    wait_until(Duration::from_secs(5), "the one request counted", || {
+        status(admin)["virtual_services"][0]["requests_total"] == 1
+    });
     let st = status(admin);
     let vs = &st["virtual_services"][0];
     assert_eq!(vs["real_servers"].as_array().unwrap().len(), 2, "{st}");
-    // the service's counters: only this service's one request
     assert_eq!(vs["requests_total"], 1, "{st}");
 }
 

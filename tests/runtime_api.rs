@@ -19,11 +19,7 @@ use std::time::{Duration, Instant};
 const READ_TOKEN: &str = "test-read-token-abcdef0123456789";
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(path)
 }
 
 /// A read token kept in a file (mode 0600), next to the operator token's hash.
@@ -201,11 +197,17 @@ fn cookie_of(r: &common::client::Response) -> String {
 #[test]
 fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
     let a = Origin::named("a");
+    // /slow is held until the test lets it go (bounded)
+    let hold = Arc::new(AtomicBool::new(true));
+    let h = hold.clone();
     let b = Origin::start(std::sync::Arc::new(
-        |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
+        move |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
             use std::io::Write;
             if s.request_line.contains("/slow") {
-                std::thread::sleep(Duration::from_millis(800));
+                let until = Instant::now() + Duration::from_secs(15);
+                while h.load(Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb");
             common::origin::Next::KeepAlive
@@ -286,6 +288,14 @@ fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
         );
         drop(held);
     }
+    // the request in flight ends 500 ms after the waiting call starts
+    let release = {
+        let hold = hold.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            hold.store(false, Ordering::SeqCst);
+        })
+    };
     let t = Instant::now();
     let r = admin_call(
         admin,
@@ -294,6 +304,7 @@ fn drain_keeps_persisted_clients_and_wait_answers_when_idle() {
         Some(OPERATOR_TOKEN),
         Some(r#"{"state": "drain", "wait": "5s"}"#),
     );
+    release.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         t.elapsed() > Duration::from_millis(300),
@@ -703,6 +714,7 @@ fn checked_slow(
     name: &'static str,
     healthy: Arc<AtomicBool>,
     slow_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    hold: Arc<AtomicBool>,
 ) -> Origin {
     Origin::start(Arc::new(
         move |s: &common::origin::Seen, w: &mut std::net::TcpStream| {
@@ -715,6 +727,11 @@ fn checked_slow(
             if s.request_line.contains(" /slow") {
                 slow_in_flight.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(1500));
+                // held longer while the test needs a request in flight (bounded)
+                let until = std::time::Instant::now() + Duration::from_secs(15);
+                while hold.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 slow_in_flight.fetch_sub(1, Ordering::SeqCst);
             }
             let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}");
@@ -740,8 +757,9 @@ fn servers_added_and_removed_under_load_fail_nothing() {
     let a_ok = Arc::new(AtomicBool::new(true));
     let b_ok = Arc::new(AtomicBool::new(false));
     let b_slow = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let a = checked_slow("a", a_ok, Default::default());
-    let b = checked_slow("b", b_ok.clone(), b_slow.clone());
+    let b_hold = Arc::new(AtomicBool::new(false));
+    let a = checked_slow("a", a_ok, Default::default(), Default::default());
+    let b = checked_slow("b", b_ok.clone(), b_slow.clone(), b_hold.clone());
     let listen = local(free_port());
     let admin = local(free_port());
     let dir = tmpdir("add-remove");
@@ -855,6 +873,8 @@ fn servers_added_and_removed_under_load_fail_nothing() {
         )
     };
     assert_eq!(remove().status, 409);
+    // a slow request on b stays in flight until the refusal below has been seen
+    b_hold.store(true, Ordering::SeqCst);
     wait_until(
         Duration::from_secs(5),
         "a slow request in flight on b",
@@ -872,6 +892,7 @@ fn servers_added_and_removed_under_load_fail_nothing() {
     assert_eq!(refused.status, 409, "{}", refused.text());
     let busy: Value = serde_json::from_slice(&refused.body).unwrap();
     assert!(busy["active_connections"].as_u64().unwrap() > 0, "{busy}");
+    b_hold.store(false, Ordering::SeqCst);
     let r = admin_call(
         admin,
         "POST",

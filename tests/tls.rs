@@ -422,7 +422,10 @@ fn insecure_skip_verify_is_explicit_and_warned() {
         one(listen, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(),
         "unverified"
     );
-    assert!(p.log().contains("NOT verified"));
+    // logged after "ready", by the thread that writes stderr
+    wait_until(Duration::from_secs(5), "the NOT verified warning", || {
+        p.log().contains("NOT verified")
+    });
 }
 
 #[test]

@@ -297,3 +297,38 @@ pub fn metrics(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
         })
         .collect()
 }
+
+/// A JSON-lines log's complete records. A last line without its newline is a write still under
+/// way (the writer thread appends whole batches, but a read may catch one half done): left for
+/// the next read. Every complete line must parse (the logs promise that).
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON log line {l:?}: {e}")))
+        .collect()
+}
+
+/// Wait until `f` gives the same value twice, 300 ms apart (a count that may still move:
+/// counters bumped after an answer, a request still unread in a socket), within `deadline`.
+pub fn steady<T: PartialEq + std::fmt::Debug>(
+    deadline: Duration,
+    what: &str,
+    f: impl Fn() -> T,
+) -> T {
+    let end = Instant::now() + deadline;
+    let mut last = f();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = f();
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < end, "{what} never settled: last {now:?}");
+        last = now;
+    }
+}
