@@ -47,6 +47,8 @@ pub struct ServiceCounters {
     pub h2_connections: Cell<u64>,
     /// HTTP/2 connections closed for abuse, by `h2flood::Abuse::ALL` order.
     pub h2_abuse: [Cell<u64>; 8],
+    /// HTTP/2 streams the h2 layer reset as malformed requests.
+    pub h2_malformed: Cell<u64>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ impl ServiceCounters {
             &self.queued,
             &self.h2_requests,
             &self.h2_connections,
+            &self.h2_malformed,
         ] {
             c.set(0);
         }
@@ -233,6 +236,7 @@ impl ShardMetrics {
                     h2_requests: s.h2_requests.get(),
                     h2_connections: s.h2_connections.get(),
                     h2_abuse: s.h2_abuse.each_ref().map(get),
+                    h2_malformed: s.h2_malformed.get(),
                     latency: h.borrow().clone().unwrap_or_else(histogram),
                 })
                 .collect(),
@@ -298,6 +302,7 @@ pub struct ServiceSnap {
     pub h2_requests: u64,
     pub h2_connections: u64,
     pub h2_abuse: [u64; 8],
+    pub h2_malformed: u64,
     pub latency: Histogram<u64>,
 }
 
@@ -356,6 +361,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.access_refusals += v.access_refusals;
             m.h2_requests += v.h2_requests;
             m.h2_connections += v.h2_connections;
+            m.h2_malformed += v.h2_malformed;
             for (x, y) in m.h2_abuse.iter_mut().zip(&v.h2_abuse) {
                 *x += y;
             }
@@ -429,6 +435,20 @@ pub fn prometheus(
         let _ = writeln!(
             o,
             "edgeshard_h2_connections_total{{service=\"{}\"}} {v}",
+            esc(&vs.name)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_h2_malformed_streams_total",
+        "counter",
+        "HTTP/2 requests refused as malformed by the h2 layer (stream reset PROTOCOL_ERROR).",
+    );
+    for vs in &cfg.services {
+        let v = m.services.get(vs.slot).map_or(0, |s| s.h2_malformed);
+        let _ = writeln!(
+            o,
+            "edgeshard_h2_malformed_streams_total{{service=\"{}\"}} {v}",
             esc(&vs.name)
         );
     }

@@ -578,3 +578,68 @@ fn a_reader_that_never_opens_its_window_pins_no_memory() {
         "200 stalled 4 MiB responses grew RSS by {grown} KiB"
     );
 }
+
+#[test]
+fn malformed_streams_never_reach_the_origin() {
+    let s = setup("");
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/h2/malformed.py"
+        ))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+        ])
+        .output()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: std::collections::HashMap<&str, &str> =
+        text.lines().filter_map(|l| l.split_once(' ')).collect();
+    // the h2 layer refuses what RFC 9113 calls malformed: the stream (PROTOCOL_ERROR = 1),
+    // or the whole connection when the field block itself is invalid
+    for (case, want) in [
+        ("connection_header", "reset=1"),
+        ("transfer_encoding", "reset=1"),
+        ("te_gzip", "reset=1"),
+        ("no_path", "reset=1"),
+        ("pseudo_after_regular", "reset=1"),
+        ("uppercase_name", "goaway=1"),
+        ("unknown_pseudo", "goaway=1"),
+        ("smuggled_crlf", "goaway=1"),
+        // a Host naming another entity than :authority: the request path's 400
+        ("host_differs", "status=400"),
+        ("ok", "status=200"),
+    ] {
+        assert_eq!(got.get(case).copied(), Some(want), "{case}: {text}");
+    }
+    // only the good one reached the origin
+    let seen: Vec<String> =
+        s.o.requests()
+            .iter()
+            .map(|r| r.request_line.clone())
+            .collect();
+    assert_eq!(seen, ["GET /m/ok HTTP/1.1"], "{seen:?}");
+    // each refusal counted and recorded
+    wait_until(Duration::from_secs(5), "refusals counted", || {
+        let m = metrics(s.admin);
+        m.get("edgeshard_h2_malformed_streams_total{service=\"web\"}") == Some(&5.0)
+            && m.get("edgeshard_h2_abuse_total{service=\"web\",kind=\"protocol_error\"}")
+                == Some(&3.0)
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "refusals in the security log",
+        || {
+            let recs = log(&s, "sec.log");
+            let n = |e: &str| recs.iter().filter(|r| r["event"] == e).count();
+            n("h2_malformed_request") == 5 && n("h2_protocol_error") == 3
+        },
+    );
+}

@@ -216,6 +216,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             }
             None => {}
         }
+        record_malformed(&shard, &facts, &meter);
         // Rapid reset (CVE-2023-44487): streams opened and cancelled in bulk cost the request
         // path work each; a connection that cancels most of what it asks is cut.
         let r = resets.get();
@@ -251,6 +252,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             None => {}
         }
     };
+    record_malformed(&shard, &facts, &meter);
     if reason == "abuse" || reason == "error" {
         // frames still in flight from the client would turn our close into a reset that
         // overtakes the GOAWAY
@@ -280,6 +282,32 @@ fn record_abuse(shard: &Shard, facts: &ConnFacts, kind: Abuse) {
             host: None,
             path: None,
         });
+    }
+}
+
+/// Streams the h2 layer refused as malformed requests (they never became a request): counted,
+/// and a security record each, as the request path's own refusals have.
+fn record_malformed(shard: &Shard, facts: &ConnFacts, meter: &Meter) {
+    let n = meter.take_malformed();
+    if n == 0 {
+        return;
+    }
+    if let Some(c) = shard.metrics.services.get(facts.vs_slot) {
+        c.h2_malformed.set(c.h2_malformed.get() + n as u64);
+    }
+    let vs = &shard.config.services[facts.vs_idx];
+    if vs.logging.security {
+        for _ in 0..n {
+            shard.log.security(&crate::log::SecurityRecord {
+                client: facts.peer,
+                service: &vs.name,
+                event: "h2_malformed_request",
+                reason: "malformed HTTP/2 request (pseudo-headers, connection-specific or TE fields, field syntax): stream reset PROTOCOL_ERROR",
+                status: None,
+                host: None,
+                path: None,
+            });
+        }
     }
 }
 
@@ -362,7 +390,15 @@ impl Link {
         }
         for (name, value) in &parts.headers {
             let n = name.as_str();
-            if hop_by_hop(n) || n == "cookie" || (n == "host" && parts.uri.authority().is_some()) {
+            // a Host naming what :authority names is said once; one naming another entity
+            // (RFC 9113 8.3.1) goes on as a second Host, which the request path refuses
+            let same_host = |a: &http::uri::Authority| {
+                a.as_str().as_bytes().eq_ignore_ascii_case(value.as_bytes())
+            };
+            if hop_by_hop(n)
+                || n == "cookie"
+                || (n == "host" && parts.uri.authority().is_some_and(same_host))
+            {
                 continue;
             }
             head.extend_from_slice(n.as_bytes());

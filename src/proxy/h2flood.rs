@@ -94,6 +94,10 @@ const PRIORITY: u8 = 2;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const WINDOW_UPDATE: u8 = 8;
+const RST_STREAM: u8 = 3;
+/// RST_STREAM's PROTOCOL_ERROR: the h2 layer refused a malformed request (the request path
+/// itself never resets with it).
+const PROTOCOL_ERROR: u32 = 1;
 const CONTINUATION: u8 = 9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
@@ -105,21 +109,28 @@ const PREFACE_LEN: usize = 24;
 /// bounds the frame count, so tiny frames cannot make a large one expensive).
 const MAX_CONTINUATIONS: u32 = 64;
 
-/// One frame header.
+/// One frame header, and the first 4 bytes of its payload (an error code, a window
+/// increment), zero-padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
     pub kind: u8,
     pub flags: u8,
     pub len: u32,
+    pub first4: u32,
 }
 
-/// Follows frame boundaries across reads of any size.
+/// Follows frame boundaries across reads of any size; a frame is reported once its last
+/// byte has gone by.
 #[derive(Debug)]
 pub struct Scanner {
     preface_left: usize,
     head: [u8; 9],
     head_len: usize,
+    /// The frame whose payload is going by, and how much of it is left.
+    current: Option<Frame>,
     skip: usize,
+    /// Payload bytes seen of the current frame (up to 4 are kept).
+    seen: usize,
 }
 
 impl Scanner {
@@ -129,7 +140,9 @@ impl Scanner {
             preface_left: PREFACE_LEN,
             head: [0; 9],
             head_len: 0,
+            current: None,
             skip: 0,
+            seen: 0,
         }
     }
 
@@ -147,10 +160,18 @@ impl Scanner {
                 let n = self.preface_left.min(data.len());
                 self.preface_left -= n;
                 data = &data[n..];
-            } else if self.skip > 0 {
+            } else if let Some(f) = self.current.as_mut() {
                 let n = self.skip.min(data.len());
+                for &b in data[..n].iter().take(4usize.saturating_sub(self.seen)) {
+                    f.first4 |= (b as u32) << (8 * (3 - self.seen));
+                    self.seen += 1;
+                }
                 self.skip -= n;
                 data = &data[n..];
+                if self.skip == 0 {
+                    on_frame(*f);
+                    self.current = None;
+                }
             } else {
                 let n = (9 - self.head_len).min(data.len());
                 self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
@@ -160,12 +181,19 @@ impl Scanner {
                     let h = &self.head;
                     let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
                     self.head_len = 0;
-                    self.skip = len as usize;
-                    on_frame(Frame {
+                    let f = Frame {
                         kind: h[3],
                         flags: h[4],
                         len,
-                    });
+                        first4: 0,
+                    };
+                    if len == 0 {
+                        on_frame(f);
+                    } else {
+                        self.current = Some(f);
+                        self.skip = len as usize;
+                        self.seen = 0;
+                    }
                 }
             }
         }
@@ -236,6 +264,8 @@ pub struct Meter {
     inbound: RefCell<(Scanner, Budgets, Instant, u32, bool)>,
     outbound: RefCell<Scanner>,
     tripped: Cell<Option<Abuse>>,
+    /// Streams the h2 layer reset as malformed, not yet recorded.
+    malformed: Cell<u32>,
     /// The type of the last frame read.
     last_kind: Cell<u8>,
     waker: Cell<Option<Waker>>,
@@ -253,6 +283,7 @@ impl Meter {
             inbound: RefCell::new((Scanner::client(), Budgets::new(), Instant::now(), 0, false)),
             outbound: RefCell::new(Scanner::server()),
             tripped: Cell::new(None),
+            malformed: Cell::new(0),
             last_kind: Cell::new(u8::MAX),
             waker: Cell::new(None),
         }
@@ -356,14 +387,22 @@ impl Meter {
         }
     }
 
-    /// Bytes written to the client: each DATA frame sent explains a WINDOW_UPDATE or two.
+    /// Bytes written to the client: each DATA frame sent explains a WINDOW_UPDATE or two;
+    /// a stream reset with PROTOCOL_ERROR is a malformed request the h2 layer refused.
     pub fn sent(&self, data: &[u8]) {
         let mut frames = 0u32;
+        let mut malformed = 0u32;
         self.outbound.borrow_mut().scan(data, |f| {
             if f.kind == DATA && f.len > 0 {
                 frames += 1;
             }
+            if f.kind == RST_STREAM && f.first4 == PROTOCOL_ERROR {
+                malformed += 1;
+            }
         });
+        if malformed > 0 {
+            self.malformed.set(self.malformed.get() + malformed);
+        }
         if frames > 0 {
             self.inbound
                 .borrow_mut()
@@ -371,6 +410,11 @@ impl Meter {
                 .window_update
                 .earn(2.0 * frames as f64);
         }
+    }
+
+    /// Malformed requests refused since the last call.
+    pub fn take_malformed(&self) -> u32 {
+        self.malformed.replace(0)
     }
 
     /// Record an abuse found elsewhere (resets, the h2 layer's own errors).
@@ -410,6 +454,17 @@ mod tests {
                 s.scan(chunk, |f| seen.push(f.kind));
             }
             assert_eq!(seen, [SETTINGS, HEADERS, DATA, PING], "step {step}");
+        }
+        // a reset's error code is read whatever the split
+        let mut rst = frame(RST_STREAM, 0, &[0, 0, 0, 1]);
+        rst.extend(frame(RST_STREAM, 0, &[0, 0, 0, 8]));
+        for step in [1, 3, 9, 10, 12, rst.len()] {
+            let mut s = Scanner::server();
+            let mut codes = Vec::new();
+            for chunk in rst.chunks(step) {
+                s.scan(chunk, |f| codes.push(f.first4));
+            }
+            assert_eq!(codes, [1, 8], "step {step}");
         }
     }
 
