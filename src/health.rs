@@ -166,10 +166,19 @@ async fn probe(shard: &Shard, id: ServerId, hc: &HealthCheck) -> (bool, String) 
     let rs = shard.server(id);
     let addr = SocketAddr::new(rs.address.ip(), hc.port.unwrap_or(rs.address.port()));
     let deadline = Instant::now() + hc.timeout;
-    let tls = if hc.kind == CheckType::Https {
-        shard.upstream_tls(id)
-    } else {
-        None
+    // a tls check without re-encryption settings: an unverified handshake (it tells that the
+    // real server's TLS stack answers; nothing is trusted or sent through it)
+    let probe_name;
+    let tls = match hc.kind {
+        CheckType::Https => shard.upstream_tls(id),
+        CheckType::Tls => match shard.upstream_tls(id) {
+            Some(t) => Some(t),
+            None => {
+                probe_name = crate::tls::probe_name(hc.host.as_deref().unwrap_or(&rs.name));
+                Some((crate::tls::probe_connector(), &probe_name))
+            }
+        },
+        _ => None,
     };
     let mut conn = match connect(id, addr, hc.timeout, tls).await {
         Ok(c) => c,
@@ -177,8 +186,18 @@ async fn probe(shard: &Shard, id: ServerId, hc: &HealthCheck) -> (bool, String) 
         Err(ConnectError::Refused(e)) => return (false, format!("connect failed: {e}")),
         Err(ConnectError::Tls(e)) => return (false, format!("TLS handshake failed: {e}")),
     };
-    if hc.kind == CheckType::Tcp {
-        return (true, "TCP connect succeeded".into());
+    match (hc.kind, &conn.stream) {
+        (CheckType::Tcp, _) => return (true, "TCP connect succeeded".into()),
+        (CheckType::Tls, crate::upstream::UpStream::Tls(s)) => {
+            let version = s
+                .get_ref()
+                .1
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("TLS");
+            return (true, format!("TLS handshake succeeded ({version})"));
+        }
+        _ => {}
     }
     let host = hc
         .host

@@ -335,6 +335,32 @@ pub fn client_config(r: &Reencrypt) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(cfg))
 }
 
+/// The connector of `tls` health checks on services that do not re-encrypt: any certificate,
+/// no ALPN.
+pub fn probe_connector() -> &'static futures_rustls::TlsConnector {
+    static PROBE: std::sync::OnceLock<futures_rustls::TlsConnector> = std::sync::OnceLock::new();
+    PROBE.get_or_init(|| {
+        let cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("the provider supports TLS 1.2 and 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth();
+        futures_rustls::TlsConnector::from(Arc::new(cfg))
+    })
+}
+
+/// The SNI of a `tls` health check: `host` (a name or address, a port dropped).
+pub fn probe_name(host: &str) -> ServerName<'static> {
+    let h = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(h.to_string())
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+}
+
 /// The name a real server is verified against: the configured one, else its host.
 pub fn upstream_name(r: &Reencrypt, real_server: &str) -> Result<ServerName<'static>, String> {
     let host = match &r.server_name {

@@ -595,3 +595,48 @@ fn a_tunnel_open_at_shutdown_ends_within_the_drain_and_is_logged() {
         "{closes:?}"
     );
 }
+
+#[test]
+fn tls_health_checks_complete_a_handshake() {
+    let ca = Ca::new("check CA");
+    let a = TlsOrigin::start(ca.leaf(&["a.example"], false).server_config(), "A", false);
+    // B takes connections but speaks no TLS: a TCP check would call it healthy
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b_addr = b.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in b.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let cfg = tcp_service(
+        listen,
+        &[a.addr, b_addr],
+        "[virtual_service.pass_through]\n[virtual_service.health_check]\ntype = \"tls\"\nhost = \"a.example\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n",
+        admin,
+    );
+    let _p = Proxy::start(&cfg, admin);
+    wait_until(Duration::from_secs(10), "A up, B down, by handshake", || {
+        server_status(admin, 0) == "up" && server_status(admin, 1) == "down"
+    });
+    let st = status(admin);
+    let detail = |i: usize| {
+        st["virtual_services"][0]["real_servers"][i]["last_check"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(detail(0).starts_with("TLS handshake succeeded (TLSv1_3)"), "{st}");
+    assert!(detail(1).starts_with("TLS handshake failed"), "{st}");
+    // clients only reach the server whose TLS answers
+    let client = pki::client_config(&ca);
+    for _ in 0..4 {
+        let s = tlsio::connect(listen, &client, "a.example").unwrap();
+        let (r, _) = tlsio::request(s, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        assert!(r.text().contains('A'), "{}", r.text());
+    }
+    // the key is checked at load: an unknown type is refused with its field
+    let (ok, text, _) = check_config(&cfg.replace("type = \"tls\"", "type = \"ssl\""));
+    assert!(!ok && text.contains("health_check.type"), "{text}");
+}

@@ -235,6 +235,7 @@ impl CheckType {
             CheckType::Http => "http",
             CheckType::Https => "https",
             CheckType::Tcp => "tcp",
+            CheckType::Tls => "tls",
         }
     }
 }
@@ -388,6 +389,8 @@ pub enum CheckType {
     Http,
     Https,
     Tcp,
+    /// A TLS handshake, nothing sent after it (TLS real servers of tcp services).
+    Tls,
 }
 
 #[derive(Debug, Deserialize)]

@@ -233,7 +233,7 @@ pub const SECTIONS: &[Section] = &[
         also: "[virtual_service.sub_service.health_check]",
         doc: "Active checks of every real server of the pool, from shard 0; the result is shared by every shard.",
         keys: &[
-            k("type", "http | https | tcp", "https when re-encrypting, else http", "What a check does."),
+            k("type", "http | https | tcp | tls", "tcp on tcp services, https when re-encrypting, else http", "What a check does: an HTTP request (http, https), a TCP connect (tcp), or a TLS handshake and nothing more (tls: with the [reencrypt] settings when the service has them, else unverified, SNI from `host` or the real server's name)."),
             k("url", "string", "/", "Path requested by http and https checks."),
             k("port", "integer", "the real server's port", "Port checked."),
             k("interval", "duration", "5s", "Time between checks."),
