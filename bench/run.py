@@ -14,7 +14,9 @@ nginx. Results: bench/results/latest.{md,json} and one SVG latency plot per scen
 Scenarios: A plain keep-alive; B TLS both sides keep-alive (the Lync path); C a new TLS
 connection per request, re-encrypting; D 1 MiB responses; E idle connections' RSS (plain and
 TLS); F open-loop latency near HAProxy's capacity; R requests failed across reloads and
-binary upgrades at a fixed load.
+binary upgrades at a fixed load; H2 HTTP/2 clients (h2load, many streams per connection) to
+an HTTP/1.1 origin; P and P2 TLS passed through by SNI (layer 4), keep-alive and a new
+connection per request.
 """
 import argparse, json, os, shutil, signal, socket, ssl, statistics, subprocess, sys, tempfile, time
 
@@ -72,6 +74,13 @@ def tls_handshakes(admin_port):
         if line.startswith("edgeshard_tls_resumed_handshakes_total{"): resumed += float(line.rsplit(" ", 1)[1])
     return total, resumed
 
+def h2_requests(admin_port):
+    """edgeshard's own count of requests that came over HTTP/2, from /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith("edgeshard_requests_total{") and 'protocol="h2"' in l)
+
 def rss_kib(pids):
     t = 0
     for pid in pids:
@@ -105,6 +114,37 @@ def ensure(pkg, binary):
         print(f"  could not install {pkg}: {binary} left out of the comparison", flush=True)
     return ok
 
+def ensure_module():
+    """nginx's stream module (for P, P2), installed when missing."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "libnginx-mod-stream"], env=env, capture_output=True)
+    ok = os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so")
+    if not ok:
+        print("  nginx's stream module is missing: nginx left out of P and P2", flush=True)
+    return ok
+
+def load_h2(a, url, seconds):
+    """h2load (nghttp2): 16 connections of 32 concurrent streams each, for `seconds`; the
+    protocol it negotiated is checked (a fall back to HTTP/1.1 would measure something else)."""
+    log = os.path.join(a.tmp, "h2load.log")
+    nload = len(a.load_cores.split(","))
+    argv = ["taskset", "-c", a.load_cores, "h2load", "-c", "16", "-m", "32", "-t", str(nload),
+            "-D", f"{int(seconds * 1000)}ms", "--log-file", log, url]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    out = r.stdout
+    if "Application protocol: h2" not in out:
+        raise SystemExit(f"h2load did not speak h2 to {url}:\n{out}{r.stderr}")
+    done = ok = 0
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            f = line.replace(",", "").split()
+            # requests: N total, N started, N done, N succeeded, N failed, ...
+            done, ok = int(f[5]), int(f[7])
+    lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.count("\t") >= 2)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000 if lat else None
+    return {"requests": done, "rps": done / seconds, "errors": {"failed": done - ok},
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "p99_9": pct(0.999)}, "histogram_us": []}
+
 class Systems:
     """Origins and the proxies under test, all started at once, all stopped at the end."""
     def __init__(self, a, tmp):
@@ -133,7 +173,7 @@ class Systems:
             self.start_haproxy()
         if not a.no_nginx and ensure("nginx-light", "nginx"):
             self.start_nginx()
-        self.ports["direct"] = {"plain": self.o_small, "tls": self.o_tls, "big": self.o_big}
+        self.ports["direct"] = {"plain": self.o_small, "tls": self.o_tls, "big": self.o_big, "pass": self.o_tls}
 
     def spawn(self, argv, **k):
         log = open(os.path.join(self.tmp, f"{os.path.basename(argv[0])}-{len(self.procs)}.log"), "w")
@@ -168,10 +208,33 @@ name = "big"
 listen = "127.0.0.1:{p["big"]}"
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_big}"
+[[virtual_service]]
+name = "h2"
+listen = "127.0.0.1:{p["h2"]}"
+# h2load keeps 512 streams in flight: as many idle upstream connections kept (HAProxy keeps
+# every one, nginx as many as keepalive says)
+pool_size = 512
+[virtual_service.tls]
+certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
+[[virtual_service.real_server]]
+address = "127.0.0.1:{self.o_small}"
+[[virtual_service]]
+name = "pass"
+listen = "127.0.0.1:{p["pass"]}"
+mode = "tcp"
+[virtual_service.pass_through]
+route_by_sni = true
+[[virtual_service.real_server]]
+address = "127.0.0.1:{self.o_tls}"
+[[virtual_service.sub_service]]
+name = "bench"
+hosts = ["bench.example"]
+[[virtual_service.sub_service.real_server]]
+address = "127.0.0.1:{self.o_tls}"
 '''
 
     def start_edgeshard(self, name, binary, extra=()):
-        p = {"plain": port(), "tls": port(), "big": port(), "admin": port()}
+        p = {"plain": port(), "tls": port(), "big": port(), "h2": port(), "pass": port(), "admin": port()}
         path = os.path.join(self.tmp, f"{name}.toml")
         open(path, "w").write(self.edgeshard_cfg(p))
         proc = self.spawn([binary, "run", "--config", path, *extra])
@@ -210,10 +273,23 @@ frontend big
   default_backend big
 backend big
   server s 127.0.0.1:{self.o_big}
+frontend h2
+  bind 127.0.0.1:{p["h2"]} ssl crt {os.path.join(self.tmp, "both.pem")} alpn h2,http/1.1
+  default_backend plain
+frontend pass
+  mode tcp
+  bind 127.0.0.1:{p["pass"]}
+  tcp-request inspect-delay 5s
+  tcp-request content accept if {{ req_ssl_hello_type 1 }}
+  use_backend pass if {{ req_ssl_sni -i bench.example }}
+  default_backend pass
+backend pass
+  mode tcp
+  server s 127.0.0.1:{self.o_tls}
 '''
 
     def start_haproxy(self, name="haproxy", extra=()):
-        p = {"plain": port(), "tls": port(), "big": port()}
+        p = {"plain": port(), "tls": port(), "big": port(), "h2": port(), "pass": port()}
         path = os.path.join(self.tmp, f"{name}.cfg")
         open(path, "w").write(self.haproxy_cfg(p))
         proc = self.spawn(["haproxy", *extra, "-f", path])
@@ -226,11 +302,20 @@ backend big
         cores = self.a.proxy_cores.split(",")
         ncpu = os.cpu_count() or 1
         masks = " ".join("".join("1" if i == int(c) else "0" for i in reversed(range(ncpu))) for c in cores)
-        up = lambda name, o: f"upstream {name} {{ server 127.0.0.1:{o} weight={weight}; keepalive 64; }}"
+        # 512: the streams h2load keeps in flight (H2); more than enough for the others
+        up = lambda name, o: f"upstream {name} {{ server 127.0.0.1:{o} weight={weight}; keepalive 512; }}"
         loc = lambda scheme, name: (f"location / {{ proxy_pass {scheme}://{name}; proxy_http_version 1.1; "
                                     f"proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; "
                                     f"proxy_ssl_server_name on; proxy_ssl_name bench.example; }}")
-        return f'''worker_processes {len(cores)};
+        stream_mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
+        stream = (f"""stream {{
+  upstream pass {{ server 127.0.0.1:{self.o_tls}; }}
+  map $ssl_preread_server_name $pass_to {{ bench.example pass; default pass; }}
+  server {{ listen 127.0.0.1:{p["pass"]}; ssl_preread on; proxy_pass $pass_to; }}
+}}""" if "pass" in p else "")
+        load = f"load_module {stream_mod};" if "pass" in p else ""
+        return f'''{load}
+worker_processes {len(cores)};
 worker_cpu_affinity {masks};
 worker_rlimit_nofile 65536;
 daemon off;
@@ -247,11 +332,17 @@ http {{
   server {{ listen 127.0.0.1:{p["tls"]} ssl; ssl_certificate {self.cert}; ssl_certificate_key {self.key};
            ssl_session_cache shared:S:10m; {loc("https", "tls")} }}
   server {{ listen 127.0.0.1:{p["big"]}; {loc("http", "big")} }}
+  server {{ listen 127.0.0.1:{p["h2"]} ssl http2; ssl_certificate {self.cert}; ssl_certificate_key {self.key};
+           {loc("http", "plain")} }}
 }}
+{stream}
 '''
 
     def start_nginx(self, name="nginx"):
-        p = {"plain": port(), "tls": port(), "big": port()}
+        p = {"plain": port(), "tls": port(), "big": port(), "h2": port()}
+        # layer 4 needs the stream module (libnginx-mod-stream on Debian)
+        if os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so") or ensure_module():
+            p["pass"] = port()
         path = os.path.join(self.tmp, f"{name}.conf")
         open(path, "w").write(self.nginx_cfg(p, name))
         proc = self.spawn(["nginx", "-c", path])
@@ -288,11 +379,17 @@ SCEN = {
     "C": ("a new TLS connection per request, full handshake (no resumption), re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--sni", "bench.example"]),
     "C2": ("a new TLS connection per request, resumed handshake, re-encrypting", "tls", "https", ["--connections", "16", "--new-connection", "--resume", "--sni", "bench.example"]),
     "D": ("1 MiB responses", "big", "http", ["--connections", "8"]),
+    "H2": ("HTTP/2 clients (h2load: 16 connections x 32 streams), TLS, HTTP/1.1 to the origin", "h2", "https", None),
+    # P, P2: the proxy relays the TLS bytes untouched (the origin terminates): its work is the
+    # ClientHello's SNI, the choice and the relay
+    "P": ("TLS passed through by SNI (layer 4), keep-alive", "pass", "https", ["--connections", "32", "--sni", "bench.example"]),
+    "P2": ("TLS passed through by SNI (layer 4), a new connection per request", "pass", "https", ["--connections", "16", "--new-connection", "--sni", "bench.example"]),
 }
 
 def run_throughput(a, sysm, key, results):
     title, kind, scheme, extra = SCEN[key]
-    names = [n for n in ("edgeshard", "baseline", "haproxy", "nginx", "direct") if n in sysm.ports]
+    names = [n for n in ("edgeshard", "baseline", "haproxy", "nginx", "direct")
+             if kind in sysm.ports.get(n, {})]
     rounds = {n: [] for n in names}
     for r in range(a.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -302,7 +399,11 @@ def run_throughput(a, sysm, key, results):
             admin = sysm.ports[n].get("admin")
             h0 = tls_handshakes(admin) if admin and kind == "tls" else None
             (u0, k0) = cpu_split(pids)
-            v = load(a, url, a.slice, extra)
+            e0 = h2_requests(admin) if admin and key == "H2" else None
+            v = load_h2(a, url, a.slice) if extra is None else load(a, url, a.slice, extra)
+            if e0 is not None and h2_requests(admin) - e0 < v["requests"]:
+                # checked from the server side: each request came as an HTTP/2 stream
+                raise SystemExit(f"{n}: fewer HTTP/2 requests counted than h2load sent")
             (u1, k1) = cpu_split(pids)
             hz = os.sysconf("SC_CLK_TCK")
             cpu_s = (u1 + k1 - u0 - k0) / hz
@@ -482,7 +583,7 @@ def report(a, results, meta):
     lines = [f"# edgeshard bench — {meta['date']}", "", f"Machine: {meta['machine']}. Proxy cores {a.proxy_cores}, load and origins on {a.load_cores}. "
              f"{a.rounds} rounds of {a.slice} s slices per system, order rotated. Versions: {meta['versions']}.", "",
              f"Command: `{meta['command']}`", ""]
-    for key in ("A", "B", "C", "C2", "D", "F", "F2"):
+    for key in ("A", "B", "C", "C2", "D", "H2", "P", "P2", "F", "F2"):
         if key not in results: continue
         r = results[key]
         lines += [f"## {key}: {r['title']}", "", "| system | req/s (median, min–max) | CPU µs per request | of it user space | p50 ms | p99 ms | p99.9 ms | errors |", "|---|---|---|---|---|---|---|---|"]
@@ -555,7 +656,7 @@ def svg(key, r, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="A,B,C,C2,D,E,F,R")
+    ap.add_argument("--scenarios", default="A,B,C,C2,D,H2,P,P2,E,F,R")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slice", type=float, default=2.0, help="seconds of load per system per round")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections for scenario E (mind the open-files limit)")
@@ -593,6 +694,8 @@ def run_all(a, ncpu):
     results = {}
     try:
         for key in a.scenarios.split(","):
+            if key == "H2" and not ensure("nghttp2-client", "h2load"):
+                continue
             print(f"scenario {key} …", flush=True)
             if key in SCEN: run_throughput(a, sysm, key, results)
             elif key == "F": run_open_loop(a, sysm, results)

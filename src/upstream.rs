@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 /// A connection to a real server: plain, or re-encrypted.
 pub type UpStream = crate::net::Stream<TlsStream<Socket>>;
 
-/// The socket under a real server's stream.
-fn socket(stream: &UpStream) -> &Socket {
+/// The socket under a real server's stream (a real server is never an in-process link).
+fn socket(stream: &UpStream) -> Option<&Socket> {
     match stream {
-        UpStream::Plain(s) => s,
-        UpStream::Tls(s) => s.get_ref().0,
+        UpStream::Plain(s) => Some(s),
+        UpStream::Tls(s) => Some(s.get_ref().0),
+        UpStream::Link(_) => None,
     }
 }
 
@@ -90,7 +91,9 @@ const TRUST_QUIET: Duration = Duration::from_secs(1);
 /// shard's poller has seen nothing arrive on since its last read is clean without asking
 /// the kernel, unless it has idled long enough for a server's own idle close to be likely.
 fn is_clean(stream: &UpStream, idle: Duration) -> bool {
-    let sock = socket(stream);
+    let Some(sock) = socket(stream) else {
+        return false;
+    };
     if idle < TRUST_QUIET && !sock.may_be_readable() {
         return true;
     }

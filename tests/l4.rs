@@ -617,9 +617,11 @@ fn tls_health_checks_complete_a_handshake() {
         admin,
     );
     let _p = Proxy::start(&cfg, admin);
-    wait_until(Duration::from_secs(10), "A up, B down, by handshake", || {
-        server_status(admin, 0) == "up" && server_status(admin, 1) == "down"
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "A up, B down, by handshake",
+        || server_status(admin, 0) == "up" && server_status(admin, 1) == "down",
+    );
     let st = status(admin);
     let detail = |i: usize| {
         st["virtual_services"][0]["real_servers"][i]["last_check"]["detail"]
@@ -627,7 +629,10 @@ fn tls_health_checks_complete_a_handshake() {
             .unwrap_or("")
             .to_string()
     };
-    assert!(detail(0).starts_with("TLS handshake succeeded (TLSv1_3)"), "{st}");
+    assert!(
+        detail(0).starts_with("TLS handshake succeeded (TLSv1_3)"),
+        "{st}"
+    );
     assert!(detail(1).starts_with("TLS handshake failed"), "{st}");
     // clients only reach the server whose TLS answers
     let client = pki::client_config(&ca);

@@ -2,6 +2,7 @@
 //! SO_REUSEPORT so the kernel spreads connections over shards), accepted and connected
 //! streams, and their readiness (`poller`). No HTTP here.
 
+pub mod link;
 mod poller;
 
 use poller::{Key, Poller};
@@ -517,6 +518,8 @@ impl futures_lite::AsyncWrite for &Socket {
 pub enum Stream<T> {
     Plain(Socket),
     Tls(Box<T>),
+    /// An in-process link (an HTTP/2 stream's request, to the request path).
+    Link(link::End),
 }
 
 impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Stream<T> {
@@ -528,6 +531,7 @@ impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Stream<T> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Link(l) => Pin::new(l).poll_read(cx, buf),
         }
     }
 }
@@ -541,18 +545,21 @@ impl<T: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for Stream<T>
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Link(l) => Pin::new(l).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Link(l) => Pin::new(l).poll_flush(cx),
         }
     }
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_close(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Stream::Link(l) => Pin::new(l).poll_close(cx),
         }
     }
 }

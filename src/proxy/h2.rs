@@ -1,7 +1,7 @@
 //! HTTP/2 on the client side (ALPN `h2` on TLS services), with the `h2` crate over the
 //! shard's own TLS stream (its I/O traits adapted below; no tokio runtime runs).
 //!
-//! Each stream becomes one HTTP/1.1 request on an in-process Unix socket pair, served by the
+//! Each stream becomes one HTTP/1.1 request on an in-process link (`net::link`), served by the
 //! very same request path as an HTTP/1.1 connection: routing, ESP, access lists and limits,
 //! header rules, persistence, retries, timeouts and the logs never differ by protocol. This
 //! side only translates: the request's pseudo-headers to a request line and Host, DATA to a
@@ -13,7 +13,7 @@ use crate::client::{Client, ClientStream, ConnFacts};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::parse::{parse_response, Method as H1Method};
 use crate::http::{BodyKind, Buf};
-use crate::net::Socket;
+use crate::net::link;
 use crate::shard::accept::ClientGuard;
 use crate::shard::Shard;
 use bytes::Bytes;
@@ -44,7 +44,81 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 /// rustls-over-glommio streams speak futures-io; the `h2` crate speaks tokio's I/O traits.
 /// The bytes going by are shown to the flood meter. The stream is shared so that it outlives
 /// the h2 connection for a lingering close.
-struct Compat(Rc<RefCell<ClientStream>>, Rc<Meter>);
+///
+/// Writes are gathered until the h2 layer flushes: it writes each frame header and payload
+/// separately, and each write into the TLS stream would otherwise be a TLS record and a
+/// send(2) of its own.
+struct Compat {
+    io: Rc<RefCell<ClientStream>>,
+    meter: Rc<Meter>,
+    out: Vec<u8>,
+    /// How much of `out` the TLS stream has taken.
+    out_sent: usize,
+}
+
+/// Bytes gathered before they must go out, whether the h2 layer flushed or not.
+const GATHER: usize = 64 * 1024;
+
+impl Compat {
+    fn new(io: Rc<RefCell<ClientStream>>, meter: Rc<Meter>) -> Compat {
+        Compat {
+            io,
+            meter,
+            out: Vec::new(),
+            out_sent: 0,
+        }
+    }
+
+    /// Everything gathered into the TLS stream.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_sent < self.out.len() {
+            let mut io = self.io.borrow_mut();
+            match futures_lite::AsyncWrite::poll_write(
+                Pin::new(&mut *io),
+                cx,
+                &self.out[self.out_sent..],
+            ) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.out_sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out.clear();
+        self.out_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Take what fits of `bufs` (after draining a full gather buffer).
+    fn gather(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.out.len() >= GATHER {
+            if let Poll::Ready(Err(e)) = self.drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if !self.out.is_empty() {
+                return Poll::Pending;
+            }
+        }
+        let mut taken = 0;
+        for b in bufs {
+            let n = b.len().min(GATHER.saturating_sub(self.out.len()));
+            if n == 0 {
+                break;
+            }
+            self.out.extend_from_slice(&b[..n]);
+            self.meter.sent(&b[..n]);
+            taken += n;
+            if n < b.len() {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
 
 impl tokio::io::AsyncRead for Compat {
     fn poll_read(
@@ -53,15 +127,15 @@ impl tokio::io::AsyncRead for Compat {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.1.tripped().is_some() {
+        if this.meter.tripped().is_some() {
             // an abuser's further frames are not read: the connection is being closed
             return Poll::Pending;
         }
         let dst = buf.initialize_unfilled();
-        let mut io = this.0.borrow_mut();
+        let mut io = this.io.borrow_mut();
         match futures_lite::AsyncRead::poll_read(Pin::new(&mut *io), cx, dst) {
             Poll::Ready(Ok(n)) => {
-                this.1.received(&dst[..n]);
+                this.meter.received(&dst[..n]);
                 buf.advance(n);
                 Poll::Ready(Ok(()))
             }
@@ -77,18 +151,33 @@ impl tokio::io::AsyncWrite for Compat {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = futures_lite::AsyncWrite::poll_write(Pin::new(&mut *this.0.borrow_mut()), cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.1.sent(&buf[..n]);
-        }
-        r
+        self.get_mut().gather(cx, &[io::IoSlice::new(buf)])
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().gather(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_lite::AsyncWrite::poll_flush(Pin::new(&mut *self.0.borrow_mut()), cx)
+        let this = self.get_mut();
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        futures_lite::AsyncWrite::poll_flush(Pin::new(&mut *this.io.borrow_mut()), cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_lite::AsyncWrite::poll_close(Pin::new(&mut *self.0.borrow_mut()), cx)
+        let this = self.get_mut();
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        futures_lite::AsyncWrite::poll_close(Pin::new(&mut *this.io.borrow_mut()), cx)
     }
 }
 
@@ -117,7 +206,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
     }
     let handshake = crate::io::timeout(vs.request_timeout, async {
         builder
-            .handshake::<_, Bytes>(Compat(io.clone(), meter.clone()))
+            .handshake::<_, Bytes>(Compat::new(io.clone(), meter.clone()))
             .await
             .map_err(io::Error::other)
     });
@@ -413,20 +502,13 @@ impl Link {
         head.extend_from_slice(b"Connection: close\r\n\r\n");
         let head_only = parts.method == http::Method::HEAD;
 
-        let (mine, theirs) = match Socket::pair() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("HTTP/2 stream: no socket pair: {e}");
-                let _ = respond.send_response(status_only(503), true);
-                return;
-            }
-        };
+        let (mine, theirs) = link::pair();
         // each stream takes the configuration current when it starts (a reload since the
         // connection opened applies to its next streams, as to an HTTP/1.1 connection's)
         let shard = self.shard.current();
         let guard = ClientGuard::uncounted(&shard, self.facts.vs_slot, self.facts.peer.ip());
         let link = Client {
-            stream: ClientStream::Plain(theirs),
+            stream: ClientStream::Link(theirs),
             facts: link_facts(&self.facts),
             guard,
         };
@@ -503,7 +585,7 @@ fn status_only(status: u16) -> http::Response<()> {
 
 /// Read the request path's HTTP/1.1 answer from the link and send it as HEADERS and DATA.
 async fn relay_response(
-    link: &Socket,
+    link: &link::End,
     respond: &mut h2::server::SendResponse<Bytes>,
     head_only: bool,
     window_wait: Duration,

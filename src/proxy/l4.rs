@@ -257,6 +257,7 @@ fn reset_on_close(stream: &ClientStream) {
     let fd = match stream {
         ClientStream::Plain(s) => s.as_raw_fd(),
         ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
+        ClientStream::Link(_) => return,
     };
     let linger = libc::linger {
         l_onoff: 1,
@@ -280,6 +281,7 @@ fn local_addr(stream: &ClientStream) -> Option<SocketAddr> {
     let fd = match stream {
         ClientStream::Plain(s) => s.as_raw_fd(),
         ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
+        ClientStream::Link(_) => return None,
     };
     // SAFETY: a borrowed view of the connection's fd, only to ask its local address; the
     // view is never closed.
