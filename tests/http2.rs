@@ -290,6 +290,18 @@ fn request_bodies_and_a_large_response() {
         out.starts_with("HTTP/2 200") && out.contains("content-length: 4194304"),
         "{out}"
     );
+    // the connection records count the frames' bytes: the 4 MiB one's at least the body
+    wait_until(
+        Duration::from_secs(5),
+        "the 4 MiB connection's record",
+        || {
+            log(&s, "conn.log").iter().any(|r| {
+                r["event"] == "close"
+                    && r["bytes_out"].as_u64().unwrap_or(0) > 4 << 20
+                    && r["bytes_in"].as_u64().unwrap_or(0) > 0
+            })
+        },
+    );
 }
 
 #[test]

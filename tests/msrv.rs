@@ -15,7 +15,10 @@ fn version(v: &str) -> (u64, u64, u64) {
 fn rust_version_covers_every_locked_dependency() {
     // the host's packages only: another platform's (Windows console crates) need not be in
     // the local cache, and offline they could not be fetched
-    let rustc = Command::new("rustc").arg("-vV").output().expect("rustc -vV");
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
     let host = String::from_utf8_lossy(&rustc.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))

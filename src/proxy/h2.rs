@@ -342,6 +342,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         }
     };
     record_malformed(&shard, &facts, &meter);
+    (facts.bytes_in, facts.bytes_out) = meter.bytes();
     if reason == "abuse" || reason == "error" {
         // frames still in flight from the client would turn our close into a reset that
         // overtakes the GOAWAY

@@ -266,6 +266,8 @@ pub struct Meter {
     tripped: Cell<Option<Abuse>>,
     /// Streams the h2 layer reset as malformed, not yet recorded.
     malformed: Cell<u32>,
+    /// Bytes read from and written to the client (HTTP/2 frames, after TLS).
+    bytes: Cell<(u64, u64)>,
     /// The type of the last frame read.
     last_kind: Cell<u8>,
     waker: Cell<Option<Waker>>,
@@ -284,6 +286,7 @@ impl Meter {
             outbound: RefCell::new(Scanner::server()),
             tripped: Cell::new(None),
             malformed: Cell::new(0),
+            bytes: Cell::new((0, 0)),
             last_kind: Cell::new(u8::MAX),
             waker: Cell::new(None),
         }
@@ -318,8 +321,15 @@ impl Meter {
         }
     }
 
+    /// (read from, written to) the client so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.bytes.get()
+    }
+
     /// Bytes read from the client.
     pub fn received(&self, data: &[u8]) {
+        let (i, o) = self.bytes.get();
+        self.bytes.set((i + data.len() as u64, o));
         if self.tripped.get().is_some() || data.is_empty() {
             return;
         }
@@ -390,6 +400,8 @@ impl Meter {
     /// Bytes written to the client: each DATA frame sent explains a WINDOW_UPDATE or two;
     /// a stream reset with PROTOCOL_ERROR is a malformed request the h2 layer refused.
     pub fn sent(&self, data: &[u8]) {
+        let (i, o) = self.bytes.get();
+        self.bytes.set((i, o + data.len() as u64));
         let mut frames = 0u32;
         let mut malformed = 0u32;
         self.outbound.borrow_mut().scan(data, |f| {
