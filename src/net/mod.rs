@@ -311,30 +311,6 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
 pub struct Socket(Registered);
 
 impl Socket {
-    /// A connected pair of Unix stream sockets on this shard's poller: the in-process link
-    /// between an HTTP/2 stream and the HTTP/1.1 request path.
-    pub fn pair() -> io::Result<(Socket, Socket)> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: socketpair fills two fds we then own.
-        let rc = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created and are owned from here on.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok((
-            Socket(Registered::new(a, false, true)?),
-            Socket(Registered::new(b, false, true)?),
-        ))
-    }
-
     /// Look at the bytes waiting without taking them: returns once more than `seen` are
     /// there (or at EOF: 0). Reading a PROXY header this way leaves what follows it where
     /// the TLS handshake or the HTTP reader will find it.
