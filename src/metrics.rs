@@ -49,6 +49,8 @@ pub struct ServiceCounters {
     pub h2_abuse: [Cell<u64>; 8],
     /// HTTP/2 streams the h2 layer reset as malformed requests.
     pub h2_malformed: Cell<u64>,
+    /// Response body bytes moved socket to socket by splice (never in user space).
+    pub spliced_bytes: Cell<u64>,
 }
 
 #[derive(Default)]
@@ -92,6 +94,7 @@ impl ServiceCounters {
             &self.h2_requests,
             &self.h2_connections,
             &self.h2_malformed,
+            &self.spliced_bytes,
         ] {
             c.set(0);
         }
@@ -237,6 +240,7 @@ impl ShardMetrics {
                     h2_connections: s.h2_connections.get(),
                     h2_abuse: s.h2_abuse.each_ref().map(get),
                     h2_malformed: s.h2_malformed.get(),
+                    spliced_bytes: s.spliced_bytes.get(),
                     latency: h.borrow().clone().unwrap_or_else(histogram),
                 })
                 .collect(),
@@ -303,6 +307,7 @@ pub struct ServiceSnap {
     pub h2_connections: u64,
     pub h2_abuse: [u64; 8],
     pub h2_malformed: u64,
+    pub spliced_bytes: u64,
     pub latency: Histogram<u64>,
 }
 
@@ -362,6 +367,7 @@ pub fn merge(mut shards: Vec<MetricsSnapshot>) -> Merged {
             m.h2_requests += v.h2_requests;
             m.h2_connections += v.h2_connections;
             m.h2_malformed += v.h2_malformed;
+            m.spliced_bytes += v.spliced_bytes;
             for (x, y) in m.h2_abuse.iter_mut().zip(&v.h2_abuse) {
                 *x += y;
             }
@@ -435,6 +441,20 @@ pub fn prometheus(
         let _ = writeln!(
             o,
             "edgeshard_h2_connections_total{{service=\"{}\"}} {v}",
+            esc(&vs.name)
+        );
+    }
+    family(
+        &mut o,
+        "edgeshard_spliced_bytes_total",
+        "counter",
+        "Response body bytes moved from real server to client by splice, never copied to user space.",
+    );
+    for vs in &cfg.services {
+        let v = m.services.get(vs.slot).map_or(0, |s| s.spliced_bytes);
+        let _ = writeln!(
+            o,
+            "edgeshard_spliced_bytes_total{{service=\"{}\"}} {v}",
             esc(&vs.name)
         );
     }

@@ -445,6 +445,73 @@ fn large_responses_stream_through_bulk_buffers_and_the_upstream_connection_is_re
 }
 
 #[test]
+fn large_plain_bodies_move_by_splice_and_a_cut_is_a_cut() {
+    // `splice_response`, plain on both sides, beyond 256 KiB: socket → pipe → socket, then
+    // the same pooled upstream connection serves the next request
+    let big = Arc::new(pattern(5 * 1024 * 1024 + 3));
+    let b2 = big.clone();
+    let o = Origin::start(Arc::new(move |s: &Seen, w: &mut TcpStream| {
+        if s.request_line.starts_with("GET /cut") {
+            // promises 2 MiB, sends 1, then closes
+            let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 2 << 20);
+            let _ = w.write_all(&b2[..1 << 20]);
+            return Next::Close;
+        }
+        let body: &[u8] = if s.request_line.starts_with("GET /big") {
+            &b2
+        } else {
+            b"small"
+        };
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(body);
+        Next::KeepAlive
+    }));
+    let admin = local(free_port());
+    let listen = local(free_port());
+    let _p = Proxy::start(
+        &simple_config(
+            listen,
+            &[o.addr],
+            "splice_response = true\n",
+            &format!("[admin]\nlisten = \"{admin}\"\n"),
+        ),
+        listen,
+    );
+    let mut c = Client::connect(listen);
+    for round in 0..2 {
+        let r = c.request(&get("/big"));
+        assert!(r.body == *big, "round {round}: the body intact");
+        assert_eq!(c.request(&get("/small")).text(), "small");
+    }
+    let seen = o.requests();
+    assert!(
+        seen.iter().all(|s| s.conn == seen[0].conn),
+        "the upstream connection reused"
+    );
+    // nearly all of it never came up to user space (the head's first segment may)
+    let spliced = metrics(admin)["edgeshard_spliced_bytes_total{service=\"web\"}"];
+    assert!(
+        spliced > 2.0 * (big.len() as f64 - 300_000.0),
+        "spliced {spliced}"
+    );
+    // a real server that dies midway: the client's response is cut short, the proxy serves on
+    let mut cut = Client::connect(listen);
+    cut.send(&get("/cut"));
+    assert!(
+        cut.read(false).is_err(),
+        "a truncated body is not a response"
+    );
+    assert_eq!(
+        Client::connect(listen).request(&get("/small")).text(),
+        "small"
+    );
+}
+
+#[test]
 fn an_ipv6_service_accepts_and_forwards_the_client_address() {
     let o = Origin::ok("over v6");
     let listen: std::net::SocketAddr = format!("[::1]:{}", free_port()).parse().unwrap();

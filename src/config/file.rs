@@ -323,6 +323,8 @@ pub struct FileVirtualService {
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
     /// Also send an RFC 7239 Forwarded header (for=, proto=, host=).
     pub forwarded_header: Option<bool>,
+    /// Move large plain response bodies by splice(2).
+    pub splice_response: Option<bool>,
     /// IP access list, checked at accept (before TLS).
     pub access: Option<FileAccess>,
     /// Header rules on requests and responses, and HSTS.

@@ -304,6 +304,8 @@ pub struct VirtualService {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Add an RFC 7239 Forwarded header.
     pub forwarded_header: bool,
+    /// Large plain-to-plain response bodies move socket → pipe → socket (splice).
+    pub splice_response: bool,
     /// Who may connect (checked at accept, before TLS).
     pub access: Option<Access>,
     /// Header rules and HSTS (a sub-service's replace them for its requests).

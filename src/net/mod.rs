@@ -4,6 +4,7 @@
 
 pub mod link;
 mod poller;
+pub mod splice;
 
 use poller::{Key, Poller};
 use socket2::{Domain, Protocol, SockAddr, Socket as RawSocket, Type};
@@ -486,6 +487,20 @@ impl futures_lite::AsyncWrite for &Socket {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The plain socket under a stream, if it is one (what splice can move bytes between).
+pub trait AsPlain {
+    fn as_plain(&self) -> Option<&Socket>;
+}
+
+impl<T> AsPlain for Stream<T> {
+    fn as_plain(&self) -> Option<&Socket> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            _ => None,
+        }
     }
 }
 

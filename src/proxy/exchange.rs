@@ -4,6 +4,7 @@
 use super::*;
 use crate::http::rules::{HeaderRules, Vars};
 use crate::http::write::ResponseRules;
+use crate::net::AsPlain;
 
 /// How an exchange with a real server failed before the client saw any response byte.
 pub(super) enum Attempt {
@@ -140,7 +141,7 @@ pub(super) fn connect_error(
 /// idempotent request without a body (a reused pooled connection first gets one fresh try on
 /// the same server). An Err means the client has seen nothing yet and gets an error response.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
     shard: &Shard,
     vs: &VirtualService,
     client: &mut S,
@@ -273,7 +274,7 @@ pub(super) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 /// Write the request head and body upstream, then read the response head (skipping 1xx
 /// interim responses). On success the response head is parsed and `resp` describes it; the
 /// head bytes are still at the front of `up.buf`.
-pub(super) async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
     vs: &VirtualService,
     client: &mut S,
     cbuf: &mut Buf,
@@ -420,7 +421,7 @@ pub(super) async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Relay the response whose head is at the front of `up.buf` to the client.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
     shard: &Shard,
     vs: &VirtualService,
     client: &mut S,
@@ -478,6 +479,55 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         done.body_in += up_bytes;
         done.bytes_out += down_bytes;
         return Ok(done);
+    }
+    // A large body between two plain sockets moves socket → pipe → socket (splice): its
+    // bytes never come up to user space.
+    if let (BodyKind::Length(n), false, true) = (body, dechunk, vs.splice_response) {
+        if let (Some(from), Some(to)) = (up.stream.as_plain(), client.as_plain()) {
+            let buffered = (up.buf.len() as u64).min(n);
+            if n - buffered >= SPLICE_MIN {
+                if let Ok(pipe) = crate::net::splice::Pipe::take() {
+                    let head = buffered as usize;
+                    let mut w = to;
+                    if write_all(&mut w, &up.buf.filled()[..head], vs.client_write_timeout)
+                        .await
+                        .is_err()
+                    {
+                        return Ok(done);
+                    }
+                    up.buf.consume(head);
+                    let moved = crate::net::splice::relay(
+                        from,
+                        to,
+                        pipe,
+                        n - buffered,
+                        vs.upstream_body_timeout,
+                        vs.client_write_timeout,
+                    )
+                    .await;
+                    done.bytes_out += buffered;
+                    match moved {
+                        Ok(m) => {
+                            done.bytes_out += m;
+                            let c = &shard.metrics.services[vs.slot].spliced_bytes;
+                            c.set(c.get() + m);
+                        }
+                        Err(e) => {
+                            shard.diag("response relay failed", || {
+                                tracing::warn!(service = %vs.name, "response relay failed: {e:?}")
+                            });
+                            return Ok(done);
+                        }
+                    }
+                    // exactly the body was taken: the connection is in step
+                    if resp.reusable && !shard.is_closing() {
+                        shard.pools.checkin(up, vs.pool_size);
+                    }
+                    done.keep = keep_alive;
+                    return Ok(done);
+                }
+            }
+        }
     }
     // A large response streams through a bulk buffer lent by the shard; the connection
     // gets its own buffer back (with any bytes beyond the body) when it is done.

@@ -41,7 +41,9 @@ use route::*;
 
 /// Responses with a body this small go out in the same write as their head.
 const COALESCE_BODY: usize = 16 * 1024;
-/// How long a client that stopped reading may stall a write to it.
+/// Plain-to-plain response bodies at least this long (beyond what came with the head) move
+/// by splice: below it, the pipe's two system calls per round cost more than the copy.
+const SPLICE_MIN: u64 = 256 * 1024;
 /// A connection task's working memory: lent by the shard's pool for as long as the task
 /// runs (a parked connection has none), so requests in steady state allocate nothing here.
 #[derive(Default)]
