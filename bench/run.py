@@ -181,7 +181,7 @@ class Systems:
         self.procs.append(p)
         return p
 
-    def edgeshard_cfg(self, p, weight=1000):
+    def edgeshard_cfg(self, p, weight=1000, splice=False):
         cores = ", ".join(self.a.proxy_cores.split(","))
         return f'''[runtime]
 cores = [{cores}]
@@ -206,6 +206,7 @@ weight = {weight}
 [[virtual_service]]
 name = "big"
 listen = "127.0.0.1:{p["big"]}"
+{"splice_response = true" if splice else ""}
 [[virtual_service.real_server]]
 address = "127.0.0.1:{self.o_big}"
 [[virtual_service]]
@@ -236,7 +237,8 @@ address = "127.0.0.1:{self.o_tls}"
     def start_edgeshard(self, name, binary, extra=()):
         p = {"plain": port(), "tls": port(), "big": port(), "h2": port(), "pass": port(), "admin": port()}
         path = os.path.join(self.tmp, f"{name}.toml")
-        open(path, "w").write(self.edgeshard_cfg(p))
+        # --splice: this build's "big" service moves bodies by splice (a baseline runs as is)
+        open(path, "w").write(self.edgeshard_cfg(p, splice=self.a.splice and name == "edgeshard"))
         proc = self.spawn([binary, "run", "--config", path, *extra])
         for x in p.values():
             wait_port(x, proc=proc)
@@ -664,6 +666,7 @@ def main():
     ap.add_argument("--proxy-cores", default="0")
     ap.add_argument("--load-cores", default=None, help="default: every other CPU")
     ap.add_argument("--baseline", default=None, help="another edgeshard binary (an earlier build) run side by side as 'baseline'")
+    ap.add_argument("--splice", action="store_true", help="edgeshard's D service with splice_response = true")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks the runner works")
