@@ -26,6 +26,9 @@ fn origin() -> Origin {
         if s.request_line.starts_with("GET /slow ") {
             std::thread::sleep(Duration::from_millis(1500));
         }
+        if s.request_line.starts_with("GET /hang ") {
+            std::thread::sleep(Duration::from_secs(15));
+        }
         if s.request_line.contains(" /big ") {
             let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
             let _ = write!(
@@ -492,16 +495,22 @@ fn control_frame_floods_are_cut_counted_and_logged() {
         None,
     );
     assert_eq!(code, "200 2");
-    // counted once the answer is out: waited for, not assumed
-    wait_until(Duration::from_secs(5), "the request counted", || {
+    // counted once the answer is out: waited for, not assumed. Two: this one, and the empty
+    // DATA flood's upload, cancelled with its connection (a 499 in the access log)
+    wait_until(Duration::from_secs(5), "the requests counted", || {
         metrics(s.admin).get("edgeshard_requests_total{service=\"web\",protocol=\"h2\"}")
-            == Some(&1.0)
+            == Some(&2.0)
     });
-    let m = metrics(s.admin);
-    assert_eq!(
-        m["edgeshard_requests_total{service=\"web\",protocol=\"h2\"}"],
-        1.0
+    wait_until(
+        Duration::from_secs(5),
+        "the cancelled upload's record",
+        || {
+            log(&s, "access.log")
+                .iter()
+                .any(|r| r["status"] == 499 && r["path"] == "/upload")
+        },
     );
+    let m = metrics(s.admin);
     assert_eq!(
         m["edgeshard_requests_total{service=\"web\",protocol=\"http/1.1\"}"],
         0.0
@@ -652,6 +661,58 @@ fn malformed_streams_never_reach_the_origin() {
             let recs = log(&s, "sec.log");
             let n = |e: &str| recs.iter().filter(|r| r["event"] == e).count();
             n("h2_malformed_request") == 5 && n("h2_protocol_error") == 3
+        },
+    );
+}
+
+#[test]
+fn cancelled_streams_free_their_places_and_their_real_server_connections() {
+    let s = setup("");
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/cancel.py"))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+            "/hang",
+            "100",
+        ])
+        .output()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 100 streams cancelled while their real server takes 15 s: the next is answered at once
+    assert!(text.starts_with("after=200 "), "{text}");
+    let secs: f64 = text
+        .split("seconds=")
+        .nth(1)
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap();
+    assert!(secs < 5.0, "answered after {secs} s");
+    // the real server's connections for them were closed, their counts released
+    wait_until(
+        Duration::from_secs(5),
+        "no active upstream connection left",
+        || {
+            metrics(s.admin)
+                .iter()
+                .filter(|(k, _)| k.starts_with("edgeshard_real_server_active_connections{"))
+                .all(|(_, v)| *v == 0.0)
+        },
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "100 cancelled requests logged",
+        || {
+            log(&s, "access.log")
+                .iter()
+                .filter(|r| r["status"] == 499 && r["path"] == "/hang")
+                .count()
+                == 100
         },
     );
 }

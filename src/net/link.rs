@@ -106,6 +106,40 @@ impl End {
     }
 }
 
+/// Tells when the other end of a link has gone (dropped): the client of a cancelled stream.
+pub struct Watch {
+    dirs: Rc<RefCell<[Direction; 2]>>,
+    side: usize,
+}
+
+impl Watch {
+    /// Ready once the other end has been dropped.
+    pub fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut dirs = self.dirs.borrow_mut();
+        // the other end reads the direction this side writes; dropping it marks that
+        let d = &mut dirs[1 - self.side];
+        if d.reader_gone {
+            return Poll::Ready(());
+        }
+        d.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub async fn gone(&self) {
+        std::future::poll_fn(|cx| self.poll_gone(cx)).await
+    }
+}
+
+impl End {
+    /// A watch on the other end, usable while this end is borrowed elsewhere (or gone).
+    pub fn watch(&self) -> Watch {
+        Watch {
+            dirs: self.dirs.clone(),
+            side: self.side,
+        }
+    }
+}
+
 impl Drop for End {
     fn drop(&mut self) {
         self.shut_write();
@@ -200,6 +234,19 @@ mod tests {
             let (back, got) = future::zip(writer, reader).await;
             assert_eq!(got, data);
             assert_eq!(back, b"done");
+        });
+    }
+
+    #[test]
+    fn a_watch_sees_the_other_end_go() {
+        future::block_on(async {
+            let (a, b) = pair();
+            let w = a.watch();
+            assert!(future::poll_once(w.gone()).await.is_none());
+            drop(a);
+            assert!(future::poll_once(w.gone()).await.is_none(), "its own end");
+            drop(b);
+            w.gone().await;
         });
     }
 

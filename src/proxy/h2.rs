@@ -556,14 +556,15 @@ impl Link {
             Ok(()) => {}
             Err(CLIENT_RESET) => {
                 self.resets.set(self.resets.get() + 1);
-                // the stream keeps its place until the request path has let go of it
-                let mut sink = [0u8; 4096];
-                let mut r = &mine;
-                while let Ok(n) = r.read(&mut sink).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
+                // dropping our end tells the request path, which stops at once (its real
+                // server's connection closed); the stream keeps its place until it has
+                let watch = mine.watch();
+                drop(mine);
+                let _ = crate::io::timeout(Duration::from_secs(60), async {
+                    watch.gone().await;
+                    Ok(())
+                })
+                .await;
             }
             Err(why) => {
                 shard.diag("HTTP/2 stream failed", || {

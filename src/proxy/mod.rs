@@ -586,11 +586,34 @@ async fn serve_requests(
             .and_then(|i| vs.sub_services[i].headers.as_ref())
             .or(vs.headers.as_ref())
             .map(|r| (r, vars));
-        match Box::pin(exchange(
+        // An HTTP/2 stream the client cancels drops its end of the link: the exchange stops
+        // there (the real server's connection is closed, its count released), not when the
+        // real server is done.
+        let cancelled = match &*client {
+            ClientStream::Link(l) => Some(l.watch()),
+            _ => None,
+        };
+        let exchanged = Box::pin(exchange(
             shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server, retry, rules,
-        ))
-        .await
-        {
+        ));
+        let outcome = match cancelled {
+            None => exchanged.await,
+            Some(w) => {
+                let gone = async {
+                    w.gone().await;
+                    None
+                };
+                match futures_lite::future::or(gone, async { Some(exchanged.await) }).await {
+                    Some(r) => r,
+                    None => {
+                        // nginx's 499: the client closed the request before its answer
+                        conn.finish(499, Some(server), info.head_len as u64, 0);
+                        return Ended::Closed("client");
+                    }
+                }
+            }
+        };
+        match outcome {
             Ok((done, server)) => {
                 conn.finish(
                     done.status,
