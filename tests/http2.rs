@@ -719,3 +719,40 @@ fn cancelled_streams_free_their_places_and_their_real_server_connections() {
         },
     );
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cut_after_client_write_timeout() {
+    let s = setup_with("client_write_timeout = \"2s\"\n", "");
+    let mut stalled = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/stall.py"))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+            "/big",
+            "4",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    // its windows are open and it asked for 16 MiB: the stall is the socket's, not the
+    // streams'. Cut within the timeout (and a tick), not after idle_timeout and a grace.
+    let t = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled connection cut",
+        || {
+            log(&s, "conn.log")
+                .iter()
+                .any(|r| r["event"] == "close" && r["reason"] == "write_timeout")
+        },
+    );
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_eq!(
+        metrics(s.admin)["edgeshard_connections_active{service=\"web\"}"],
+        0.0
+    );
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+}

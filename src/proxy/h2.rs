@@ -79,11 +79,18 @@ impl Compat {
                 &self.out[self.out_sent..],
             ) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.out_sent += n,
+                Poll::Ready(Ok(n)) => {
+                    self.out_sent += n;
+                    self.meter.writing(true);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.meter.writing(false);
+                    return Poll::Pending;
+                }
             }
         }
+        self.meter.writing(true);
         self.out.clear();
         self.out_sent = 0;
         Poll::Ready(Ok(()))
@@ -313,6 +320,14 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             meter.trip(Abuse::RapidReset);
             continue;
         }
+        // a client that takes none of what is sent to it for client_write_timeout is cut,
+        // as an HTTP/1.1 one is (its streams' windows may be open: it just does not read)
+        if meter
+            .stalled_for()
+            .is_some_and(|d| d >= shard.config.services[facts.vs_idx].client_write_timeout)
+        {
+            break "write_timeout";
+        }
         if active.get() > 0 {
             idle_since = Instant::now();
         }
@@ -343,7 +358,13 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
     };
     record_malformed(&shard, &facts, &meter);
     (facts.bytes_in, facts.bytes_out) = meter.bytes();
-    if reason == "abuse" || reason == "error" {
+    if reason == "write_timeout" {
+        // what it never read goes nowhere: a reset frees it at once
+        drop(conn);
+        if let Ok(io) = Rc::try_unwrap(io) {
+            super::l4::reset_on_close(&io.into_inner());
+        }
+    } else if reason == "abuse" || reason == "error" {
         // frames still in flight from the client would turn our close into a reset that
         // overtakes the GOAWAY
         drop(conn);

@@ -268,6 +268,8 @@ pub struct Meter {
     malformed: Cell<u32>,
     /// Bytes read from and written to the client (HTTP/2 frames, after TLS).
     bytes: Cell<(u64, u64)>,
+    /// Since when bytes for the client have waited with no progress (it does not read).
+    stalled: Cell<Option<Instant>>,
     /// The type of the last frame read.
     last_kind: Cell<u8>,
     waker: Cell<Option<Waker>>,
@@ -287,6 +289,7 @@ impl Meter {
             tripped: Cell::new(None),
             malformed: Cell::new(0),
             bytes: Cell::new((0, 0)),
+            stalled: Cell::new(None),
             last_kind: Cell::new(u8::MAX),
             waker: Cell::new(None),
         }
@@ -319,6 +322,20 @@ impl Meter {
                 std::task::Poll::Pending
             }
         }
+    }
+
+    /// Writing to the client: waiting (`false`) or moving (`true`).
+    pub fn writing(&self, progress: bool) {
+        if progress {
+            self.stalled.set(None);
+        } else if self.stalled.get().is_none() {
+            self.stalled.set(Some(Instant::now()));
+        }
+    }
+
+    /// How long bytes for the client have waited without progress.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        self.stalled.get().map(|t| t.elapsed())
     }
 
     /// (read from, written to) the client so far.

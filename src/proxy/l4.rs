@@ -252,7 +252,7 @@ async fn refuse(shard: &Shard, client: Client, event: &str, why: &str) {
 }
 
 /// Make the socket's close send RST (SO_LINGER 0), so the client sees the stream was cut.
-fn reset_on_close(stream: &ClientStream) {
+pub(crate) fn reset_on_close(stream: &ClientStream) {
     use std::os::unix::io::AsRawFd;
     let fd = match stream {
         ClientStream::Plain(s) => s.as_raw_fd(),
