@@ -46,7 +46,7 @@ pub struct ServiceCounters {
     /// HTTP/2 connections accepted (ALPN h2).
     pub h2_connections: Cell<u64>,
     /// HTTP/2 connections closed for abuse, by `h2flood::Abuse::ALL` order.
-    pub h2_abuse: [Cell<u64>; 8],
+    pub h2_abuse: [Cell<u64>; 10],
     /// HTTP/2 streams the h2 layer reset as malformed requests.
     pub h2_malformed: Cell<u64>,
     /// Response body bytes moved socket to socket by splice (never in user space).
@@ -305,7 +305,7 @@ pub struct ServiceSnap {
     pub access_refusals: u64,
     pub h2_requests: u64,
     pub h2_connections: u64,
-    pub h2_abuse: [u64; 8],
+    pub h2_abuse: [u64; 10],
     pub h2_malformed: u64,
     pub spliced_bytes: u64,
     pub latency: Histogram<u64>,

@@ -226,6 +226,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
         }
     };
     let active = Rc::new(Cell::new(0usize));
+    let malformed_logged = Cell::new(0u32);
     let resets = Rc::new(Cell::new(0u64));
     let mut idle_since = Instant::now();
     let mut going_away: Option<Instant> = None;
@@ -312,7 +313,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             }
             None => {}
         }
-        record_malformed(&shard, &facts, &meter);
+        record_malformed(&shard, &facts, &meter, &malformed_logged);
         // Rapid reset (CVE-2023-44487): streams opened and cancelled in bulk cost the request
         // path work each; a connection that cancels most of what it asks is cut.
         let r = resets.get();
@@ -356,7 +357,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
             None => {}
         }
     };
-    record_malformed(&shard, &facts, &meter);
+    record_malformed(&shard, &facts, &meter, &malformed_logged);
     (facts.bytes_in, facts.bytes_out) = meter.bytes();
     if reason == "write_timeout" {
         // what it never read goes nowhere: a reset frees it at once
@@ -396,16 +397,23 @@ fn record_abuse(shard: &Shard, facts: &ConnFacts, kind: Abuse) {
     }
 }
 
+/// Malformed requests of one connection recorded one by one; beyond, only counted (a flood
+/// of them is cut by the meter, with a record of its own).
+const MALFORMED_RECORDS: u32 = 10;
+
 /// Streams the h2 layer refused as malformed requests (they never became a request): counted,
-/// and a security record each, as the request path's own refusals have.
-fn record_malformed(shard: &Shard, facts: &ConnFacts, meter: &Meter) {
-    let n = meter.take_malformed();
+/// and a security record each (the first few per connection), as the request path's own
+/// refusals have.
+fn record_malformed(shard: &Shard, facts: &ConnFacts, meter: &Meter, logged: &Cell<u32>) {
+    let mut n = meter.take_malformed();
     if n == 0 {
         return;
     }
     if let Some(c) = shard.metrics.services.get(facts.vs_slot) {
         c.h2_malformed.set(c.h2_malformed.get() + n as u64);
     }
+    n = n.min(MALFORMED_RECORDS.saturating_sub(logged.get()));
+    logged.set(logged.get() + n);
     let vs = &shard.config.services[facts.vs_idx];
     if vs.logging.security {
         for _ in 0..n {

@@ -22,10 +22,14 @@ pub enum Abuse {
     EmptyFrames,
     Continuation,
     ProtocolError,
+    /// Frames of types HTTP/2 does not define (to be ignored, but not without limit).
+    UnknownFrames,
+    /// Requests the h2 layer refused as malformed, beyond the budget.
+    MalformedFlood,
 }
 
 impl Abuse {
-    pub const ALL: [Abuse; 8] = [
+    pub const ALL: [Abuse; 10] = [
         Abuse::RapidReset,
         Abuse::Ping,
         Abuse::Settings,
@@ -34,6 +38,8 @@ impl Abuse {
         Abuse::EmptyFrames,
         Abuse::Continuation,
         Abuse::ProtocolError,
+        Abuse::UnknownFrames,
+        Abuse::MalformedFlood,
     ];
 
     /// The metric label and security-log event suffix.
@@ -47,6 +53,8 @@ impl Abuse {
             Abuse::EmptyFrames => "empty_frames",
             Abuse::Continuation => "continuation_flood",
             Abuse::ProtocolError => "protocol_error",
+            Abuse::UnknownFrames => "unknown_frames",
+            Abuse::MalformedFlood => "malformed_flood",
         }
     }
 
@@ -66,6 +74,8 @@ impl Abuse {
                 "a header block in too many CONTINUATION frames: connection closed"
             }
             Abuse::ProtocolError => "HTTP/2 protocol error: connection closed by the h2 layer",
+            Abuse::UnknownFrames => "frames of unknown types beyond the budget: connection closed",
+            Abuse::MalformedFlood => "malformed requests beyond the budget: connection closed",
         }
     }
 
@@ -80,6 +90,8 @@ impl Abuse {
             Abuse::EmptyFrames => "h2_empty_frames",
             Abuse::Continuation => "h2_continuation_flood",
             Abuse::ProtocolError => "h2_protocol_error",
+            Abuse::UnknownFrames => "h2_unknown_frames",
+            Abuse::MalformedFlood => "h2_malformed_flood",
         }
     }
 
@@ -99,8 +111,9 @@ const RST_STREAM: u8 = 3;
 /// itself never resets with it).
 const PROTOCOL_ERROR: u32 = 1;
 const CONTINUATION: u8 = 9;
+/// The highest frame type RFC 9113 defines.
+const LAST_KNOWN: u8 = CONTINUATION;
 const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
 /// The client connection preface that precedes its first frame.
@@ -245,6 +258,9 @@ struct Budgets {
     window_update: Bucket,
     priority: Bucket,
     empty: Bucket,
+    unknown: Bucket,
+    /// Spent by each request the h2 layer resets as malformed.
+    malformed: Bucket,
 }
 
 impl Budgets {
@@ -255,6 +271,8 @@ impl Budgets {
             window_update: Bucket::new(1000.0, 100.0),
             priority: Bucket::new(1000.0, 100.0),
             empty: Bucket::new(100.0, 10.0),
+            unknown: Bucket::new(100.0, 10.0),
+            malformed: Bucket::new(100.0, 10.0),
         }
     }
 }
@@ -302,14 +320,17 @@ impl Meter {
 
     /// What the h2 layer's own ENHANCE_YOUR_CALM answered, from the frames it had just read:
     /// a header block still open is a CONTINUATION flood, small DATA frames an empty-frame
-    /// flood, anything else its limits on reset streams.
+    /// flood, HEADERS its limit on streams it reset itself (malformed requests), anything
+    /// else its limit on streams the client reset.
     pub fn calm_cause(&self) -> Abuse {
         if self.inbound.borrow().4 {
             Abuse::Continuation
-        } else if self.last_kind.get() == DATA {
-            Abuse::EmptyFrames
         } else {
-            Abuse::RapidReset
+            match self.last_kind.get() {
+                DATA => Abuse::EmptyFrames,
+                HEADERS => Abuse::MalformedFlood,
+                _ => Abuse::RapidReset,
+            }
         }
     }
 
@@ -361,6 +382,8 @@ impl Meter {
             &mut b.window_update,
             &mut b.priority,
             &mut b.empty,
+            &mut b.unknown,
+            &mut b.malformed,
         ] {
             bucket.refill(secs);
         }
@@ -392,10 +415,13 @@ impl Meter {
                     f.len > 0 || f.flags & END_HEADERS != 0 || b.empty.spend()
                 }
                 DATA => f.len > 0 || f.flags & END_STREAM != 0 || b.empty.spend(),
-                PING => f.flags & ACK != 0 || b.ping.spend(),
-                SETTINGS => f.flags & ACK != 0 || b.settings.spend(),
+                // ACKs too: this side sends no PING and a SETTINGS or two, so a stream of
+                // ACKs answers nothing
+                PING => b.ping.spend(),
+                SETTINGS => b.settings.spend(),
                 WINDOW_UPDATE => b.window_update.spend(),
                 PRIORITY => b.priority.spend(),
+                k if k > LAST_KNOWN => b.unknown.spend(),
                 _ => true,
             };
             if !ok && found.is_none() {
@@ -404,6 +430,7 @@ impl Meter {
                     SETTINGS => Abuse::Settings,
                     WINDOW_UPDATE => Abuse::WindowUpdate,
                     PRIORITY => Abuse::Priority,
+                    k if k > LAST_KNOWN => Abuse::UnknownFrames,
                     _ => Abuse::EmptyFrames,
                 });
             }
@@ -431,6 +458,16 @@ impl Meter {
         });
         if malformed > 0 {
             self.malformed.set(self.malformed.get() + malformed);
+            let mut within = true;
+            {
+                let b = &mut self.inbound.borrow_mut().1;
+                for _ in 0..malformed {
+                    within &= b.malformed.spend();
+                }
+            }
+            if !within {
+                self.trip(Abuse::MalformedFlood);
+            }
         }
         if frames > 0 {
             self.inbound
@@ -507,12 +544,15 @@ mod tests {
     }
 
     #[test]
-    fn each_flood_is_named_and_acks_are_free() {
+    fn each_flood_is_named() {
         assert_eq!(flood(PING, 0, &[0; 8], 90), None);
         assert_eq!(flood(PING, 0, &[0; 8], 150), Some(Abuse::Ping));
-        assert_eq!(flood(PING, ACK, &[0; 8], 10_000), None);
+        // unsolicited ACKs count as well
+        assert_eq!(flood(PING, 1, &[0; 8], 150), Some(Abuse::Ping));
         assert_eq!(flood(SETTINGS, 0, &[], 150), Some(Abuse::Settings));
-        assert_eq!(flood(SETTINGS, ACK, &[], 10_000), None);
+        assert_eq!(flood(SETTINGS, 1, &[], 150), Some(Abuse::Settings));
+        assert_eq!(flood(0x42, 0, &[], 90), None);
+        assert_eq!(flood(0x42, 0, &[], 150), Some(Abuse::UnknownFrames));
         assert_eq!(
             flood(WINDOW_UPDATE, 0, &[0, 0, 0, 1], 1500),
             Some(Abuse::WindowUpdate)
