@@ -196,6 +196,8 @@ pub fn check(
 ) -> Result<(), Refusal> {
     let host = host.map(host_only);
     if let (Some(h), Some(s)) = (host, sni) {
+        // `web.example.` and `web.example` are one name (curl keeps the dot in Host only)
+        let h = h.strip_suffix(b".").unwrap_or(h);
         if !h.eq_ignore_ascii_case(s.trim_end_matches('.').as_bytes()) {
             return Err(Refusal::HostSniMismatch);
         }
@@ -326,6 +328,15 @@ mod tests {
                 &mut s
             ),
             Err(Refusal::HostSniMismatch)
+        );
+        // a trailing dot on either side names the same host
+        assert_eq!(
+            v(Some("meet.example."), Some("meet.example"), "/meet/x", &mut s),
+            Ok(())
+        );
+        assert_eq!(
+            v(Some("meet.example:443"), Some("meet.example."), "/meet/x", &mut s),
+            Ok(())
         );
         assert_eq!(
             v(Some("meet.example"), None, "/other", &mut s),
