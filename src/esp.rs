@@ -331,11 +331,21 @@ mod tests {
         );
         // a trailing dot on either side names the same host
         assert_eq!(
-            v(Some("meet.example."), Some("meet.example"), "/meet/x", &mut s),
+            v(
+                Some("meet.example."),
+                Some("meet.example"),
+                "/meet/x",
+                &mut s
+            ),
             Ok(())
         );
         assert_eq!(
-            v(Some("meet.example:443"), Some("meet.example."), "/meet/x", &mut s),
+            v(
+                Some("meet.example:443"),
+                Some("meet.example."),
+                "/meet/x",
+                &mut s
+            ),
             Ok(())
         );
         assert_eq!(

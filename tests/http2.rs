@@ -29,6 +29,16 @@ fn origin() -> Origin {
         if s.request_line.starts_with("GET /hang ") {
             std::thread::sleep(Duration::from_secs(15));
         }
+        if s.request_line.starts_with("GET /trailers ") {
+            let _ = w.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc123\r\nConnection: x\r\n\r\n",
+            );
+            return Next::KeepAlive;
+        }
+        if s.request_line.starts_with("GET /nocontent ") {
+            let _ = w.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n");
+            return Next::KeepAlive;
+        }
         if s.request_line.contains(" /big ") {
             let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
             let _ = write!(
@@ -287,6 +297,24 @@ fn request_bodies_and_a_large_response() {
     let got = std::fs::read(&file).unwrap();
     let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
     assert!(got == body, "4 MiB intact ({} bytes)", got.len());
+    // a chunked response's trailers arrive as HTTP/2 trailers (framing fields left out)
+    let out = curl(&s, &["-D", "-", &url(&s, "/trailers")], None);
+    assert!(out.contains("hello"), "{out}");
+    assert!(out.contains("x-checksum: abc123"), "trailers: {out}");
+    assert!(!out.contains("connection: x"), "{out}");
+    // a 204 goes without Content-Length (an HTTP/2 client refuses one there)
+    let code = curl(
+        &s,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url(&s, "/nocontent"),
+        ],
+        None,
+    );
+    assert_eq!(code, "204");
     // HEAD: the head alone
     let out = curl(&s, &["-I", &url(&s, "/big")], None);
     assert!(

@@ -662,7 +662,10 @@ async fn relay_response(
                     http::StatusCode::from_u16(p.info.status).map_err(|_| "invalid status code")?;
                 for h in p.headers {
                     let lower = h.name.to_ascii_lowercase();
-                    if hop_by_hop(&lower) || p.connection.lists(&lower) {
+                    // a 204 has no content, whatever its real server said (RFC 9110 8.6):
+                    // HTTP/2 clients refuse the stream otherwise
+                    let no_content_length = p.info.status == 204 && lower == "content-length";
+                    if hop_by_hop(&lower) || p.connection.lists(&lower) || no_content_length {
                         continue;
                     }
                     let (Ok(name), Ok(value)) = (
@@ -690,6 +693,8 @@ async fn relay_response(
         _ => None,
     };
     let mut chunks = matches!(framing, BodyKind::Chunked).then(ChunkedDecoder::new);
+    // a chunked body's framing since its last data: at its end, the last chunk and trailers
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         // what is buffered first, then more from the link
         while !buf.is_empty() {
@@ -697,6 +702,11 @@ async fn relay_response(
             let (data, used, done) = match &mut chunks {
                 Some(d) => {
                     let s = d.step(filled).map_err(|_| "bad chunked response")?;
+                    match s.data {
+                        Some(_) => tail.clear(),
+                        // bounded: the decoder refuses trailer sections over 8 KiB
+                        None => tail.extend_from_slice(&filled[..s.consumed]),
+                    }
                     let data = s.data.map(|(o, l)| &filled[o..o + l]).unwrap_or(&[]);
                     (data, s.consumed, s.done)
                 }
@@ -713,9 +723,12 @@ async fn relay_response(
             }
             buf.consume(used);
             if done {
-                return tx
-                    .send_data(Bytes::new(), true)
-                    .map_err(|_| "client reset the stream");
+                let trailers = chunks.is_some().then(|| trailer_fields(&tail)).flatten();
+                return match trailers {
+                    Some(t) => tx.send_trailers(t),
+                    None => tx.send_data(Bytes::new(), true),
+                }
+                .map_err(|_| "client reset the stream");
             }
             if used == 0 {
                 break;
@@ -733,6 +746,37 @@ async fn relay_response(
         }
         buf.advance(n);
     }
+}
+
+/// The trailer fields at the end of a chunked body's framing (`\r\n0\r\nName: value\r\n\r\n`),
+/// as HTTP/2 trailers; None when there are none. Fields that describe the framing or the
+/// connection are not carried over.
+fn trailer_fields(tail: &[u8]) -> Option<http::HeaderMap> {
+    let mut lines = tail
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    // past the last chunk's size line (`0`, maybe with extensions)
+    lines.find(|l| l.first() == Some(&b'0'))?;
+    let mut map = http::HeaderMap::new();
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&line[..colon])
+            .trim()
+            .to_ascii_lowercase();
+        if hop_by_hop(&name) || matches!(name.as_str(), "content-length" | "host" | "trailer") {
+            continue;
+        }
+        let value = line[colon + 1..].trim_ascii();
+        if let (Ok(n), Ok(v)) = (
+            http::header::HeaderName::from_bytes(name.as_bytes()),
+            http::header::HeaderValue::from_bytes(value),
+        ) {
+            map.append(n, v);
+        }
+    }
+    (!map.is_empty()).then_some(map)
 }
 
 /// Send `data` within the client's flow-control window (waiting for it, bounded).
