@@ -183,6 +183,7 @@ async fn probe(shard: &Shard, id: ServerId, hc: &HealthCheck) -> (bool, String) 
     let mut conn = match connect(id, addr, hc.timeout, tls).await {
         Ok(c) => c,
         Err(ConnectError::TimedOut) => return (false, "connect timed out".into()),
+        Err(ConnectError::TlsTimedOut) => return (false, "TLS handshake timed out".into()),
         Err(ConnectError::Refused(e)) => return (false, format!("connect failed: {e}")),
         Err(ConnectError::Tls(e)) => return (false, format!("TLS handshake failed: {e}")),
     };

@@ -29,6 +29,8 @@ fn socket(stream: &UpStream) -> Option<&Socket> {
 #[derive(Debug)]
 pub enum ConnectError {
     TimedOut,
+    /// Connected, but the TLS handshake did not finish in time.
+    TlsTimedOut,
     Refused(io::Error),
     /// The TLS handshake failed: certificate verification and the like.
     Tls(io::Error),
@@ -67,7 +69,7 @@ pub async fn connect(
             match crate::io::until(deadline, connector.connect(name.clone(), tcp)).await {
                 Ok(s) => UpStream::Tls(Box::new(s)),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(ConnectError::TimedOut)
+                    return Err(ConnectError::TlsTimedOut)
                 }
                 Err(e) => return Err(ConnectError::Tls(e)),
             }

@@ -609,18 +609,29 @@ fn tls_health_checks_complete_a_handshake() {
             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
         }
     });
+    // C takes connections and says nothing: the handshake times out, the connect did not
+    let c = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c_addr = c.local_addr().unwrap();
+    thread::spawn(move || {
+        let held: Vec<TcpStream> = c.incoming().filter_map(Result::ok).collect();
+        drop(held);
+    });
     let (listen, admin) = (local(free_port()), local(free_port()));
     let cfg = tcp_service(
         listen,
-        &[a.addr, b_addr],
+        &[a.addr, b_addr, c_addr],
         "[virtual_service.pass_through]\n[virtual_service.health_check]\ntype = \"tls\"\nhost = \"a.example\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n",
         admin,
     );
     let _p = Proxy::start(&cfg, admin);
     wait_until(
         Duration::from_secs(10),
-        "A up, B down, by handshake",
-        || server_status(admin, 0) == "up" && server_status(admin, 1) == "down",
+        "A up, B and C down, by handshake",
+        || {
+            server_status(admin, 0) == "up"
+                && server_status(admin, 1) == "down"
+                && server_status(admin, 2) == "down"
+        },
     );
     let st = status(admin);
     let detail = |i: usize| {
@@ -634,6 +645,7 @@ fn tls_health_checks_complete_a_handshake() {
         "{st}"
     );
     assert!(detail(1).starts_with("TLS handshake failed"), "{st}");
+    assert_eq!(detail(2), "TLS handshake timed out", "{st}");
     // clients only reach the server whose TLS answers
     let client = pki::client_config(&ca);
     for _ in 0..4 {

@@ -121,6 +121,9 @@ pub(super) fn connect_error(
         ConnectError::TimedOut => {
             ProxyError::upstream(504, "real server connect timed out").in_phase("connect")
         }
+        ConnectError::TlsTimedOut => {
+            ProxyError::upstream(504, "real server TLS handshake timed out").in_phase("tls")
+        }
         ConnectError::Refused(_) => {
             ProxyError::upstream(502, "real server refused the connection").in_phase("connect")
         }
