@@ -51,7 +51,8 @@ pub struct Bounds {
 
 /// Forward one body of `kind` from `src` (whose already-read bytes are in `buf`) to `dst`.
 /// With `dechunk`, a chunked body is sent as plain data (for HTTP/1.0 clients). Bytes after
-/// the body stay in `buf`. Returns the bytes written.
+/// the body stay in `buf`. Returns the bytes written, also kept in `sent` as they go (what a
+/// relay that failed midway did write).
 pub async fn relay_body<R, W>(
     src: &mut R,
     buf: &mut Buf,
@@ -59,6 +60,7 @@ pub async fn relay_body<R, W>(
     kind: BodyKind,
     dechunk: bool,
     bounds: Bounds,
+    sent: &mut u64,
 ) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
@@ -71,7 +73,7 @@ where
     } = bounds;
     // `max` (0: none) bounds the bytes relayed, chunk framing included.
     let over = |n: u64| max > 0 && n > max;
-    let mut sent = 0u64;
+    *sent = 0;
     match kind {
         BodyKind::None => {}
         BodyKind::Length(mut remaining) => {
@@ -85,7 +87,7 @@ where
                     .map_err(RelayError::Sink)?;
                 buf.consume(take);
                 remaining -= take as u64;
-                sent += take as u64;
+                *sent += take as u64;
             }
         }
         BodyKind::Chunked => {
@@ -100,7 +102,7 @@ where
                         write_all(dst, &buf.filled()[off..off + len], write_timeout)
                             .await
                             .map_err(RelayError::Sink)?;
-                        sent += len as u64;
+                        *sent += len as u64;
                     }
                     buf.consume(step.consumed);
                     if step.done {
@@ -108,14 +110,14 @@ where
                     }
                 } else {
                     let (n, done) = dec.advance(buf.filled()).map_err(RelayError::Framing)?;
-                    if over(sent + n as u64) {
+                    if over(*sent + n as u64) {
                         return Err(RelayError::TooLarge);
                     }
                     write_all(dst, &buf.filled()[..n], write_timeout)
                         .await
                         .map_err(RelayError::Sink)?;
                     buf.consume(n);
-                    sent += n as u64;
+                    *sent += n as u64;
                     if done {
                         break;
                     }
@@ -127,7 +129,7 @@ where
                 write_all(dst, buf.filled(), write_timeout)
                     .await
                     .map_err(RelayError::Sink)?;
-                sent += buf.len() as u64;
+                *sent += buf.len() as u64;
                 buf.clear();
             }
             let n = timeout(read_timeout, fill(src, buf))
@@ -138,7 +140,7 @@ where
             }
         },
     }
-    Ok(sent)
+    Ok(*sent)
 }
 
 /// One direction of a tunnel: bytes read from one side wait in `buf` until written.

@@ -608,3 +608,37 @@ fn header_rules_change_both_directions() {
         );
     }
 }
+
+#[test]
+fn a_reader_cut_by_client_write_timeout_is_logged_with_what_it_got() {
+    let body = Arc::new(pattern(64 * 1024 * 1024));
+    let b2 = body.clone();
+    let o = Origin::start(Arc::new(move |_s: &Seen, w: &mut TcpStream| {
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b2.len());
+        let _ = w.write_all(&b2);
+        Next::Close
+    }));
+    let listen = local(free_port());
+    let p = Proxy::start(
+        &simple_config(
+            listen,
+            &[o.addr],
+            "client_write_timeout = \"1s\"\n",
+            "[log]\nuser_access = \"access.log\"\n",
+        ),
+        listen,
+    );
+    // takes 1 MiB, then reads no more
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    s.read_exact(&mut got).unwrap();
+    wait_until(Duration::from_secs(10), "the cut request's record", || {
+        json_lines(&p.dir.join("access.log")).iter().any(|r| {
+            r["path"] == "/big"
+                && r["status"] == 200
+                && r["bytes_out"].as_u64().unwrap_or(0) >= 1 << 20
+        })
+    });
+}

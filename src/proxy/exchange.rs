@@ -316,6 +316,7 @@ pub(super) async fn send_and_receive<S: AsyncRead + AsyncWrite + Unpin + AsPlain
             write_timeout: vs.response_timeout,
             max: vs.max_body_size,
         },
+        &mut 0,
     )
     .await
     {
@@ -550,6 +551,7 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
     } else {
         None
     };
+    let mut written = 0;
     let relayed = relay_body(
         &mut up.stream,
         &mut up.buf,
@@ -561,6 +563,7 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
             write_timeout: vs.client_write_timeout,
             max: 0,
         },
+        &mut written,
     )
     .await;
     let mut in_step = true;
@@ -582,7 +585,9 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
         Ok(n) => done.bytes_out += n,
         Err(e) => {
             // The client has a partial response: all we can do is close (the truncation
-            // tells it). The upstream connection is dropped, never pooled.
+            // tells it). The upstream connection is dropped, never pooled. The record says
+            // what the client did get.
+            done.bytes_out += written;
             shard.diag(
                 "response relay failed",
                 || tracing::warn!(service = %vs.name, "response relay failed: {e:?}"),
