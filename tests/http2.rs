@@ -794,3 +794,85 @@ fn a_client_that_stops_reading_is_cut_after_client_write_timeout() {
     let _ = stalled.kill();
     let _ = stalled.wait();
 }
+
+#[test]
+fn h2c_by_prior_knowledge_on_a_plain_service() {
+    let o = origin();
+    let (listen, admin, plain) = (local(free_port()), local(free_port()), local(free_port()));
+    let cfg = format!(
+        "{}\n[[virtual_service]]\nname = \"h1only\"\nlisten = \"{plain}\"\n[[virtual_service.real_server]]\naddress = \"{}\"\n",
+        simple_config(
+            listen,
+            &[o.addr],
+            "h2c = true\n",
+            &format!("[admin]\nlisten = \"{admin}\"\n[log]\nuser_access = \"access.log\"\n"),
+        ),
+        o.addr
+    );
+    let p = Proxy::start(&cfg, admin);
+    let run = |addr: SocketAddr, path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "--http2-prior-knowledge", "--max-time", "10"])
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+            .arg(format!("http://web.example:{}{path}", addr.port()))
+            .args([
+                "--resolve",
+                &format!("web.example:{}:127.0.0.1", addr.port()),
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // many streams on one h2c connection, through the same request path
+    assert_eq!(run(listen, "/one"), "200 2");
+    // (h2load: curl 7.88's --parallel sends only the first of several h2c transfers)
+    let out = Command::new("h2load")
+        .args(["-n", "10", "-c", "1", "-m", "10"])
+        .arg(format!("http://127.0.0.1:{}/many", listen.port()))
+        .output()
+        .expect("h2load (tests/run installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+    assert!(text.contains("10 succeeded, 0 failed"), "{text}");
+    let seen = o.requests();
+    assert!(seen.iter().any(|r| r.request_line == "GET /one HTTP/1.1"));
+    assert_eq!(
+        seen.last().unwrap().header("X-Forwarded-Proto"),
+        Some("http")
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "h2c requests counted as HTTP/2",
+        || {
+            metrics(admin).get("edgeshard_requests_total{service=\"web\",protocol=\"h2\"}")
+                == Some(&11.0)
+        },
+    );
+    wait_until(Duration::from_secs(5), "their access records", || {
+        json_lines(&p.dir.join("access.log"))
+            .iter()
+            .filter(|r| r["protocol"] == "HTTP/2")
+            .count()
+            == 11
+    });
+    // HTTP/1.1 still works there; a service without h2c answers the preface with 505
+    assert_eq!(
+        common::client::one(listen, b"GET /h1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    assert_eq!(
+        common::client::one(plain, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").status,
+        505
+    );
+    // h2c on a TLS service is refused, with the field named
+    let ca = Ca::new("h2c CA");
+    let (cert, key) = ca
+        .leaf(&["web.example"], false)
+        .write(&tmpdir("h2c"), "web");
+    let (ok, text, _) = check_config(&format!(
+        "[[virtual_service]]\nlisten = \"127.0.0.1:1\"\nh2c = true\n[virtual_service.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n[[virtual_service.real_server]]\naddress = \"127.0.0.1:2\"\n",
+        cert.display(),
+        key.display()
+    ));
+    assert!(!ok && text.contains("h2c"), "{text}");
+}

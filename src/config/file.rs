@@ -325,6 +325,8 @@ pub struct FileVirtualService {
     pub forwarded_header: Option<bool>,
     /// Move large plain response bodies by splice(2).
     pub splice_response: Option<bool>,
+    /// HTTP/2 without TLS, by prior knowledge, on a plain service.
+    pub h2c: Option<bool>,
     /// IP access list, checked at accept (before TLS).
     pub access: Option<FileAccess>,
     /// Header rules on requests and responses, and HSTS.

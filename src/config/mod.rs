@@ -543,6 +543,7 @@ impl Validator<'_> {
                 trusted_proxies,
                 forwarded_header: vs.forwarded_header.unwrap_or(false),
                 splice_response: vs.splice_response.unwrap_or(false),
+                h2c: vs.h2c.unwrap_or(false),
                 access,
                 esp,
                 logging,
@@ -656,6 +657,12 @@ impl Validator<'_> {
             if vs.pass_through.is_some() {
                 return refuse("pass_through", "TLS pass-through needs mode = \"tcp\"");
             }
+            if vs.h2c == Some(true) && vs.tls.is_some() {
+                return refuse(
+                    "h2c",
+                    "h2c is HTTP/2 without TLS; a TLS service offers HTTP/2 by ALPN ([virtual_service.tls] http2)",
+                );
+            }
             if let Some(s) = &vs.send_proxy {
                 return Err(self.err(Some(s.span()), &format!("{p}.send_proxy"), "the PROXY protocol to real servers needs mode = \"tcp\" (HTTP real servers learn the client from X-Forwarded-For)".into()));
             }
@@ -679,6 +686,7 @@ impl Validator<'_> {
             ("forwarded_for", vs.forwarded_for.is_some()),
             ("forwarded_header", vs.forwarded_header.is_some()),
             ("splice_response", vs.splice_response.is_some()),
+            ("h2c", vs.h2c.is_some()),
             ("queue_timeout", vs.queue_timeout.is_some()),
             ("queue_size", vs.queue_size.is_some()),
             ("response_timeout", vs.response_timeout.is_some()),

@@ -306,6 +306,8 @@ pub struct VirtualService {
     pub forwarded_header: bool,
     /// Large plain-to-plain response bodies move socket → pipe → socket (splice).
     pub splice_response: bool,
+    /// A plain service also takes HTTP/2 by prior knowledge (the client's preface).
+    pub h2c: bool,
     /// Who may connect (checked at accept, before TLS).
     pub access: Option<Access>,
     /// Header rules and HSTS (a sub-service's replace them for its requests).

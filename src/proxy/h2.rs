@@ -51,6 +51,8 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 struct Compat {
     io: Rc<RefCell<ClientStream>>,
     meter: Rc<Meter>,
+    /// Bytes read before the h2 layer took over (h2c: the request path read the preface).
+    read_before: Vec<u8>,
     out: Vec<u8>,
     /// How much of `out` the TLS stream has taken.
     out_sent: usize,
@@ -60,10 +62,11 @@ struct Compat {
 const GATHER: usize = 64 * 1024;
 
 impl Compat {
-    fn new(io: Rc<RefCell<ClientStream>>, meter: Rc<Meter>) -> Compat {
+    fn new(io: Rc<RefCell<ClientStream>>, meter: Rc<Meter>, read_before: Vec<u8>) -> Compat {
         Compat {
             io,
             meter,
+            read_before,
             out: Vec::new(),
             out_sent: 0,
         }
@@ -138,6 +141,13 @@ impl tokio::io::AsyncRead for Compat {
             // an abuser's further frames are not read: the connection is being closed
             return Poll::Pending;
         }
+        if !this.read_before.is_empty() {
+            let n = this.read_before.len().min(buf.remaining());
+            this.meter.received(&this.read_before[..n]);
+            buf.put_slice(&this.read_before[..n]);
+            this.read_before.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let dst = buf.initialize_unfilled();
         let mut io = this.io.borrow_mut();
         match futures_lite::AsyncRead::poll_read(Pin::new(&mut *io), cx, dst) {
@@ -192,6 +202,11 @@ impl tokio::io::AsyncWrite for Compat {
 /// has been idle for the service's `idle_timeout`, or the shard stops (then GOAWAY, and the
 /// streams in flight finish).
 pub async fn serve(shard: Rc<Shard>, client: Client) {
+    serve_after(shard, client, Vec::new()).await
+}
+
+/// `serve`, on a connection of which `read_before` was already read (h2c: the preface).
+pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>) {
     let Client {
         stream,
         mut facts,
@@ -213,7 +228,7 @@ pub async fn serve(shard: Rc<Shard>, client: Client) {
     }
     let handshake = crate::io::timeout(vs.request_timeout, async {
         builder
-            .handshake::<_, Bytes>(Compat::new(io.clone(), meter.clone()))
+            .handshake::<_, Bytes>(Compat::new(io.clone(), meter.clone(), read_before))
             .await
             .map_err(io::Error::other)
     });

@@ -304,6 +304,7 @@ pub async fn serve(mut shard: Rc<Shard>, client: Client) {
                 }
             }
             Ended::Closed(reason) => crate::client::close(&shard, client, reason).await,
+            Ended::H2c(read) => h2::serve_after(shard, client, read).await,
             Ended::Reload => {}
         }
         return;
@@ -318,6 +319,8 @@ enum Ended {
     Closed(&'static str),
     /// The configuration changed: go on with the current one.
     Reload,
+    /// The client spoke HTTP/2 by prior knowledge: these bytes of it were read.
+    H2c(Vec<u8>),
 }
 
 /// The keep-alive loop; returns why the connection ends.
@@ -378,6 +381,15 @@ async fn serve_requests(
             ..
         } = &mut *ws;
         match head {
+            // HTTP/2 by prior knowledge: the rest of the connection is the h2 layer's, with
+            // what was read so far
+            HeadRead::Ready
+                if vs.h2c
+                    && conn.f.requests == 0
+                    && cbuf.filled().starts_with(b"PRI * HTTP/2.0\r\n\r\n") =>
+            {
+                return Ended::H2c(cbuf.filled().to_vec());
+            }
             HeadRead::Ready => {}
             HeadRead::Closed(why) => return Ended::Closed(why),
             HeadRead::Idle(t) => return Ended::Idle(t),
