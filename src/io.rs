@@ -48,13 +48,21 @@ pub async fn fill<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Buf) -> io::Result<
     Ok(n)
 }
 
-/// Write all of `data` within `dur`.
+/// Write all of `data`, each write taking some of it within `dur` (as nginx's send_timeout:
+/// a slow reader that keeps reading is never cut, one that stops is).
 pub async fn write_all<S: AsyncWrite + Unpin>(
     s: &mut S,
-    data: &[u8],
+    mut data: &[u8],
     dur: Duration,
 ) -> io::Result<()> {
-    timeout(dur, s.write_all(data)).await
+    while !data.is_empty() {
+        let n = timeout(dur, s.write(data)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 /// Send a final response, then half-close and drain what the peer still sends for a short

@@ -156,7 +156,7 @@ pub const SECTIONS: &[Section] = &[
             k("trusted_proxies", "list of CIDRs", "none", "Peers whose forwarding headers (and PROXY headers, with accept_proxy) are believed."),
             k("forwarded_header", "bool", "false", "Also send an RFC 7239 Forwarded header (for=, proto=, host=)."),
             k("h2c", "bool", "false", "On a service without TLS, also take HTTP/2 by prior knowledge (a client that starts with the HTTP/2 preface, `curl --http2-prior-knowledge`), as HAProxy's `proto h2`; without it such a client gets 505. TLS services negotiate HTTP/2 by ALPN (`[virtual_service.tls] http2`)."),
-            k("splice_response", "bool", "false", "Plain response bodies over 256 KiB, to a plain client, move socket → pipe → socket with splice(2), never copied to user space (HAProxy's `option splice-response`): less CPU per MiB, a little more latency (docs/bench.md)."),
+            k("splice_response", "bool", "false", "Plain response bodies of at least 256 KiB, to a plain client, move socket → pipe → socket with splice(2), never copied to user space (HAProxy's `option splice-response`): less CPU per MiB, a little more latency (docs/bench.md)."),
             k("shard_steering", "kernel | source-ip", "kernel", "Which shard gets a connection: the kernel's hash, or one shard per client address (reuseport BPF). Source-IP persistence and client limits imply source-ip."),
             k("access", "table", "everyone", "IP access list checked at accept: see `[virtual_service.access]`."),
             k("headers", "table", "none", "Header rules and HSTS: see `[virtual_service.headers]`."),

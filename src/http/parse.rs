@@ -408,7 +408,13 @@ pub fn parse_request<'h, 'b>(
                 });
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
-            has_upgrade = true;
+            // HTTP/1.1's upgrade to h2c (deprecated by RFC 9113) is not passed on: a real
+            // server's 101 would turn the connection into a tunnel no request rule sees.
+            // The request is served as HTTP/1.1, as the client must then accept.
+            has_upgrade = !h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"));
         }
     }
     if nr_host > 1 {
@@ -647,6 +653,18 @@ mod tests {
     fn req(raw: &[u8]) -> Result<Option<RequestInfo>, RequestError> {
         let mut h = [httparse::EMPTY_HEADER; 64];
         parse_request(raw, &mut h, &HeadLimits::default()).map(|o| o.map(|r| r.info))
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_is_not_an_upgrade() {
+        let up = |v: &str| {
+            let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {v}\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n");
+            req(raw.as_bytes()).unwrap().unwrap().upgrade
+        };
+        assert!(!up("h2c"));
+        assert!(!up("H2C"));
+        assert!(!up("foo, h2c"));
+        assert!(up("websocket"));
     }
 
     fn status(raw: &[u8]) -> u16 {

@@ -22,6 +22,8 @@ struct Direction {
     reader_gone: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
+    /// Bytes ever put into this direction.
+    total: u64,
 }
 
 impl Direction {
@@ -93,6 +95,7 @@ impl End {
         }
         let n = room.min(data.len());
         d.buf.extend(&data[..n]);
+        d.total += n as u64;
         d.wake_reader();
         Poll::Ready(Ok(n))
     }
@@ -127,6 +130,16 @@ impl Watch {
 
     pub async fn gone(&self) {
         std::future::poll_fn(|cx| self.poll_gone(cx)).await
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.dirs.borrow()[1 - self.side].reader_gone
+    }
+
+    /// Bytes (sent to this end, sent by this end) so far.
+    pub fn moved(&self) -> (u64, u64) {
+        let dirs = self.dirs.borrow();
+        (dirs[self.side].total, dirs[1 - self.side].total)
     }
 }
 

@@ -78,8 +78,9 @@ pub enum SpliceError {
 }
 
 /// Move exactly `len` bytes from `src` to `dst` through `pipe`, waiting at most
-/// `read_timeout` for the sender's next bytes and `write_timeout` for the receiver. The pipe
-/// goes back to the shard's pool when the body is through.
+/// `read_timeout` for the sender's next bytes and `write_timeout` for the receiver (each
+/// wait). `moved` counts what reached `dst` as it goes. The pipe goes back to the shard's
+/// pool when the body is through.
 pub async fn relay(
     src: &Socket,
     dst: &Socket,
@@ -87,6 +88,7 @@ pub async fn relay(
     len: u64,
     read_timeout: Duration,
     write_timeout: Duration,
+    moved: &mut u64,
 ) -> Result<u64, SpliceError> {
     let (s, d) = (&src.0, &dst.0);
     let mut left = len;
@@ -124,6 +126,7 @@ pub async fn relay(
                 return Err(SpliceError::Sink(io::ErrorKind::WriteZero.into()));
             }
             held -= m;
+            *moved += m as u64;
         }
         left -= n as u64;
     }

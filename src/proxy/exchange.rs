@@ -500,6 +500,7 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
                         return Ok(done);
                     }
                     up.buf.consume(head);
+                    let mut spliced = 0;
                     let moved = crate::net::splice::relay(
                         from,
                         to,
@@ -507,15 +508,15 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
                         n - buffered,
                         vs.upstream_body_timeout,
                         vs.client_write_timeout,
+                        &mut spliced,
                     )
                     .await;
-                    done.bytes_out += buffered;
+                    // what the client got, whether the body went through or not
+                    done.bytes_out += buffered + spliced;
+                    let c = &shard.metrics.services[vs.slot].spliced_bytes;
+                    c.set(c.get() + spliced);
                     match moved {
-                        Ok(m) => {
-                            done.bytes_out += m;
-                            let c = &shard.metrics.services[vs.slot].spliced_bytes;
-                            c.set(c.get() + m);
-                        }
+                        Ok(_) => {}
                         Err(e) => {
                             shard.diag("response relay failed", || {
                                 tracing::warn!(service = %vs.name, "response relay failed: {e:?}")

@@ -242,9 +242,11 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
     };
     let active = Rc::new(Cell::new(0usize));
     let malformed_logged = Cell::new(0u32);
+    let mut last_unsent = u32::MAX;
     let resets = Rc::new(Cell::new(0u64));
     let mut idle_since = Instant::now();
-    let mut going_away: Option<Instant> = None;
+    // since when, and why, GOAWAY was sent
+    let mut going_away: Option<(Instant, &'static str)> = None;
     let drain = shard.config.runtime.drain_timeout;
     let reason = loop {
         // once stopping, `closed()` stays ready: then only the timer paces this loop
@@ -319,13 +321,7 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
                 record_abuse(&shard, &facts, kind);
                 break "abuse";
             }
-            Some(Ok(None)) => {
-                break if going_away.is_some() {
-                    "shutdown"
-                } else {
-                    "client"
-                }
-            }
+            Some(Ok(None)) => break going_away.map_or("client", |(_, why)| why),
             None => {}
         }
         record_malformed(&shard, &facts, &meter, &malformed_logged);
@@ -337,7 +333,19 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
             continue;
         }
         // a client that takes none of what is sent to it for client_write_timeout is cut,
-        // as an HTTP/1.1 one is (its streams' windows may be open: it just does not read)
+        // as an HTTP/1.1 one is (its streams' windows may be open: it just does not read).
+        // Taking some is the kernel's send queue shrinking: the socket says it is writable
+        // again only once much of a large queue has gone.
+        if meter.stalled_for().is_some() {
+            let queued = unsent(&io.borrow());
+            if queued < last_unsent {
+                meter.writing(true);
+                meter.writing(false);
+            }
+            last_unsent = queued;
+        } else {
+            last_unsent = u32::MAX;
+        }
         if meter
             .stalled_for()
             .is_some_and(|d| d >= shard.config.services[facts.vs_idx].client_write_timeout)
@@ -347,26 +355,40 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
         if active.get() > 0 {
             idle_since = Instant::now();
         }
+        // a reload that took this service off its address: the streams in flight finish
+        // under the configuration they came in with, and no new ones come
+        let moved_away = || {
+            let now = shard.current();
+            !now.config.services.iter().any(|v| {
+                v.slot == facts.vs_slot
+                    && v.listen == facts.listen
+                    && v.tls.is_some() == facts.tls.is_some()
+                    && v.mode == crate::config::Mode::Http
+            })
+        };
         match going_away {
-            None if shard.is_closing() || idle_since.elapsed() >= idle => {
+            None if shard.is_closing() || idle_since.elapsed() >= idle || moved_away() => {
                 // GOAWAY: no new streams; those in flight finish, then accept() ends
                 conn.graceful_shutdown();
-                going_away = Some(Instant::now());
+                let why = if shard.is_closing() {
+                    "shutdown"
+                } else if idle_since.elapsed() >= idle {
+                    "idle_timeout"
+                } else {
+                    "reload"
+                };
+                going_away = Some((Instant::now(), why));
             }
             // a client that never reads cannot take the GOAWAY: it does not hold the
             // connection beyond a grace (the drain's, when stopping)
-            Some(t) => {
+            Some((t, why)) => {
                 let grace = if shard.is_closing() {
                     drain.saturating_sub(Duration::from_millis(250))
                 } else {
                     GOAWAY_GRACE
                 };
                 if t.elapsed() >= grace {
-                    break if shard.is_closing() {
-                        "shutdown"
-                    } else {
-                        "idle_timeout"
-                    };
+                    break if shard.is_closing() { "shutdown" } else { why };
                 }
             }
             None => {}
@@ -390,6 +412,23 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
     }
     crate::client::closed(&shard, &facts, reason);
     drop(guard);
+}
+
+/// Bytes the kernel still holds to send on the client's socket (u32::MAX if unknown).
+fn unsent(stream: &ClientStream) -> u32 {
+    use std::os::unix::io::AsRawFd;
+    let fd = match stream {
+        ClientStream::Plain(s) => s.as_raw_fd(),
+        ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
+        ClientStream::Link(_) => return u32::MAX,
+    };
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) on our own socket writes one int we own.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } == 0 {
+        n as u32
+    } else {
+        u32::MAX
+    }
 }
 
 /// An abusive connection: counted, and a security record.

@@ -333,6 +333,13 @@ async fn serve_requests(
 ) -> Ended {
     let shard = conn.shard;
     let mut first = true;
+    // An HTTP/2 stream the client cancels drops its end of the link: the request stops there
+    // (a wait for room, the exchange: the real server's connection closed, its count
+    // released), not when the real server is done.
+    let cancelled = match &*client {
+        ClientStream::Link(l) => Some(l.watch()),
+        _ => None,
+    };
     let vs = conn.vs;
     let peer = conn.f.peer;
     let proto = conn.f.proto;
@@ -535,12 +542,19 @@ async fn serve_requests(
                     let q = &shard.metrics.services[conn.f.vs_slot].queued;
                     q.set(q.get() + 1);
                     let _ = until(d, async {
-                        std::future::poll_fn(|cx| shard.load.poll_capacity(cx, gen)).await;
+                        let room = std::future::poll_fn(|cx| shard.load.poll_capacity(cx, gen));
+                        match &cancelled {
+                            Some(w) => futures_lite::future::or(room, w.gone()).await,
+                            None => room.await,
+                        }
                         Ok(())
                     })
                     .await;
                     q.set(q.get().saturating_sub(1));
                     shard.queued.set(shard.queued.get() - 1);
+                    if cancelled.as_ref().is_some_and(|w| w.is_gone()) {
+                        break Err(ProxyError::client(499, "the client cancelled the request"));
+                    }
                     continue;
                 }
                 break Err(ProxyError::policy(
@@ -598,17 +612,10 @@ async fn serve_requests(
             .and_then(|i| vs.sub_services[i].headers.as_ref())
             .or(vs.headers.as_ref())
             .map(|r| (r, vars));
-        // An HTTP/2 stream the client cancels drops its end of the link: the exchange stops
-        // there (the real server's connection is closed, its count released), not when the
-        // real server is done.
-        let cancelled = match &*client {
-            ClientStream::Link(l) => Some(l.watch()),
-            _ => None,
-        };
         let exchanged = Box::pin(exchange(
             shard, vs, client, &mut cbuf, req_out, resp_out, set_cookie, info, server, retry, rules,
         ));
-        let outcome = match cancelled {
+        let outcome = match &cancelled {
             None => exchanged.await,
             Some(w) => {
                 let gone = async {
@@ -618,8 +625,10 @@ async fn serve_requests(
                 match futures_lite::future::or(gone, async { Some(exchanged.await) }).await {
                     Some(r) => r,
                     None => {
-                        // nginx's 499: the client closed the request before its answer
-                        conn.finish(499, Some(server), info.head_len as u64, 0);
+                        // nginx's 499: the client closed the request before its answer; the
+                        // bytes are what crossed the link
+                        let (sent_in, sent_out) = w.moved();
+                        conn.finish(499, Some(server), sent_in, sent_out);
                         return Ended::Closed("client");
                     }
                 }
