@@ -876,3 +876,116 @@ fn h2c_by_prior_knowledge_on_a_plain_service() {
     ));
     assert!(!ok && text.contains("h2c"), "{text}");
 }
+
+#[test]
+fn a_reload_that_takes_the_service_away_sends_goaway() {
+    let mut s = setup("");
+    let mut py = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/h2/two_requests.py"
+        ))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "first=200");
+    // the service moves to another address: the open connection is told to go
+    let moved = local(free_port());
+    let cfg = std::fs::read_to_string(&s.p.config).unwrap().replace(
+        &format!("listen = \"{}\"", s.listen),
+        &format!("listen = \"{moved}\""),
+    );
+    std::fs::write(&s.p.config, cfg).unwrap();
+    s.p.signal(libc::SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        "the reloaded service listening",
+        || std::net::TcpStream::connect(moved).is_ok(),
+    );
+    py.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    // NO_ERROR GOAWAY: the second request is never served under the old service
+    assert_eq!(line.trim(), "second=goaway=0", "{line}");
+    let _ = py.wait();
+    wait_until(
+        Duration::from_secs(15),
+        "the connection's record: reload",
+        || {
+            log(&s, "conn.log")
+                .iter()
+                .any(|r| r["event"] == "close" && r["reason"] == "reload")
+        },
+    );
+    assert!(
+        !s.o.requests()
+            .iter()
+            .any(|r| r.request_line.starts_with("GET /second")),
+        "nothing reached the old real server after the reload"
+    );
+}
+
+#[test]
+fn streams_cancelled_in_the_queue_leave_it_at_once() {
+    let s = setup_with("queue_timeout = \"20s\"\nqueue_size = 3\n", "");
+    // the only real server takes one connection at a time
+    let cfg = std::fs::read_to_string(&s.p.config).unwrap().replace(
+        "[[virtual_service.real_server]]\n",
+        "[[virtual_service.real_server]]\nconnection_limit = 1\n",
+    );
+    assert!(cfg.contains("connection_limit = 1"));
+    std::fs::write(&s.p.config, &cfg).unwrap();
+    s.p.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(5), "the limit in force", || {
+        status(s.admin)["virtual_services"][0]["real_servers"][0]["connection_limit"] == 1
+    });
+    let mut py = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/h2/queue_cancel.py"
+        ))
+        .args([
+            "127.0.0.1",
+            &s.listen.port().to_string(),
+            &format!("web.example:{}", s.listen.port()),
+            "3",
+            "10",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with the h2 package (tests/run installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(py.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "cancelled");
+    // the holder still runs (15 s); the three cancelled ones are out of the queue now
+    wait_until(Duration::from_secs(3), "the queue empty again", || {
+        status(s.admin)["virtual_services"][0]["queued_requests"] == 0
+    });
+    wait_until(Duration::from_secs(5), "three 499 records", || {
+        log(&s, "access.log")
+            .iter()
+            .filter(|r| r["status"] == 499 && r["path"] == "/q")
+            .count()
+            == 3
+    });
+    assert!(!s
+        .o
+        .requests()
+        .iter()
+        .any(|r| r.request_line.starts_with("GET /q ")));
+    let _ = py.kill();
+    let _ = py.wait();
+}
