@@ -879,7 +879,7 @@ fn h2c_by_prior_knowledge_on_a_plain_service() {
 
 #[test]
 fn a_reload_that_takes_the_service_away_sends_goaway() {
-    let mut s = setup("");
+    let s = setup("");
     let mut py = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
