@@ -136,7 +136,7 @@ pub const SECTIONS: &[Section] = &[
             k("request_timeout", "duration", "30s", "A started request head must arrive within it: 408."),
             k("client_body_timeout", "duration", "30s", "Longest wait for the next piece of a request body."),
             k("upstream_body_timeout", "duration", "60s", "Longest wait for the next piece of a response body."),
-            k("client_write_timeout", "duration", "60s", "Longest wait for a client to take response bytes (nginx's send_timeout); over HTTP/2, for the client to open its flow-control window, then the stream is reset."),
+            k("client_write_timeout", "duration", "60s", "Longest wait for a client to take more response bytes, each write (nginx's send_timeout: a slow reader that keeps reading is not cut); over HTTP/2 also for the client to open a stream's flow-control window (then the stream is reset) or to read its socket at all (then the connection is)."),
             k("tunnel_idle_timeout", "duration", "1800s", "A WebSocket (or other upgraded) tunnel idle this long is closed."),
             k("max_body_size", "size", "0 (no limit)", "Largest request body accepted: 413 beyond."),
             k("max_connections", "integer", "0 (no limit)", "Client connections this service holds at once, across shards."),
