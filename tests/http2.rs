@@ -137,6 +137,19 @@ fn curl(s: &Setup, args: &[&str], stdin: Option<&[u8]>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One of tests/h2's Python clients (Python's h2 package), against the setup's service: the
+/// host, port and authority go first, then the script's own arguments.
+fn h2_client(s: &Setup, script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(format!("{}/tests/h2/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args([
+            "127.0.0.1".to_string(),
+            s.listen.port().to_string(),
+            format!("web.example:{}", s.listen.port()),
+        ]);
+    c
+}
+
 fn url(s: &Setup, path: &str) -> String {
     format!("https://web.example:{}{path}", s.listen.port())
 }
@@ -392,17 +405,8 @@ fn sigterm_lets_streams_in_flight_finish_then_exits() {
 #[test]
 fn a_rapid_reset_flood_is_cut_and_bounded() {
     let s = setup("");
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/h2/rapid_reset.py"
-        ))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-            "2000",
-        ])
+    let out = h2_client(&s, "rapid_reset.py")
+        .args(["2000"])
         .output()
         .expect("python3 with the h2 package (tests/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -446,15 +450,8 @@ fn a_rapid_reset_flood_is_cut_and_bounded() {
 
 /// Run tests/h2/flood.py: `KIND` frames, up to `n`, on one connection.
 fn flood(s: &Setup, kind: &str, n: usize) -> String {
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/flood.py"))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-            kind,
-            &n.to_string(),
-        ])
+    let out = h2_client(&s, "flood.py")
+        .args([kind, &n.to_string()])
         .output()
         .expect("python3 with the h2 package (tests/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -580,19 +577,8 @@ fn a_reader_that_never_opens_its_window_pins_no_memory() {
     // two connections, 100 streams each, for 4 MiB responses: 800 MiB if it were buffered
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            Command::new("python3")
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/h2/slow_reader.py"
-                ))
-                .args([
-                    "127.0.0.1",
-                    &s.listen.port().to_string(),
-                    &format!("web.example:{}", s.listen.port()),
-                    "/big",
-                    "100",
-                    "20",
-                ])
+            h2_client(&s, "slow_reader.py")
+                .args(["/big", "100", "20"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -641,16 +627,7 @@ fn a_reader_that_never_opens_its_window_pins_no_memory() {
 #[test]
 fn malformed_streams_never_reach_the_origin() {
     let s = setup("");
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/h2/malformed.py"
-        ))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-        ])
+    let out = h2_client(&s, "malformed.py")
         .output()
         .expect("python3 with the h2 package (tests/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -706,15 +683,8 @@ fn malformed_streams_never_reach_the_origin() {
 #[test]
 fn cancelled_streams_free_their_places_and_their_real_server_connections() {
     let s = setup("");
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/cancel.py"))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-            "/hang",
-            "100",
-        ])
+    let out = h2_client(&s, "cancel.py")
+        .args(["/hang", "100"])
         .output()
         .expect("python3 with the h2 package (tests/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -761,16 +731,8 @@ fn cancelled_streams_free_their_places_and_their_real_server_connections() {
 #[test]
 fn a_client_that_stops_reading_is_cut_after_client_write_timeout() {
     let s = setup_with("client_write_timeout = \"2s\"\n", "");
-    let mut stalled = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/stall.py"))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-            "/big",
-            "4",
-            "30",
-        ])
+    let mut stalled = h2_client(&s, "stall.py")
+        .args(["/big", "4", "30"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 with the h2 package (tests/run installs it)");
@@ -880,16 +842,7 @@ fn h2c_by_prior_knowledge_on_a_plain_service() {
 #[test]
 fn a_reload_that_takes_the_service_away_sends_goaway() {
     let s = setup("");
-    let mut py = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/h2/two_requests.py"
-        ))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-        ])
+    let mut py = h2_client(&s, "two_requests.py")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -948,18 +901,8 @@ fn streams_cancelled_in_the_queue_leave_it_at_once() {
     wait_until(Duration::from_secs(5), "the limit in force", || {
         status(s.admin)["virtual_services"][0]["real_servers"][0]["connection_limit"] == 1
     });
-    let mut py = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/h2/queue_cancel.py"
-        ))
-        .args([
-            "127.0.0.1",
-            &s.listen.port().to_string(),
-            &format!("web.example:{}", s.listen.port()),
-            "3",
-            "10",
-        ])
+    let mut py = h2_client(&s, "queue_cancel.py")
+        .args(["3", "10"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 with the h2 package (tests/run installs it)");

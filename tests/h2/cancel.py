@@ -3,7 +3,6 @@ takes long), cancels each (RST_STREAM CANCEL) once all are sent, then asks for /
 same connection and prints "after=<status or reset=code> seconds=<time to its answer>".
 Usage: python3 cancel.py HOST PORT AUTHORITY PATH N. Driven by tests/http2.rs."""
 import socket
-import ssl
 import sys
 import time
 
@@ -12,15 +11,13 @@ import h2.connection
 import h2.errors
 import h2.events
 
+from h2common import get, tls_h2
+
 host, port, authority, path, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
-req = lambda p: [(":method", "GET"), (":path", p), (":authority", authority), (":scheme", "https")]
+req = lambda p: get(authority, p)
 ids = []
 for _ in range(n):
     sid = c.get_next_available_stream_id()

@@ -6,7 +6,6 @@ until the server sends GOAWAY or closes. Prints "sent=... goaway=<code or None> 
 Usage: python3 flood.py HOST PORT AUTHORITY KIND N. KIND: ping ping_ack settings window_update
 priority empty_data continuation unknown malformed. Driven by tests/http2.rs."""
 import socket
-import ssl
 import struct
 import sys
 
@@ -14,13 +13,10 @@ import h2.config
 import h2.connection
 import hpack
 
+from h2common import tls_h2
+
 host, port, authority, kind, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
-assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
 s.sendall(c.data_to_send())

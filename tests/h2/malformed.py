@@ -4,7 +4,6 @@ its stream was reset, "CASE goaway=<code>" when the connection was, "CASE status
 it was answered.
 Usage: python3 malformed.py HOST PORT AUTHORITY. Driven by tests/http2.rs."""
 import socket
-import ssl
 import sys
 import time
 
@@ -12,11 +11,9 @@ import h2.config
 import h2.connection
 import h2.events
 
+from h2common import tls_h2
+
 host, port, authority = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
 
 base = [(":method", "GET"), (":scheme", "https"), (":authority", authority)]
 cases = {
@@ -35,8 +32,7 @@ cases = {
 
 def one(headers):
     """The case on a connection of its own: what came back for its stream."""
-    s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
-    assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+    s = tls_h2(host, port)
     c = h2.connection.H2Connection(
         h2.config.H2Configuration(
             client_side=True,

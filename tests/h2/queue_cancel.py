@@ -2,7 +2,6 @@
 service's queue, cancelled after a moment; then waits WAIT seconds with the connection open.
 Prints "cancelled". Usage: python3 queue_cancel.py HOST PORT AUTHORITY N WAIT."""
 import socket
-import ssl
 import sys
 import time
 
@@ -10,15 +9,13 @@ import h2.config
 import h2.connection
 import h2.errors
 
+from h2common import get, tls_h2
+
 host, port, authority, n, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
-req = lambda p: [(":method", "GET"), (":path", p), (":authority", authority), (":scheme", "https")]
+req = lambda p: get(authority, p)
 c.send_headers(1, req("/hang"), end_stream=True)
 s.sendall(c.data_to_send())
 time.sleep(0.3)

@@ -2,20 +2,16 @@
 connection, until the server sends GOAWAY (or N streams are sent). Prints what happened.
 Usage: python3 rapid_reset.py HOST PORT AUTHORITY N. Driven by tests/http2.rs."""
 import socket
-import ssl
 import sys
 
 import h2.config
 import h2.connection
 import h2.events
 
+from h2common import get, tls_h2
+
 host, port, authority, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
-assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
 s.sendall(c.data_to_send())
@@ -54,7 +50,7 @@ for _ in range(n):
         sid = c.get_next_available_stream_id()
         c.send_headers(
             sid,
-            [(":method", "GET"), (":path", "/slow"), (":authority", authority), (":scheme", "https")],
+            get(authority, "/slow"),
             end_stream=True,
         )
         c.reset_stream(sid)

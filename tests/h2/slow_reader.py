@@ -4,7 +4,6 @@ WAIT seconds or once every stream was reset, whichever is first, and stays conne
 then (the proxy's memory is measured meanwhile by tests/http2.rs).
 Usage: python3 slow_reader.py HOST PORT AUTHORITY PATH N WAIT"""
 import socket
-import ssl
 import sys
 import time
 
@@ -13,14 +12,11 @@ import h2.connection
 import h2.events
 import h2.settings
 
+from h2common import get, tls_h2
+
 host, port, authority, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 n, wait = int(sys.argv[5]), float(sys.argv[6])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
-assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.local_settings = h2.settings.Settings(
     client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
@@ -30,7 +26,7 @@ for _ in range(n):
     sid = c.get_next_available_stream_id()
     c.send_headers(
         sid,
-        [(":method", "GET"), (":path", path), (":authority", authority), (":scheme", "https")],
+        get(authority, path),
         end_stream=True,
     )
 s.sendall(c.data_to_send())

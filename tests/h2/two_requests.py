@@ -2,7 +2,6 @@
 /second on the same connection. Prints "first=<status>" and then "second=<status, reset=code
 or goaway=code>". Usage: python3 two_requests.py HOST PORT AUTHORITY. Driven by tests/http2.rs."""
 import socket
-import ssl
 import sys
 import time
 
@@ -10,12 +9,10 @@ import h2.config
 import h2.connection
 import h2.events
 
+from h2common import get, tls_h2
+
 host, port, authority = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname="web.example")
+s = tls_h2(host, port)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
 s.sendall(c.data_to_send())
@@ -29,7 +26,7 @@ def ask(path):
         return f"goaway={goaway}"
     sid = c.get_next_available_stream_id()
     try:
-        c.send_headers(sid, [(":method", "GET"), (":path", path), (":authority", authority), (":scheme", "https")], end_stream=True)
+        c.send_headers(sid, get(authority, path), end_stream=True)
         s.sendall(c.data_to_send())
     except Exception as e:
         return f"refused({e.__class__.__name__})" if goaway is None else f"goaway={goaway}"
