@@ -450,7 +450,7 @@ fn a_rapid_reset_flood_is_cut_and_bounded() {
 
 /// Run tests/h2/flood.py: `KIND` frames, up to `n`, on one connection.
 fn flood(s: &Setup, kind: &str, n: usize) -> String {
-    let out = h2_client(&s, "flood.py")
+    let out = h2_client(s, "flood.py")
         .args([kind, &n.to_string()])
         .output()
         .expect("python3 with the h2 package (tests/run installs it)");
