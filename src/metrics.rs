@@ -432,48 +432,6 @@ pub fn prometheus(
     }
     family(
         &mut o,
-        "edgeshard_h2_connections_total",
-        "counter",
-        "HTTP/2 client connections (ALPN h2), per virtual service.",
-    );
-    for vs in &cfg.services {
-        let v = m.services.get(vs.slot).map_or(0, |s| s.h2_connections);
-        let _ = writeln!(
-            o,
-            "edgeshard_h2_connections_total{{service=\"{}\"}} {v}",
-            esc(&vs.name)
-        );
-    }
-    family(
-        &mut o,
-        "edgeshard_spliced_bytes_total",
-        "counter",
-        "Response body bytes moved from real server to client by splice, never copied to user space.",
-    );
-    for vs in &cfg.services {
-        let v = m.services.get(vs.slot).map_or(0, |s| s.spliced_bytes);
-        let _ = writeln!(
-            o,
-            "edgeshard_spliced_bytes_total{{service=\"{}\"}} {v}",
-            esc(&vs.name)
-        );
-    }
-    family(
-        &mut o,
-        "edgeshard_h2_malformed_streams_total",
-        "counter",
-        "HTTP/2 requests refused as malformed by the h2 layer (stream reset PROTOCOL_ERROR).",
-    );
-    for vs in &cfg.services {
-        let v = m.services.get(vs.slot).map_or(0, |s| s.h2_malformed);
-        let _ = writeln!(
-            o,
-            "edgeshard_h2_malformed_streams_total{{service=\"{}\"}} {v}",
-            esc(&vs.name)
-        );
-    }
-    family(
-        &mut o,
         "edgeshard_h2_abuse_total",
         "counter",
         "HTTP/2 connections closed for abuse (floods, rapid reset, protocol errors), by kind.",
@@ -538,6 +496,21 @@ pub fn prometheus(
             "Completed TLS handshakes that resumed a session (the others were full handshakes).",
             6,
         ),
+        (
+            "edgeshard_h2_connections_total",
+            "HTTP/2 client connections (ALPN h2 or h2c), per virtual service.",
+            7,
+        ),
+        (
+            "edgeshard_h2_malformed_streams_total",
+            "HTTP/2 requests refused as malformed by the h2 layer (stream reset PROTOCOL_ERROR).",
+            8,
+        ),
+        (
+            "edgeshard_spliced_bytes_total",
+            "Response body bytes moved from real server to client by splice, never copied to user space.",
+            9,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         for vs in &cfg.services {
@@ -554,6 +527,9 @@ pub fn prometheus(
                         s.tls_failures,
                         s.access_refusals,
                         s.tls_resumed,
+                        s.h2_connections,
+                        s.h2_malformed,
+                        s.spliced_bytes,
                     ][pick]
                 })
                 .unwrap_or(0);
