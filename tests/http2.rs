@@ -154,6 +154,15 @@ fn url(s: &Setup, path: &str) -> String {
     format!("https://web.example:{}{path}", s.listen.port())
 }
 
+/// The status code curl got over HTTP/2 for `path` (with `extra` curl arguments).
+fn http_code(s: &Setup, path: &str, extra: &[&str]) -> String {
+    let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    args.extend_from_slice(extra);
+    let target = url(s, path);
+    args.push(&target);
+    curl(s, &args, None)
+}
+
 fn log(s: &Setup, name: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(s.p.dir.join(name))
         .unwrap_or_default()
@@ -197,31 +206,9 @@ fn streams_take_the_same_request_path() {
     assert_eq!(r.header("X-Forwarded-For"), Some("127.0.0.1"));
     // ESP judges it as any request: refused, logged, never at the origin
     let before = s.o.nr_requests();
-    let code = curl(
-        &s,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &url(&s, "/secret/x"),
-        ],
-        None,
-    );
+    let code = http_code(&s, "/secret/x", &[]);
     assert_eq!(code, "403");
-    let code = curl(
-        &s,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "Host: other.example",
-            &url(&s, "/"),
-        ],
-        None,
-    );
+    let code = http_code(&s, "/", &["-H", "Host: other.example"]);
     // a foreign host in :authority on a connection made for another name: misdirected (a
     // coalescing browser opens a connection for it, where ESP judges it alone)
     assert_eq!(code, "421", "a foreign host in :authority");
@@ -316,17 +303,7 @@ fn request_bodies_and_a_large_response() {
     assert!(out.contains("x-checksum: abc123"), "trailers: {out}");
     assert!(!out.contains("connection: x"), "{out}");
     // a 204 goes without Content-Length (an HTTP/2 client refuses one there)
-    let code = curl(
-        &s,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &url(&s, "/nocontent"),
-        ],
-        None,
-    );
+    let code = http_code(&s, "/nocontent", &[]);
     assert_eq!(code, "204");
     // HEAD: the head alone
     let out = curl(&s, &["-I", &url(&s, "/big")], None);
@@ -440,11 +417,7 @@ fn a_rapid_reset_flood_is_cut_and_bounded() {
             == Some(&1.0)
     });
     // others are still served
-    let code = curl(
-        &s,
-        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/after")],
-        None,
-    );
+    let code = http_code(&s, "/after", &[]);
     assert_eq!(code, "200");
 }
 
@@ -567,11 +540,7 @@ fn rss_kib(p: &Proxy) -> u64 {
 fn a_reader_that_never_opens_its_window_pins_no_memory() {
     let s = setup_with("client_write_timeout = \"3s\"\n", "");
     // warm: the first streams' one-off growth is not what is measured
-    let code = curl(
-        &s,
-        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/big")],
-        None,
-    );
+    let code = http_code(&s, "/big", &[]);
     assert_eq!(code, "200");
     let before = rss_kib(&s.p);
     // two connections, 100 streams each, for 4 MiB responses: 800 MiB if it were buffered
@@ -599,11 +568,7 @@ fn a_reader_that_never_opens_its_window_pins_no_memory() {
     );
     let peak = rss_kib(&s.p);
     // meanwhile another client is served
-    let code = curl(
-        &s,
-        &["-o", "/dev/null", "-w", "%{http_code}", &url(&s, "/other")],
-        None,
-    );
+    let code = http_code(&s, "/other", &[]);
     assert_eq!(code, "200");
     for r in readers {
         let out = r.wait_with_output().unwrap();
