@@ -45,7 +45,7 @@ pub struct ServiceCounters {
     pub h2_requests: Cell<u64>,
     /// HTTP/2 connections accepted (ALPN h2).
     pub h2_connections: Cell<u64>,
-    /// HTTP/2 connections closed for abuse, by `h2flood::Abuse::ALL` order.
+    /// HTTP/2 connections closed for abuse, by `proxy::h2::flood::Abuse::ALL` order.
     pub h2_abuse: [Cell<u64>; 10],
     /// HTTP/2 streams the h2 layer reset as malformed requests.
     pub h2_malformed: Cell<u64>,
@@ -437,7 +437,7 @@ pub fn prometheus(
         "HTTP/2 connections closed for abuse (floods, rapid reset, protocol errors), by kind.",
     );
     for vs in &cfg.services {
-        for a in crate::proxy::h2flood::Abuse::ALL {
+        for a in crate::proxy::h2::flood::Abuse::ALL {
             let v = m.services.get(vs.slot).map_or(0, |s| s.h2_abuse[a.index()]);
             let _ = writeln!(
                 o,

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 mod exchange;
 pub mod h2;
-pub mod h2flood;
 mod head;
 pub mod l4;
 mod route;
