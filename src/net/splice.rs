@@ -2,6 +2,7 @@
 //! so a large body's bytes never cross into user space. Each shard keeps a few pipes for it.
 
 use super::{cvt, Socket};
+use crate::relay::RelayError;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
@@ -70,13 +71,6 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     })
 }
 
-/// Why a splice relay stopped.
-#[derive(Debug)]
-pub enum SpliceError {
-    Source(io::Error),
-    Sink(io::Error),
-}
-
 /// Move exactly `len` bytes from `src` to `dst` through `pipe`, waiting at most
 /// `read_timeout` for the sender's next bytes and `write_timeout` for the receiver (each
 /// wait). `moved` counts what reached `dst` as it goes. The pipe goes back to the shard's
@@ -89,7 +83,7 @@ pub async fn relay(
     read_timeout: Duration,
     write_timeout: Duration,
     moved: &mut u64,
-) -> Result<u64, SpliceError> {
+) -> Result<u64, RelayError> {
     let (s, d) = (&src.0, &dst.0);
     let mut left = len;
     while left > 0 {
@@ -105,9 +99,9 @@ pub async fn relay(
             }),
         )
         .await
-        .map_err(SpliceError::Source)?;
+        .map_err(RelayError::Source)?;
         if n == 0 {
-            return Err(SpliceError::Source(io::ErrorKind::UnexpectedEof.into()));
+            return Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into()));
         }
         // out: all of it before reading more
         let mut held = n;
@@ -121,9 +115,9 @@ pub async fn relay(
                 }),
             )
             .await
-            .map_err(SpliceError::Sink)?;
+            .map_err(RelayError::Sink)?;
             if m == 0 {
-                return Err(SpliceError::Sink(io::ErrorKind::WriteZero.into()));
+                return Err(RelayError::Sink(io::ErrorKind::WriteZero.into()));
             }
             held -= m;
             *moved += m as u64;

@@ -484,89 +484,81 @@ pub(super) async fn respond<S: AsyncRead + AsyncWrite + Unpin + AsPlain>(
         done.bytes_out += down_bytes;
         return Ok(done);
     }
-    // A large body between two plain sockets moves socket → pipe → socket (splice): its
+    // A large body between two plain sockets may move socket → pipe → socket (splice): its
     // bytes never come up to user space.
-    if let (BodyKind::Length(n), false, true) = (body, dechunk, vs.splice_response) {
-        if let (Some(from), Some(to)) = (up.stream.as_plain(), client.as_plain()) {
-            let buffered = (up.buf.len() as u64).min(n);
-            if n - buffered >= SPLICE_MIN {
-                if let Ok(pipe) = crate::net::splice::Pipe::take() {
-                    let head = buffered as usize;
-                    let mut w = to;
-                    if write_all(&mut w, &up.buf.filled()[..head], vs.client_write_timeout)
-                        .await
-                        .is_err()
-                    {
-                        return Ok(done);
-                    }
+    let splice = match (body, dechunk, vs.splice_response) {
+        (BodyKind::Length(n), false, true)
+            if n - (up.buf.len() as u64).min(n) >= SPLICE_MIN
+                && up.stream.as_plain().is_some()
+                && client.as_plain().is_some() =>
+        {
+            crate::net::splice::Pipe::take().ok().map(|pipe| (n, pipe))
+        }
+        _ => None,
+    };
+    let mut written = 0;
+    let mut own = None;
+    let relayed = match (splice, up.stream.as_plain(), client.as_plain()) {
+        (Some((n, pipe)), Some(from), Some(to)) => {
+            // what came with the head first, then the rest without a copy
+            let head = (up.buf.len() as u64).min(n) as usize;
+            let mut w = to;
+            match write_all(&mut w, &up.buf.filled()[..head], vs.client_write_timeout).await {
+                Err(e) => Err(RelayError::Sink(e)),
+                Ok(()) => {
                     up.buf.consume(head);
+                    written = head as u64;
                     let mut spliced = 0;
-                    let moved = crate::net::splice::relay(
+                    let r = crate::net::splice::relay(
                         from,
                         to,
                         pipe,
-                        n - buffered,
+                        n - head as u64,
                         vs.upstream_body_timeout,
                         vs.client_write_timeout,
                         &mut spliced,
                     )
                     .await;
-                    // what the client got, whether the body went through or not
-                    done.bytes_out += buffered + spliced;
+                    written += spliced;
                     let c = &shard.metrics.services[vs.slot].spliced_bytes;
                     c.set(c.get() + spliced);
-                    match moved {
-                        Ok(_) => {}
-                        Err(e) => {
-                            shard.diag("response relay failed", || {
-                                tracing::warn!(service = %vs.name, "response relay failed: {e:?}")
-                            });
-                            return Ok(done);
-                        }
-                    }
-                    // exactly the body was taken: the connection is in step
-                    if resp.reusable && !shard.is_closing() {
-                        shard.pools.checkin(up, vs.pool_size);
-                    }
-                    done.keep = keep_alive;
-                    return Ok(done);
+                    r.map(|_| n)
                 }
             }
         }
-    }
-    // A large response streams through a bulk buffer lent by the shard; the connection
-    // gets its own buffer back (with any bytes beyond the body) when it is done.
-    let large = match body {
-        BodyKind::Length(n) => n > 4 * UPSTREAM_BUF as u64,
-        BodyKind::CloseDelimited => true,
-        _ => false,
-    };
-    let own = if large {
-        shard.take_bulk().and_then(|b| match up.buf.exchange(b) {
-            Ok(own) => Some(own),
-            Err(b) => {
-                shard.give_bulk(b);
-                None
+        _ => {
+            // A large response streams through a bulk buffer lent by the shard; the
+            // connection gets its own buffer back (with any bytes beyond the body) when done.
+            let large = match body {
+                BodyKind::Length(n) => n > 4 * UPSTREAM_BUF as u64,
+                BodyKind::CloseDelimited => true,
+                _ => false,
+            };
+            if large {
+                own = shard.take_bulk().and_then(|b| match up.buf.exchange(b) {
+                    Ok(own) => Some(own),
+                    Err(b) => {
+                        shard.give_bulk(b);
+                        None
+                    }
+                });
             }
-        })
-    } else {
-        None
+            relay_body(
+                &mut up.stream,
+                &mut up.buf,
+                client,
+                body,
+                dechunk,
+                Bounds {
+                    read_timeout: vs.upstream_body_timeout,
+                    write_timeout: vs.client_write_timeout,
+                    max: 0,
+                },
+                &mut written,
+            )
+            .await
+        }
     };
-    let mut written = 0;
-    let relayed = relay_body(
-        &mut up.stream,
-        &mut up.buf,
-        client,
-        body,
-        dechunk,
-        Bounds {
-            read_timeout: vs.upstream_body_timeout,
-            write_timeout: vs.client_write_timeout,
-            max: 0,
-        },
-        &mut written,
-    )
-    .await;
     let mut in_step = true;
     if let Some(own) = own {
         match up.buf.exchange(own) {
