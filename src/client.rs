@@ -20,6 +20,17 @@ use std::time::{Duration, Instant};
 /// A client's stream: plain, or TLS terminated here.
 pub type ClientStream = crate::net::Stream<futures_rustls::server::TlsStream<Socket>>;
 
+/// The client's socket under its stream, for the socket options and queries the stream does
+/// not offer (None for an HTTP/2 stream's in-process link).
+pub fn socket_fd(stream: &ClientStream) -> Option<std::os::unix::io::RawFd> {
+    use std::os::unix::io::AsRawFd;
+    match stream {
+        ClientStream::Plain(s) => Some(s.as_raw_fd()),
+        ClientStream::Tls(t) => Some(t.get_ref().0.as_raw_fd()),
+        ClientStream::Link(_) => None,
+    }
+}
+
 /// What is known of a client connection beyond one request: for routing, limits and the
 /// connection log.
 pub struct ConnFacts {

@@ -253,11 +253,8 @@ async fn refuse(shard: &Shard, client: Client, event: &str, why: &str) {
 
 /// Make the socket's close send RST (SO_LINGER 0), so the client sees the stream was cut.
 pub(crate) fn reset_on_close(stream: &ClientStream) {
-    use std::os::unix::io::AsRawFd;
-    let fd = match stream {
-        ClientStream::Plain(s) => s.as_raw_fd(),
-        ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
-        ClientStream::Link(_) => return,
+    let Some(fd) = crate::client::socket_fd(stream) else {
+        return;
     };
     let linger = libc::linger {
         l_onoff: 1,
@@ -277,12 +274,7 @@ pub(crate) fn reset_on_close(stream: &ClientStream) {
 
 /// The address the client reached (a wildcard listener's own address for this connection).
 fn local_addr(stream: &ClientStream) -> Option<SocketAddr> {
-    use std::os::unix::io::AsRawFd;
-    let fd = match stream {
-        ClientStream::Plain(s) => s.as_raw_fd(),
-        ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
-        ClientStream::Link(_) => return None,
-    };
+    let fd = crate::client::socket_fd(stream)?;
     // SAFETY: a borrowed view of the connection's fd, only to ask its local address; the
     // view is never closed.
     let sock = std::mem::ManuallyDrop::new(unsafe {

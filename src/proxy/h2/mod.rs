@@ -199,6 +199,9 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
         // a reload that took this service off its address: the streams in flight finish
         // under the configuration they came in with, and no new ones come
         let moved_away = || {
+            if shard.current_generation() == shard.generation {
+                return false;
+            }
             let now = shard.current();
             !now.config.services.iter().any(|v| {
                 v.slot == facts.vs_slot
@@ -257,11 +260,8 @@ pub async fn serve_after(shard: Rc<Shard>, client: Client, read_before: Vec<u8>)
 
 /// Bytes the kernel still holds to send on the client's socket (u32::MAX if unknown).
 fn unsent(stream: &ClientStream) -> u32 {
-    use std::os::unix::io::AsRawFd;
-    let fd = match stream {
-        ClientStream::Plain(s) => s.as_raw_fd(),
-        ClientStream::Tls(t) => t.get_ref().0.as_raw_fd(),
-        ClientStream::Link(_) => return u32::MAX,
+    let Some(fd) = crate::client::socket_fd(stream) else {
+        return u32::MAX;
     };
     let mut n: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ) on our own socket writes one int we own.
