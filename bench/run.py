@@ -167,8 +167,9 @@ class Systems:
         self.ports = {}   # system -> {"plain", "tls", "big"}
         self.pids = {}    # system -> [pids]
         self.start_edgeshard("edgeshard", os.path.join(BIN, "edgeshard"))
-        if a.baseline:
-            self.start_edgeshard("baseline", a.baseline)
+        if a.baseline or a.baseline_engine:
+            self.start_edgeshard("baseline", a.baseline or os.path.join(BIN, "edgeshard"),
+                                 engine=a.baseline_engine)
         if not a.no_haproxy and ensure("haproxy", "haproxy"):
             self.start_haproxy()
         if not a.no_nginx and ensure("nginx-light", "nginx"):
@@ -181,10 +182,11 @@ class Systems:
         self.procs.append(p)
         return p
 
-    def edgeshard_cfg(self, p, weight=1000, splice=False):
+    def edgeshard_cfg(self, p, weight=1000, splice=False, engine=None):
         cores = ", ".join(self.a.proxy_cores.split(","))
         return f'''[runtime]
 cores = [{cores}]
+{f'io_engine = "{engine}"' if engine else ""}
 [admin]
 listen = "127.0.0.1:{p["admin"]}"
 [[virtual_service]]
@@ -234,11 +236,11 @@ hosts = ["bench.example"]
 address = "127.0.0.1:{self.o_tls}"
 '''
 
-    def start_edgeshard(self, name, binary, extra=()):
+    def start_edgeshard(self, name, binary, extra=(), engine=None):
         p = {"plain": port(), "tls": port(), "big": port(), "h2": port(), "pass": port(), "admin": port()}
         path = os.path.join(self.tmp, f"{name}.toml")
         # --splice: this build's "big" service moves bodies by splice (a baseline runs as is)
-        open(path, "w").write(self.edgeshard_cfg(p, splice=self.a.splice and name == "edgeshard"))
+        open(path, "w").write(self.edgeshard_cfg(p, splice=self.a.splice and name == "edgeshard", engine=engine))
         proc = self.spawn([binary, "run", "--config", path, *extra])
         for x in p.values():
             wait_port(x, proc=proc)
@@ -666,6 +668,8 @@ def main():
     ap.add_argument("--proxy-cores", default="0")
     ap.add_argument("--load-cores", default=None, help="default: every other CPU")
     ap.add_argument("--baseline", default=None, help="another edgeshard binary (an earlier build) run side by side as 'baseline'")
+    ap.add_argument("--baseline-engine", default=None, choices=["epoll", "io_uring"],
+                    help="run the baseline (this build unless --baseline) with this runtime.io_engine: the two engines side by side")
     ap.add_argument("--splice", action="store_true", help="edgeshard's D service with splice_response = true")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-nginx", action="store_true")

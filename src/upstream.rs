@@ -10,7 +10,6 @@ use rustls_pki_types::ServerName;
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::io::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// A connection to a real server: plain, or re-encrypted.
@@ -89,27 +88,10 @@ pub async fn connect(
 const TRUST_QUIET: Duration = Duration::from_secs(1);
 
 /// Is an idle socket still clean? Any readable byte (or EOF) means the server closed it or
-/// sent something unsolicited; either way it must not carry another request. A socket the
-/// shard's poller has seen nothing arrive on since its last read is clean without asking
-/// the kernel, unless it has idled long enough for a server's own idle close to be likely.
+/// sent something unsolicited; either way it must not carry another request. Below
+/// `TRUST_QUIET` of idling the engine's view is trusted; older ones are always asked.
 fn is_clean(stream: &UpStream, idle: Duration) -> bool {
-    let Some(sock) = socket(stream) else {
-        return false;
-    };
-    if idle < TRUST_QUIET && !sock.may_be_readable() {
-        return true;
-    }
-    let mut b = [0u8; 1];
-    // SAFETY: recv on a valid fd with a 1-byte stack buffer; MSG_DONTWAIT never blocks.
-    let rc = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            b.as_mut_ptr() as *mut libc::c_void,
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    socket(stream).is_some_and(|sock| sock.is_clean(idle >= TRUST_QUIET))
 }
 
 pub struct Pools {

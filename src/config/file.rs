@@ -73,6 +73,8 @@ pub struct FileRuntime {
     pub spin_before_park: Option<Spanned<String>>,
     /// How long an idle shard waits for socket events before it parks in glommio.
     pub poll_before_park: Option<Spanned<String>>,
+    /// "epoll" or "io_uring": how the shards drive their sockets.
+    pub io_engine: Option<Spanned<String>>,
     /// Listener backlog per shard and virtual service.
     pub backlog: Option<Spanned<u32>>,
     /// Client connections the appliance holds at once (0: no limit; each shard takes its share).

@@ -264,6 +264,15 @@ impl Validator<'_> {
         let mut servers = Vec::new();
         for (i, vs) in file.virtual_service.iter().enumerate() {
             let p = format!("virtual_service[{i}]");
+            if vs.splice_response == Some(true) && runtime.io_engine == crate::net::Engine::IoUring
+            {
+                // bytes arrive in the ring's buffers, not the socket: nothing left to splice
+                return Err(self.err(
+                    file_runtime.io_engine.as_ref().map(|e| e.span()),
+                    &format!("{p}.splice_response"),
+                    "splice needs runtime.io_engine = \"epoll\" (io_uring receives into its own buffers)".into(),
+                ));
+            }
             let listen = self.socket_addr(&vs.listen, &format!("{p}.listen"))?;
             if !listeners.insert(listen) || overlaps(&listeners, listen) {
                 return Err(self.err(

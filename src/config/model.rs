@@ -187,6 +187,8 @@ pub struct Runtime {
     pub spin_before_park: Option<Duration>,
     /// An idle shard's wait for socket events before it parks (zero: park at once).
     pub poll_before_park: Duration,
+    /// How the shards drive their sockets.
+    pub io_engine: crate::net::Engine,
     pub backlog: u32,
     /// Client connections at once (0: none), enforced per shard as its share.
     pub max_connections: u32,

@@ -47,6 +47,7 @@ pub const SECTIONS: &[Section] = &[
             k("io_memory", "size", "1MiB", "Memory glommio registers (and locks) for io_uring per shard; edgeshard's socket I/O does not use it, so keep it small."),
             k("spin_before_park", "duration", "0s", "Busy-poll this long before an idle shard sleeps (0: never)."),
             k("poll_before_park", "duration", "200us", "An idle shard waits this long in epoll_wait before it parks (0..10ms)."),
+            k("io_engine", "string", "epoll", "How shards drive their sockets: `epoll` (readiness, then recv/send) or `io_uring` (a ring per shard: multishot receive into provided buffers, the sends of a loop turn in one system call; no `splice_response`). See docs/bench.md for which is faster where."),
             k("backlog", "integer", "1024", "Listen backlog per shard and virtual service."),
             k("max_connections", "integer", "0", "Client connections the appliance holds at once; each shard takes its share (0: no limit)."),
             k("persistence_key", "string (64 hex)", "random at each start", "Signs persistence cookies; the same on every appliance that must honour the others' cookies."),
@@ -554,6 +555,8 @@ mod tests {
         );
         assert_eq!(rt.ring_depth.to_string(), r("ring_depth"));
         assert_eq!(rt.backlog.to_string(), r("backlog"));
+        assert_eq!(rt.io_engine, crate::net::Engine::Epoll);
+        assert_eq!(r("io_engine"), "epoll");
     }
 
     #[test]

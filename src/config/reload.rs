@@ -119,6 +119,9 @@ impl Config {
         if a.cores != b.cores {
             return Err(format!("runtime.shards / runtime.cores: {upgrade}"));
         }
+        if a.io_engine != b.io_engine {
+            return Err(format!("runtime.io_engine: {upgrade}"));
+        }
         for (s, o) in a.shards.iter().zip(&b.shards) {
             if (
                 s.ring_depth,

@@ -229,6 +229,20 @@ impl Validator<'_> {
         let poll_before_park = self
             .poll_before_park(&rt.poll_before_park, "runtime.poll_before_park")?
             .unwrap_or(Duration::from_micros(200));
+        let io_engine = match &rt.io_engine {
+            None => crate::net::Engine::Epoll,
+            Some(e) => match e.get_ref().as_str() {
+                "epoll" => crate::net::Engine::Epoll,
+                "io_uring" => crate::net::Engine::IoUring,
+                other => {
+                    return Err(self.err(
+                        Some(e.span()),
+                        "runtime.io_engine",
+                        format!("{other:?}: expected \"epoll\" or \"io_uring\""),
+                    ))
+                }
+            },
+        };
         Ok(Runtime {
             cores,
             drain_timeout: self.duration(
@@ -240,6 +254,7 @@ impl Validator<'_> {
             io_memory,
             spin_before_park,
             poll_before_park,
+            io_engine,
             shards: Vec::new(),
             backlog: rt.backlog.as_ref().map(|b| *b.get_ref()).unwrap_or(1024),
             max_connections: rt.max_connections.unwrap_or(0),

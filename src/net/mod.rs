@@ -5,8 +5,9 @@
 pub mod link;
 mod poller;
 pub mod splice;
+mod uring;
 
-use poller::{Key, Poller};
+use poller::Poller;
 use socket2::{Domain, Protocol, SockAddr, Socket as RawSocket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -169,31 +170,89 @@ pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Re
     Ok(sk)
 }
 
-/// Start this shard's readiness loop; every data-path socket of the shard depends on it.
-pub fn start_poller(shard: usize, poll_before_park: Duration) -> io::Result<()> {
-    let poller = poller::current()?;
-    crate::runtime::supervise(shard, "poller", poller::run(poller, poll_before_park));
+/// How a shard's sockets are driven (`runtime.io_engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Readiness from an edge-triggered epoll set, then plain `recv`/`send` (see `poller`).
+    Epoll,
+    /// A ring of the shard's own: multishot receive into provided buffers, batched sends
+    /// (see `uring`).
+    IoUring,
+}
+
+/// Start this shard's I/O loop; every data-path socket of the shard depends on it.
+pub fn start_engine(shard: usize, engine: Engine, poll_before_park: Duration) -> io::Result<()> {
+    match engine {
+        Engine::Epoll => {
+            let poller = poller::current()?;
+            crate::runtime::supervise(shard, "poller", poller::run(poller, poll_before_park));
+        }
+        Engine::IoUring => {
+            let ring = uring::start()?;
+            crate::runtime::supervise(shard, "ring", uring::run(ring, poll_before_park));
+        }
+    }
     Ok(())
 }
 
-/// A socket registered with this shard's poller; closing it deregisters it.
-struct Registered {
-    fd: OwnedFd,
-    key: Key,
-    poller: Rc<Poller>,
+/// A socket registered with this shard's engine; dropping it closes the socket.
+enum Registered {
+    Epoll {
+        fd: OwnedFd,
+        key: poller::Key,
+        poller: Rc<Poller>,
+    },
+    /// The ring's slot owns the descriptor (it closes it once the kernel is done with it).
+    Uring {
+        key: uring::Key,
+        ring: Rc<uring::Uring>,
+    },
 }
 
 impl Registered {
-    fn new(fd: OwnedFd, readable: bool, writable: bool) -> io::Result<Registered> {
+    /// `connected`: data may arrive at once (an accepted socket); a connecting socket waits
+    /// for its connect first.
+    fn new(fd: OwnedFd, connected: bool) -> io::Result<Registered> {
+        if let Some(ring) = uring::current() {
+            let key = ring.register(fd, connected, false);
+            return Ok(Registered::Uring { key, ring });
+        }
         let poller = poller::current()?;
-        let key = poller.register(fd.as_raw_fd(), readable, writable)?;
-        Ok(Registered { fd, key, poller })
+        let key = poller.register(fd.as_raw_fd(), connected, connected)?;
+        Ok(Registered::Epoll { fd, key, poller })
+    }
+
+    fn listener(fd: OwnedFd) -> io::Result<Registered> {
+        if let Some(ring) = uring::current() {
+            let key = ring.register(fd, false, true);
+            return Ok(Registered::Uring { key, ring });
+        }
+        let poller = poller::current()?;
+        let key = poller.register(fd.as_raw_fd(), true, false)?;
+        Ok(Registered::Epoll { fd, key, poller })
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Registered::Epoll { fd, .. } => fd.as_raw_fd(),
+            Registered::Uring { key, ring } => ring.fd(*key),
+        }
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Registered::Epoll { key, poller, .. } => poller.poll_writable(*key, cx),
+            Registered::Uring { key, ring } => ring.poll_writable(*key, cx),
+        }
     }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.poller.release(self.key);
+        match self {
+            Registered::Epoll { key, poller, .. } => poller.release(*key),
+            Registered::Uring { key, ring } => ring.release(*key),
+        }
     }
 }
 
@@ -213,42 +272,56 @@ impl Listener {
     pub fn new(sk: RawSocket) -> io::Result<Listener> {
         // SAFETY: the fd comes out of an owned socket and is owned from here on.
         let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
-        Ok(Listener(Registered::new(fd, true, false)?))
+        Ok(Listener(Registered::listener(fd)?))
     }
 
     /// The next connection and its peer's address. The accepted socket is non-blocking,
     /// close-on-exec, with TCP_NODELAY (responses are written whole; nothing to coalesce).
     pub async fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
-        let r = &self.0;
-        let mut peer: Option<SocketAddr> = None;
-        let fd = std::future::poll_fn(|cx| {
-            // want 0: an accept never counts as a short read; accept until none is left
-            r.poller.poll_read_with(r.key, cx, 0, || {
-                // SAFETY: sockaddr_storage fits any address; the kernel writes at most `len`.
-                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                // SAFETY: valid listening fd and out-pointers to our stack.
-                let rc = unsafe {
-                    libc::accept4(
-                        r.fd.as_raw_fd(),
-                        &mut ss as *mut _ as *mut libc::sockaddr,
-                        &mut len,
-                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    )
-                };
-                let fd = cvt(rc as isize)?;
-                peer = sockaddr(&ss);
-                Ok(fd)
-            })
-        })
-        .await?;
-        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        let sk = unsafe { RawSocket::from_raw_fd(fd as RawFd) };
+        let (fd, peer) = match &self.0 {
+            Registered::Epoll { fd, key, poller } => {
+                let mut peer: Option<SocketAddr> = None;
+                let n = std::future::poll_fn(|cx| {
+                    // want 0: an accept never counts as a short read; accept until none is left
+                    poller.poll_read_with(*key, cx, 0, || {
+                        // SAFETY: sockaddr_storage fits any address; the kernel writes at
+                        // most `len`.
+                        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                        let mut len =
+                            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                        // SAFETY: valid listening fd and out-pointers to our stack.
+                        let rc = unsafe {
+                            libc::accept4(
+                                fd.as_raw_fd(),
+                                &mut ss as *mut _ as *mut libc::sockaddr,
+                                &mut len,
+                                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                            )
+                        };
+                        let fd = cvt(rc as isize)?;
+                        peer = sockaddr(&ss);
+                        Ok(fd)
+                    })
+                })
+                .await?;
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                (unsafe { OwnedFd::from_raw_fd(n as RawFd) }, peer)
+            }
+            Registered::Uring { key, ring } => {
+                let fd = std::future::poll_fn(|cx| ring.poll_accept(*key, cx)).await?;
+                // a multishot accept gives no address: ask for it
+                // SAFETY: borrowed view of the new fd, only to read its peer; not closed here.
+                let view =
+                    std::mem::ManuallyDrop::new(unsafe { RawSocket::from_raw_fd(fd.as_raw_fd()) });
+                let peer = view.peer_addr().ok().and_then(|a| a.as_socket());
+                (fd, peer)
+            }
+        };
         let peer = peer.ok_or_else(|| io::Error::other("accepted a socket of no IP family"))?;
-        let _ = sk.set_nodelay(true);
-        // SAFETY: the fd comes out of an owned socket and is owned from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
-        Ok((Socket(Registered::new(fd, true, true)?), peer))
+        // SAFETY: borrowed view of our own fd, to set an option; not closed here.
+        let view = std::mem::ManuallyDrop::new(unsafe { RawSocket::from_raw_fd(fd.as_raw_fd()) });
+        let _ = view.set_nodelay(true);
+        Ok((Socket(Registered::new(fd, true)?), peer))
     }
 }
 
@@ -293,9 +366,9 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
     }
     // SAFETY: the fd comes out of an owned socket and is owned from here on.
     let fd = unsafe { OwnedFd::from_raw_fd(sk.into_raw_fd()) };
-    let s = Socket(Registered::new(fd, false, false)?);
+    let s = Socket(Registered::new(fd, false)?);
     crate::io::timeout(dur, async {
-        std::future::poll_fn(|cx| s.0.poller.poll_writable(s.0.key, cx)).await;
+        std::future::poll_fn(|cx| s.0.poll_writable(cx)).await;
         Ok(())
     })
     .await?;
@@ -304,11 +377,15 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
     if let Some(e) = view.take_error()? {
         return Err(e);
     }
+    if let Registered::Uring { key, ring } = &s.0 {
+        ring.start_receive(*key);
+    }
     Ok(s)
 }
 
-/// A shard's TCP stream: reads and writes are plain non-blocking syscalls, made only when the
-/// shard's poller says the socket may be ready (see `poller` for why not glommio's own).
+/// A shard's TCP stream. On epoll, reads and writes are plain non-blocking syscalls, made
+/// only when the shard's poller says the socket may be ready (see `poller` for why not
+/// glommio's own); on io_uring, they take from and add to the ring's buffers (see `uring`).
 pub struct Socket(Registered);
 
 impl Socket {
@@ -316,30 +393,36 @@ impl Socket {
     /// there (or at EOF: 0). Reading a PROXY header this way leaves what follows it where
     /// the TLS handshake or the HTTP reader will find it.
     pub async fn peek_more(&self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
-        std::future::poll_fn(|cx| {
-            let r = &self.0;
-            r.poller.poll_read_with(r.key, cx, buf.len(), || {
-                // SAFETY: recv into a buffer we own, of its length; never blocks.
-                let n = cvt(unsafe {
-                    libc::recv(
-                        r.fd.as_raw_fd(),
-                        buf.as_mut_ptr() as *mut libc::c_void,
-                        buf.len(),
-                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    )
-                })?;
-                if n != 0 && n <= seen {
-                    // nothing new: wait for the next edge
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            })
+        std::future::poll_fn(|cx| match &self.0 {
+            Registered::Uring { key, ring } => ring.poll_peek(*key, cx, buf, seen),
+            Registered::Epoll { fd, key, poller } => {
+                poller.poll_read_with(*key, cx, buf.len(), || {
+                    // SAFETY: recv into a buffer we own, of its length; never blocks.
+                    let n = cvt(unsafe {
+                        libc::recv(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr() as *mut libc::c_void,
+                            buf.len(),
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
+                    })?;
+                    if n != 0 && n <= seen {
+                        // nothing new: wait for the next edge
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                })
+            }
         })
         .await
     }
 
-    /// Take `n` bytes a peek saw (they are in the socket: no waiting).
+    /// Take `n` bytes a peek saw (they are there: no waiting).
     pub fn discard(&self, n: usize) -> io::Result<()> {
+        let (fd, key, poller) = match &self.0 {
+            Registered::Uring { key, ring } => return ring.discard(*key, n),
+            Registered::Epoll { fd, key, poller } => (fd, key, poller),
+        };
         let mut scratch = [0u8; 1024];
         let mut left = n;
         while left > 0 {
@@ -347,7 +430,7 @@ impl Socket {
             // SAFETY: recv into our stack buffer, of at most its length; never blocks.
             let got = cvt(unsafe {
                 libc::recv(
-                    self.0.fd.as_raw_fd(),
+                    fd.as_raw_fd(),
                     scratch.as_mut_ptr() as *mut libc::c_void,
                     want,
                     libc::MSG_DONTWAIT,
@@ -359,20 +442,76 @@ impl Socket {
             left -= got;
         }
         // what follows may already be there: the next read must try
-        self.0.poller.mark_readable(self.0.key);
+        poller.mark_readable(*key);
         Ok(())
     }
 
-    /// Has anything (data, EOF, an error) arrived since a read last found the socket empty,
-    /// as far as the poller has collected?
-    pub fn may_be_readable(&self) -> bool {
-        self.0.poller.may_be_readable(self.0.key)
+    /// Is an idle socket still clean: nothing (data, EOF, an error) has arrived since its last
+    /// read? A socket the engine has seen nothing arrive on is taken as clean without asking
+    /// the kernel unless `ask` (it idled long enough for a peer's own idle close to be likely).
+    pub fn is_clean(&self, ask: bool) -> bool {
+        let (fd, key, poller) = match &self.0 {
+            // the ring's receive is always armed on an idle socket: what it has not
+            // delivered has not arrived
+            Registered::Uring { key, ring } => return !ring.may_be_readable(*key),
+            Registered::Epoll { fd, key, poller } => (fd, key, poller),
+        };
+        if !ask && !poller.may_be_readable(*key) {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: recv on a valid fd with a 1-byte stack buffer; MSG_DONTWAIT never blocks.
+        let rc = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+
+    /// Run the caller's read-side system call on the socket (splice) when it may be
+    /// readable, with `poller`'s rules for `want`. Epoll only: see `is_direct`.
+    fn poll_read_raw(
+        &self,
+        cx: &mut Context<'_>,
+        want: usize,
+        mut op: impl FnMut(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        match &self.0 {
+            Registered::Epoll { fd, key, poller } => {
+                poller.poll_read_with(*key, cx, want, || op(fd.as_raw_fd()))
+            }
+            Registered::Uring { .. } => Poll::Ready(Err(io::ErrorKind::Unsupported.into())),
+        }
+    }
+
+    /// The write-side twin of `poll_read_raw`.
+    fn poll_write_raw(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        match &self.0 {
+            Registered::Epoll { fd, key, poller } => {
+                poller.poll_write_with(*key, cx, || op(fd.as_raw_fd()))
+            }
+            Registered::Uring { .. } => Poll::Ready(Err(io::ErrorKind::Unsupported.into())),
+        }
+    }
+
+    /// On io_uring, bytes arrive in the ring's buffers, not the socket: nothing may read the
+    /// socket past them (splice).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.0, Registered::Epoll { .. })
     }
 }
 
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.fd.as_raw_fd()
+        self.0.fd()
     }
 }
 
@@ -400,25 +539,27 @@ impl futures_lite::AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = &self.0;
-        r.poller.poll_write_with(r.key, cx, || {
-            // SAFETY: msghdr over the caller's slices (IoSlice is iovec-compatible), alive for
-            // the call; never blocks, no SIGPIPE.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = bufs.len().min(1024) as _;
-            cvt(unsafe {
-                libc::sendmsg(
-                    r.fd.as_raw_fd(),
-                    &msg,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            })
-        })
+        match &self.0 {
+            Registered::Uring { key, ring } => ring.poll_write(*key, cx, bufs),
+            Registered::Epoll { fd, key, poller } => poller.poll_write_with(*key, cx, || {
+                // SAFETY: msghdr over the caller's slices (IoSlice is iovec-compatible),
+                // alive for the call; never blocks, no SIGPIPE.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = bufs.len().min(1024) as _;
+                cvt(unsafe {
+                    libc::sendmsg(
+                        fd.as_raw_fd(),
+                        &msg,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                })
+            }),
+        }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.get_mut()).poll_flush(cx)
     }
 
     /// Half-close: our FIN goes out; reading goes on (a lingering close drains after it).
@@ -427,29 +568,34 @@ impl futures_lite::AsyncWrite for Socket {
     }
 }
 
-// Reading and writing one socket from two futures at once (a bridge pumping both ways): the
-// poller keeps a reader's and a writer's waker apart, so `&Socket` may do both.
+// Reading and writing one socket from two futures at once (a bridge pumping both ways): both
+// engines keep a reader's and a writer's waker apart, so `&Socket` may do both.
 impl futures_lite::AsyncRead for &Socket {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let r = &self.0;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        r.poller.poll_read_with(r.key, cx, buf.len(), || {
-            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
-            cvt(unsafe {
-                libc::recv(
-                    r.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            })
-        })
+        match &self.0 {
+            Registered::Uring { key, ring } => ring.poll_read(*key, cx, buf),
+            Registered::Epoll { fd, key, poller } => {
+                poller.poll_read_with(*key, cx, buf.len(), || {
+                    // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never
+                    // blocks.
+                    cvt(unsafe {
+                        libc::recv(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr() as *mut libc::c_void,
+                            buf.len(),
+                            libc::MSG_DONTWAIT,
+                        )
+                    })
+                })
+            }
+        }
     }
 }
 
@@ -459,27 +605,42 @@ impl futures_lite::AsyncWrite for &Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = &self.0;
-        r.poller.poll_write_with(r.key, cx, || {
-            // SAFETY: send from a buffer we borrow, of its length; never blocks, no SIGPIPE.
-            cvt(unsafe {
-                libc::send(
-                    r.fd.as_raw_fd(),
-                    buf.as_ptr() as *const libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            })
-        })
+        match &self.0 {
+            Registered::Uring { key, ring } => ring.poll_write(*key, cx, &[io::IoSlice::new(buf)]),
+            Registered::Epoll { fd, key, poller } => poller.poll_write_with(*key, cx, || {
+                // SAFETY: send from a buffer we borrow, of its length; never blocks, no
+                // SIGPIPE.
+                cvt(unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        buf.as_ptr() as *const libc::c_void,
+                        buf.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                })
+            }),
+        }
     }
 
+    /// Written bytes are the engine's at once (the ring sends what is buffered at the end of
+    /// the turn), so there is nothing to wait for; a failed earlier send shows here.
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+        match &self.0 {
+            Registered::Uring { key, ring } => Poll::Ready(ring.send_error(*key)),
+            Registered::Epoll { .. } => Poll::Ready(Ok(())),
+        }
     }
 
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Registered::Uring { key, ring } = &self.0 {
+            // the FIN must follow the bytes still buffered
+            match ring.poll_drained(*key, cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+        }
         // SAFETY: shutdown on our own fd.
-        let rc = unsafe { libc::shutdown(self.0.fd.as_raw_fd(), libc::SHUT_WR) };
+        let rc = unsafe { libc::shutdown(self.0.fd(), libc::SHUT_WR) };
         if rc != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ENOTCONN) {
@@ -490,7 +651,8 @@ impl futures_lite::AsyncWrite for &Socket {
     }
 }
 
-/// The plain socket under a stream, if it is one (what splice can move bytes between).
+/// The plain socket under a stream, if it is one and its bytes are read from the socket
+/// itself (what splice can move bytes between; not on io_uring).
 pub trait AsPlain {
     fn as_plain(&self) -> Option<&Socket>;
 }
@@ -498,7 +660,7 @@ pub trait AsPlain {
 impl<T> AsPlain for Stream<T> {
     fn as_plain(&self) -> Option<&Socket> {
         match self {
-            Stream::Plain(s) => Some(s),
+            Stream::Plain(s) if s.is_direct() => Some(s),
             _ => None,
         }
     }

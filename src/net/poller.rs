@@ -349,7 +349,7 @@ pub async fn run(poller: std::rc::Rc<Poller>, poll_before_park: Duration) {
 /// register our waker with its poll; the next wake-up ends the wait without asking again
 /// (that would be a `recv` on a non-socket). A spurious wake-up costs nothing worse: the
 /// caller looks at the epoll set and waits again if it is empty.
-async fn wait_readable(fd: RawFd) -> io::Result<()> {
+pub(super) async fn wait_readable(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall; the duplicate is owned by the stream below and closed with it.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {

@@ -84,7 +84,7 @@ pub async fn relay(
     write_timeout: Duration,
     moved: &mut u64,
 ) -> Result<u64, RelayError> {
-    let (s, d) = (&src.0, &dst.0);
+    let (s, d) = (src, dst);
     let mut left = len;
     while left > 0 {
         let chunk = left.min(PIPE_SIZE as u64) as usize;
@@ -92,11 +92,7 @@ pub async fn relay(
         // may mean a full pipe, not a drained socket, so only EAGAIN clears readiness.
         let n = crate::io::timeout(
             read_timeout,
-            poll_fn(|cx| {
-                s.poller.poll_read_with(s.key, cx, 0, || {
-                    splice(s.fd.as_raw_fd(), pipe.write.as_raw_fd(), chunk)
-                })
-            }),
+            poll_fn(|cx| s.poll_read_raw(cx, 0, |fd| splice(fd, pipe.write.as_raw_fd(), chunk))),
         )
         .await
         .map_err(RelayError::Source)?;
@@ -108,11 +104,7 @@ pub async fn relay(
         while held > 0 {
             let m = crate::io::timeout(
                 write_timeout,
-                poll_fn(|cx| {
-                    d.poller.poll_write_with(d.key, cx, || {
-                        splice(pipe.read.as_raw_fd(), d.fd.as_raw_fd(), held)
-                    })
-                }),
+                poll_fn(|cx| d.poll_write_raw(cx, |fd| splice(pipe.read.as_raw_fd(), fd, held))),
             )
             .await
             .map_err(RelayError::Sink)?;

@@ -272,7 +272,11 @@ async fn run_shard(
     cmds: mpsc::Receiver<Cmd>,
     replies: mpsc::Sender<Reply>,
 ) {
-    if let Err(e) = net::start_poller(id, config.runtime.shards[id].poll_before_park) {
+    if let Err(e) = net::start_engine(
+        id,
+        config.runtime.io_engine,
+        config.runtime.shards[id].poll_before_park,
+    ) {
         let _ = replies.send(Err(format!("shard {id}: cannot create its poller: {e}")));
         return;
     }

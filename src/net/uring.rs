@@ -1,0 +1,1051 @@
+//! The io_uring engine (`runtime.io_engine = "io_uring"`): the same sockets as `poller`, driven
+//! by a ring of the shard's own instead of readiness. Knows nothing of HTTP.
+//!
+//! - The ring is set up with COOP_TASKRUN, TASKRUN_FLAG, SINGLE_ISSUER and DEFER_TASKRUN:
+//!   completions never interrupt a busy shard; they are run when the shard asks for them, and
+//!   a turn with nothing to submit and no completion pending makes no system call at all.
+//! - Every connection has one multishot receive into a ring of provided buffers: an idle
+//!   connection holds no receive buffer, and data is already in user space when a reader asks.
+//!   A socket whose unread data reaches `RX_LIMIT` has its receive cancelled until it is read.
+//! - Writes are copied into the socket's send buffer and all sends of a loop turn go to the
+//!   kernel in one `io_uring_enter`; one send is in flight per socket, so bytes stay in order.
+//! - Listeners have one multishot accept.
+//!
+//! Nothing reaches a socket behind the ring's back, with one exception kept deliberate: a
+//! dropped socket's unsent bytes get one direct `send` before waiting for the ring.
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Provided receive buffers per shard, and their size: 16 MiB of address space, touched only
+/// as traffic needs it.
+const BUF_COUNT: u16 = 1024;
+const BUF_SIZE: usize = 16 * 1024;
+const BGID: u16 = 7;
+/// Unread bytes a socket may hold before its receive pauses (back-pressure on a fast sender).
+const RX_LIMIT: usize = 64 * 1024;
+/// Unsent bytes a socket may buffer before a write waits.
+const TX_LIMIT: usize = 64 * 1024;
+const RING_ENTRIES: u32 = 1024;
+/// How long a dropped socket's unsent bytes may take to leave before it is closed anyway.
+const LINGER: Duration = Duration::from_secs(10);
+
+const OP_RECV: u64 = 1;
+const OP_SEND: u64 = 2;
+const OP_POLLOUT: u64 = 3;
+const OP_ACCEPT: u64 = 4;
+/// Cancellations: their completions carry nothing we need.
+const OP_IGNORE: u64 = 5;
+
+/// A socket's registration: its slot and the slot's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    idx: u32,
+    gen: u32,
+}
+
+fn user_data(key: Key, op: u64) -> u64 {
+    (u64::from(key.idx) << 32) | (u64::from(key.gen & 0xff_ffff) << 8) | op
+}
+
+struct Chunk {
+    bid: u16,
+    off: u32,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Slot {
+    gen: u32,
+    fd: RawFd,
+    /// Owned by a `Socket` or `Listener`; false once dropped (the slot closes its fd when the
+    /// ring no longer uses it).
+    live: bool,
+    /// Operations the kernel holds for this slot.
+    ops: u32,
+    rx: VecDeque<Chunk>,
+    rx_bytes: usize,
+    recv_armed: bool,
+    /// Waiting for a receive buffer (the pool ran dry): re-armed when buffers come back.
+    starved: bool,
+    eof: bool,
+    rx_err: Option<i32>,
+    read_waker: Option<Waker>,
+    accept_armed: bool,
+    accepted: VecDeque<RawFd>,
+    /// Bytes written and not yet handed to the kernel, and the send in flight.
+    tx: Vec<u8>,
+    flight: Vec<u8>,
+    flight_off: usize,
+    sending: bool,
+    dirty: bool,
+    tx_err: Option<i32>,
+    write_waker: Option<Waker>,
+    writable: bool,
+    pollout_armed: bool,
+    close_by: Option<Instant>,
+}
+
+impl Slot {
+    fn key(&self, idx: u32) -> Key {
+        Key { idx, gen: self.gen }
+    }
+}
+
+/// The provided-buffer ring: the entries the kernel takes buffers from, and the buffers.
+struct Buffers {
+    ring: *mut types::BufRingEntry,
+    ring_len: usize,
+    mem: *mut u8,
+    mem_len: usize,
+    tail: Cell<u16>,
+}
+
+impl Buffers {
+    fn new() -> io::Result<Buffers> {
+        let ring_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
+        let mem_len = BUF_COUNT as usize * BUF_SIZE;
+        let ring = mmap(ring_len)? as *mut types::BufRingEntry;
+        let mem = match mmap(mem_len) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: unmapping what was just mapped, of its length.
+                unsafe { libc::munmap(ring as *mut libc::c_void, ring_len) };
+                return Err(e);
+            }
+        };
+        let b = Buffers {
+            ring,
+            ring_len,
+            mem,
+            mem_len,
+            tail: Cell::new(0),
+        };
+        for bid in 0..BUF_COUNT {
+            b.put(bid);
+        }
+        b.publish();
+        Ok(b)
+    }
+
+    /// Queue buffer `bid` for the kernel (visible after `publish`).
+    fn put(&self, bid: u16) {
+        let t = self.tail.get();
+        // SAFETY: the index is masked into the ring, which has BUF_COUNT entries.
+        let e = unsafe { &mut *self.ring.add((t & (BUF_COUNT - 1)) as usize) };
+        // SAFETY: bid < BUF_COUNT, so the buffer lies inside `mem`.
+        e.set_addr(unsafe { self.mem.add(bid as usize * BUF_SIZE) } as u64);
+        e.set_len(BUF_SIZE as u32);
+        e.set_bid(bid);
+        self.tail.set(t.wrapping_add(1));
+    }
+
+    fn publish(&self) {
+        // SAFETY: the ring's first entry overlays the shared tail (io_uring_buf_ring).
+        let tail = unsafe { &*(types::BufRingEntry::tail(self.ring) as *const AtomicU16) };
+        tail.store(self.tail.get(), Ordering::Release);
+    }
+
+    fn bytes(&self, c: &Chunk) -> &[u8] {
+        // SAFETY: the kernel wrote `len` bytes at `off` of buffer `bid`, which is ours until
+        // it is put back.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.mem.add(c.bid as usize * BUF_SIZE + c.off as usize),
+                c.len as usize,
+            )
+        }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mappings, of their lengths (the ring is gone by now).
+        unsafe {
+            libc::munmap(self.ring as *mut libc::c_void, self.ring_len);
+            libc::munmap(self.mem as *mut libc::c_void, self.mem_len);
+        }
+    }
+}
+
+fn mmap(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as *mut u8)
+}
+
+pub struct Uring {
+    ring: RefCell<IoUring>,
+    bufs: Buffers,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    /// Slots with writes to hand to the kernel this turn.
+    dirty: RefCell<Vec<u32>>,
+    starved: RefCell<Vec<u32>>,
+    /// Dropped slots still waiting for the kernel (sends to finish, cancellations).
+    closing: RefCell<Vec<u32>>,
+    /// Signalled by the kernel when completions are pending: what a parked shard waits on.
+    eventfd: OwnedFd,
+    woken: RefCell<Vec<Waker>>,
+    /// The loop is parked in glommio: work queued meanwhile (an accept to arm, a send) must
+    /// wake it, since nothing reaches the kernel until it runs.
+    parked: Cell<bool>,
+    kick: RefCell<Option<Waker>>,
+}
+
+thread_local! {
+    static URING: RefCell<Option<Rc<Uring>>> = const { RefCell::new(None) };
+}
+
+/// This thread's ring, if the engine was started on it.
+pub fn current() -> Option<Rc<Uring>> {
+    URING.with(|u| u.borrow().clone())
+}
+
+/// Set up this thread's ring (the shard's thread: the ring has a single issuer).
+pub fn start() -> io::Result<Rc<Uring>> {
+    if let Some(u) = current() {
+        return Ok(u);
+    }
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(RING_ENTRIES * 4)
+        .build(RING_ENTRIES)?;
+    let bufs = Buffers::new()?;
+    // SAFETY: the entries live as long as `bufs`, which the ring's owner outlives... the ring
+    // is dropped before `bufs` (field order), so the kernel never sees them freed.
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(bufs.ring as u64, BUF_COUNT, BGID, 0)?;
+    }
+    // SAFETY: plain syscall; the descriptor is checked and then owned.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+    ring.submitter().register_eventfd(efd)?;
+    let u = Rc::new(Uring {
+        ring: RefCell::new(ring),
+        bufs,
+        slots: RefCell::new(Vec::new()),
+        free: RefCell::new(Vec::new()),
+        dirty: RefCell::new(Vec::new()),
+        starved: RefCell::new(Vec::new()),
+        closing: RefCell::new(Vec::new()),
+        eventfd,
+        woken: RefCell::new(Vec::new()),
+        parked: Cell::new(false),
+        kick: RefCell::new(None),
+    });
+    URING.with(|x| *x.borrow_mut() = Some(u.clone()));
+    Ok(u)
+}
+
+fn store(slot: &mut Option<Waker>, w: &Waker) {
+    match slot {
+        Some(old) if old.will_wake(w) => {}
+        _ => *slot = Some(w.clone()),
+    }
+}
+
+impl Uring {
+    /// Take ownership of `fd`. A connected socket starts receiving at once; a connecting one
+    /// (`receive` false) when `start_receive` says so; a listener (`listener`) accepts.
+    pub fn register(&self, fd: OwnedFd, receive: bool, listener: bool) -> Key {
+        let key = {
+            let mut slots = self.slots.borrow_mut();
+            let idx = match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot::default());
+                    (slots.len() - 1) as u32
+                }
+            };
+            let s = &mut slots[idx as usize];
+            s.fd = std::os::unix::io::IntoRawFd::into_raw_fd(fd);
+            s.live = true;
+            s.writable = receive;
+            s.key(idx)
+        };
+        if listener {
+            self.arm_accept(key);
+        } else if receive {
+            self.start_receive(key);
+        }
+        key
+    }
+
+    pub fn fd(&self, key: Key) -> RawFd {
+        self.with(key, |s| s.fd).unwrap_or(-1)
+    }
+
+    fn with<T>(&self, key: Key, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(key.idx as usize) {
+            Some(s) if s.gen == key.gen => Some(f(s)),
+            _ => None,
+        }
+    }
+
+    /// Wake a parked loop: there is work for the kernel.
+    fn kick(&self) {
+        if self.parked.get() {
+            if let Some(w) = self.kick.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Queue an entry; a full submission queue is handed to the kernel first.
+    fn push(&self, e: squeue::Entry) {
+        self.kick();
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: every entry's buffers (send buffers, the provided-buffer ring) outlive the
+        // operation: they belong to slots that are freed only once `ops` is back to zero.
+        while unsafe { ring.submission().push(&e) }.is_err() {
+            if let Err(err) = ring.submit() {
+                tracing::error!("io_uring submit failed: {err}");
+            }
+        }
+    }
+
+    pub fn start_receive(&self, key: Key) {
+        let fd = self.with(key, |s| {
+            let go = s.live && !s.recv_armed && !s.eof && s.rx_err.is_none();
+            if go {
+                s.recv_armed = true;
+                s.ops += 1;
+            }
+            go.then_some(s.fd)
+        });
+        if let Some(Some(fd)) = fd {
+            self.push(
+                opcode::RecvMulti::new(types::Fd(fd), BGID)
+                    .build()
+                    .user_data(user_data(key, OP_RECV)),
+            );
+        }
+    }
+
+    fn arm_accept(&self, key: Key) {
+        let fd = self.with(key, |s| {
+            let go = s.live && !s.accept_armed;
+            if go {
+                s.accept_armed = true;
+                s.ops += 1;
+            }
+            go.then_some(s.fd)
+        });
+        if let Some(Some(fd)) = fd {
+            self.push(
+                opcode::AcceptMulti::new(types::Fd(fd))
+                    .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                    .build()
+                    .user_data(user_data(key, OP_ACCEPT)),
+            );
+        }
+    }
+
+    fn cancel(&self, key: Key, op: u64) {
+        self.push(
+            opcode::AsyncCancel::new(user_data(key, op))
+                .build()
+                .user_data(user_data(key, OP_IGNORE)),
+        );
+    }
+
+    /// Copy received bytes into `buf`; `peek` leaves them queued.
+    fn take(&self, s: &mut Slot, buf: &mut [u8], peek: bool) -> usize {
+        let mut n = 0;
+        let mut returned = false;
+        if peek {
+            for c in s.rx.iter() {
+                let b = self.bufs.bytes(c);
+                let k = b.len().min(buf.len() - n);
+                buf[n..n + k].copy_from_slice(&b[..k]);
+                n += k;
+                if n == buf.len() {
+                    break;
+                }
+            }
+            return n;
+        }
+        while n < buf.len() {
+            let Some(c) = s.rx.front_mut() else { break };
+            let b = self.bufs.bytes(c);
+            let k = b.len().min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&b[..k]);
+            n += k;
+            c.off += k as u32;
+            c.len -= k as u32;
+            if c.len == 0 {
+                let bid = c.bid;
+                s.rx.pop_front();
+                self.bufs.put(bid);
+                returned = true;
+            }
+        }
+        s.rx_bytes -= n;
+        if returned {
+            self.bufs.publish();
+        }
+        n
+    }
+
+    /// Read what has arrived; with nothing there, wait (re-arming the receive if it paused).
+    pub fn poll_read(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_inner(key, cx, buf, None)
+    }
+
+    /// Like `poll_read` without taking the bytes: ready once more than `seen` are queued.
+    pub fn poll_peek(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        seen: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_inner(key, cx, buf, Some(seen))
+    }
+
+    fn poll_read_inner(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        peek: Option<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let r = self.with(key, |s| {
+            let have = match peek {
+                Some(seen) => s.rx_bytes > seen,
+                None => s.rx_bytes > 0,
+            };
+            if have {
+                let n = self.take(s, buf, peek.is_some());
+                return (Some(Ok(n)), s.rx_bytes < RX_LIMIT);
+            }
+            if let Some(e) = s.rx_err {
+                return (Some(Err(io::Error::from_raw_os_error(e))), false);
+            }
+            if s.eof {
+                return (
+                    Some(Ok(peek.map_or(0, |_| s.rx_bytes.min(buf.len())))),
+                    false,
+                );
+            }
+            store(&mut s.read_waker, cx.waker());
+            (None, !s.starved)
+        });
+        let Some((r, rearm)) = r else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if rearm {
+            self.start_receive(key);
+        }
+        match r {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Drop `n` queued bytes (a peek saw them).
+    pub fn discard(&self, key: Key, n: usize) -> io::Result<()> {
+        let mut scratch = [0u8; 512];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(scratch.len());
+            let got = self
+                .with(key, |s| self.take(s, &mut scratch[..k], false))
+                .unwrap_or(0);
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= got;
+        }
+        self.start_receive(key);
+        Ok(())
+    }
+
+    /// Anything (data, EOF, an error) arrived and not yet read?
+    pub fn may_be_readable(&self, key: Key) -> bool {
+        self.with(key, |s| s.rx_bytes > 0 || s.eof || s.rx_err.is_some())
+            .unwrap_or(true)
+    }
+
+    /// Buffer `bufs` for this turn's send; waits while `TX_LIMIT` bytes are unsent.
+    pub fn poll_write(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.with(key, |s| {
+            if let Some(e) = s.tx_err {
+                return Some(Err(io::Error::from_raw_os_error(e)));
+            }
+            let room = TX_LIMIT.saturating_sub(s.tx.len());
+            if room == 0 {
+                store(&mut s.write_waker, cx.waker());
+                return None;
+            }
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(room - n);
+                s.tx.extend_from_slice(&b[..k]);
+                n += k;
+                if n == room {
+                    break;
+                }
+            }
+            let mark = n > 0 && !s.dirty && !s.sending;
+            if mark {
+                s.dirty = true;
+            }
+            Some(Ok((n, mark)))
+        });
+        match r {
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Some(None) => Poll::Pending,
+            Some(Some(Err(e))) => Poll::Ready(Err(e)),
+            Some(Some(Ok((n, mark)))) => {
+                if mark {
+                    self.dirty.borrow_mut().push(key.idx);
+                    self.kick();
+                }
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    /// A send that failed since the last write, if any.
+    pub fn send_error(&self, key: Key) -> io::Result<()> {
+        match self.with(key, |s| s.tx_err) {
+            Some(Some(e)) => Err(io::Error::from_raw_os_error(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ready once every buffered byte has left (or failed): before a shutdown.
+    pub fn poll_drained(&self, key: Key, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.with(key, |s| {
+            if let Some(e) = s.tx_err {
+                return Some(Err(io::Error::from_raw_os_error(e)));
+            }
+            if s.tx.is_empty() && !s.sending {
+                return Some(Ok(()));
+            }
+            store(&mut s.write_waker, cx.waker());
+            None
+        }) {
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Some(None) => Poll::Pending,
+            Some(Some(r)) => Poll::Ready(r),
+        }
+    }
+
+    /// Ready once a connecting socket is writable (its connect finished, well or badly).
+    pub fn poll_writable(&self, key: Key, cx: &mut Context<'_>) -> Poll<()> {
+        enum W {
+            Ready,
+            Wait,
+            Arm(RawFd),
+        }
+        let w = self
+            .with(key, |s| {
+                if s.writable {
+                    return W::Ready;
+                }
+                store(&mut s.write_waker, cx.waker());
+                if s.pollout_armed {
+                    return W::Wait;
+                }
+                s.pollout_armed = true;
+                s.ops += 1;
+                W::Arm(s.fd)
+            })
+            .unwrap_or(W::Ready);
+        match w {
+            W::Ready => Poll::Ready(()),
+            W::Wait => Poll::Pending,
+            W::Arm(fd) => {
+                self.push(
+                    opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(user_data(key, OP_POLLOUT)),
+                );
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The next accepted descriptor, or wait for one.
+    pub fn poll_accept(&self, key: Key, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
+        let r = self.with(key, |s| {
+            if let Some(fd) = s.accepted.pop_front() {
+                return (Some(Ok(fd)), false);
+            }
+            if let Some(e) = s.rx_err.take() {
+                return (Some(Err(io::Error::from_raw_os_error(e))), !s.accept_armed);
+            }
+            store(&mut s.read_waker, cx.waker());
+            (None, !s.accept_armed)
+        });
+        let Some((r, rearm)) = r else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if rearm {
+            self.arm_accept(key);
+        }
+        match r {
+            // SAFETY: the kernel gave us this new descriptor; nothing else owns it.
+            Some(Ok(fd)) => Poll::Ready(Ok(unsafe { OwnedFd::from_raw_fd(fd) })),
+            Some(Err(e)) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The socket is dropped: stop receiving, let unsent bytes leave, close when the kernel
+    /// holds nothing of it.
+    pub fn release(&self, key: Key) {
+        let mut cancels = Vec::new();
+        let mut closing = false;
+        self.with(key, |s| {
+            s.live = false;
+            s.read_waker = None;
+            s.write_waker = None;
+            while let Some(c) = s.rx.pop_front() {
+                self.bufs.put(c.bid);
+            }
+            s.rx_bytes = 0;
+            self.bufs.publish();
+            for fd in s.accepted.drain(..) {
+                // SAFETY: accepted descriptors nobody took are ours to close.
+                unsafe { libc::close(fd) };
+            }
+            if s.recv_armed {
+                cancels.push(OP_RECV);
+            }
+            if s.accept_armed {
+                cancels.push(OP_ACCEPT);
+            }
+            if s.pollout_armed {
+                cancels.push(OP_POLLOUT);
+            }
+            if !s.tx.is_empty() && !s.sending && s.tx_err.is_none() {
+                // One direct try: usually the whole answer fits in the socket at once.
+                // SAFETY: send from our own buffer, of its length; never blocks.
+                let rc = unsafe {
+                    libc::send(
+                        s.fd,
+                        s.tx.as_ptr() as *const libc::c_void,
+                        s.tx.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if rc > 0 {
+                    s.tx.drain(..rc as usize);
+                } else if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                    s.tx.clear();
+                }
+            }
+            s.close_by = Some(Instant::now() + LINGER);
+            closing = true;
+        });
+        for op in cancels {
+            self.cancel(key, op);
+        }
+        if closing && !self.finish(key.idx) {
+            self.closing.borrow_mut().push(key.idx);
+        }
+    }
+
+    /// Close and free a dropped slot the kernel no longer uses; false if it still does.
+    fn finish(&self, idx: u32) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[idx as usize];
+        if s.live || s.ops > 0 || (!s.tx.is_empty() && s.tx_err.is_none()) {
+            return false;
+        }
+        // SAFETY: the slot owns the descriptor and nothing in the kernel refers to it.
+        unsafe { libc::close(s.fd) };
+        let gen = s.gen.wrapping_add(1) & 0xff_ffff;
+        let (mut tx, mut flight, mut rx) = (
+            std::mem::take(&mut s.tx),
+            std::mem::take(&mut s.flight),
+            std::mem::take(&mut s.rx),
+        );
+        tx.clear();
+        flight.clear();
+        rx.clear();
+        *s = Slot {
+            gen,
+            fd: -1,
+            tx,
+            flight,
+            rx,
+            ..Slot::default()
+        };
+        self.free.borrow_mut().push(idx);
+        true
+    }
+
+    /// Hand the turn's sends to the kernel.
+    fn flush(&self) {
+        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        for &idx in &dirty {
+            self.send_next(idx);
+        }
+        let mut d = self.dirty.borrow_mut();
+        if d.is_empty() {
+            let mut dirty = dirty;
+            dirty.clear();
+            *d = dirty;
+        }
+    }
+
+    fn send_next(&self, idx: u32) {
+        let e = {
+            let mut slots = self.slots.borrow_mut();
+            let s = &mut slots[idx as usize];
+            s.dirty = false;
+            if s.sending || s.tx.is_empty() || s.tx_err.is_some() {
+                return;
+            }
+            std::mem::swap(&mut s.tx, &mut s.flight);
+            s.flight_off = 0;
+            s.sending = true;
+            s.ops += 1;
+            opcode::Send::new(types::Fd(s.fd), s.flight.as_ptr(), s.flight.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(s.key(idx), OP_SEND))
+        };
+        self.push(e);
+    }
+
+    /// Submit what is queued and dispatch what completed, waiting up to `wait` for at least
+    /// one completion. Returns the number of completions.
+    pub fn collect(&self, wait: Duration) -> usize {
+        self.flush();
+        self.rearm_starved();
+        {
+            let mut ring = self.ring.borrow_mut();
+            let (pending, taskrun) = {
+                let sq = ring.submission();
+                (!sq.is_empty(), sq.taskrun())
+            };
+            let waiting = !wait.is_zero();
+            if pending || taskrun || waiting {
+                let r = if waiting {
+                    let ts = types::Timespec::new()
+                        .sec(wait.as_secs())
+                        .nsec(wait.subsec_nanos());
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    ring.submitter().submit_with_args(1, &args)
+                } else {
+                    ring.submitter().submit()
+                };
+                match r {
+                    Ok(_) => {}
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ETIME)
+                            || e.raw_os_error() == Some(libc::EINTR)
+                            || e.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(e) => tracing::error!("io_uring enter failed: {e}"),
+                }
+            }
+        }
+        let mut n = 0;
+        let mut wake = std::mem::take(&mut *self.woken.borrow_mut());
+        loop {
+            let cqe = {
+                let mut ring = self.ring.borrow_mut();
+                let mut cq = ring.completion();
+                cq.next()
+            };
+            let Some(cqe) = cqe else { break };
+            n += 1;
+            self.complete(cqe.user_data(), cqe.result(), cqe.flags(), &mut wake);
+        }
+        self.bufs.publish();
+        self.reap_closing();
+        for w in wake.drain(..) {
+            w.wake();
+        }
+        *self.woken.borrow_mut() = wake;
+        n
+    }
+
+    fn rearm_starved(&self) {
+        if self.starved.borrow().is_empty() {
+            return;
+        }
+        let starved = std::mem::take(&mut *self.starved.borrow_mut());
+        for idx in starved {
+            let key = {
+                let mut slots = self.slots.borrow_mut();
+                let s = &mut slots[idx as usize];
+                s.starved = false;
+                s.key(idx)
+            };
+            self.start_receive(key);
+        }
+    }
+
+    fn reap_closing(&self) {
+        if self.closing.borrow().is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let list = std::mem::take(&mut *self.closing.borrow_mut());
+        let mut keep = Vec::new();
+        for idx in list {
+            if self.finish(idx) {
+                continue;
+            }
+            let overdue = {
+                let mut slots = self.slots.borrow_mut();
+                let s = &mut slots[idx as usize];
+                let over = s.close_by.is_some_and(|t| now >= t) && s.tx_err.is_none();
+                if over {
+                    // the peer stopped reading: give up the unsent bytes
+                    s.tx_err = Some(libc::ETIMEDOUT);
+                    s.tx.clear();
+                }
+                over.then(|| (s.key(idx), s.sending))
+            };
+            if let Some((key, true)) = overdue {
+                self.cancel(key, OP_SEND);
+            }
+            if !self.finish(idx) {
+                keep.push(idx);
+            }
+        }
+        self.closing.borrow_mut().extend(keep);
+    }
+
+    fn complete(&self, ud: u64, res: i32, flags: u32, wake: &mut Vec<Waker>) {
+        let op = ud & 0xff;
+        if op == OP_IGNORE {
+            return;
+        }
+        let key = Key {
+            idx: (ud >> 32) as u32,
+            gen: ((ud >> 8) & 0xff_ffff) as u32,
+        };
+        let mut resend = false;
+        let mut rearm_accept = false;
+        let mut cancel_recv = false;
+        let known = self.with(key, |s| {
+            match op {
+                OP_RECV => {
+                    if !cqueue::more(flags) {
+                        s.recv_armed = false;
+                        s.ops -= 1;
+                    }
+                    if let Some(bid) = cqueue::buffer_select(flags) {
+                        if res > 0 && s.live {
+                            s.rx.push_back(Chunk {
+                                bid,
+                                off: 0,
+                                len: res as u32,
+                            });
+                            s.rx_bytes += res as usize;
+                            if s.rx_bytes >= RX_LIMIT && s.recv_armed {
+                                cancel_recv = true;
+                            }
+                        } else {
+                            self.bufs.put(bid);
+                        }
+                    }
+                    if res == 0 {
+                        s.eof = true;
+                    } else if res == -libc::ENOBUFS {
+                        if s.live && !s.starved {
+                            s.starved = true;
+                            self.starved.borrow_mut().push(key.idx);
+                        }
+                    } else if res < 0 && res != -libc::ECANCELED {
+                        s.rx_err = Some(-res);
+                    }
+                    wake.extend(s.read_waker.take());
+                }
+                OP_SEND => {
+                    if res < 0 {
+                        s.sending = false;
+                        s.ops -= 1;
+                        s.tx_err = Some(if res == -libc::ECANCELED {
+                            libc::ETIMEDOUT
+                        } else {
+                            -res
+                        });
+                        s.tx.clear();
+                        s.flight.clear();
+                    } else {
+                        s.flight_off += res as usize;
+                        if s.flight_off < s.flight.len() {
+                            resend = true; // the rest of a partial send, still in flight
+                        } else {
+                            s.sending = false;
+                            s.ops -= 1;
+                            s.flight.clear();
+                            if !s.tx.is_empty() {
+                                resend = true;
+                            }
+                        }
+                    }
+                    wake.extend(s.write_waker.take());
+                }
+                OP_POLLOUT => {
+                    s.pollout_armed = false;
+                    s.ops -= 1;
+                    s.writable = true;
+                    wake.extend(s.write_waker.take());
+                }
+                OP_ACCEPT => {
+                    if !cqueue::more(flags) {
+                        s.accept_armed = false;
+                        s.ops -= 1;
+                    }
+                    if res >= 0 {
+                        if s.live {
+                            s.accepted.push_back(res);
+                        } else {
+                            // SAFETY: a descriptor accepted for a listener that is gone.
+                            unsafe { libc::close(res) };
+                        }
+                    } else if res != -libc::ECANCELED && s.live {
+                        s.rx_err = Some(-res);
+                        rearm_accept = false;
+                    }
+                    wake.extend(s.read_waker.take());
+                }
+                _ => {}
+            }
+        });
+        if known.is_none() {
+            return;
+        }
+        if cancel_recv {
+            self.cancel(key, OP_RECV);
+        }
+        if rearm_accept {
+            self.arm_accept(key);
+        }
+        if resend {
+            let e = {
+                let mut slots = self.slots.borrow_mut();
+                let s = &mut slots[key.idx as usize];
+                if s.sending {
+                    let off = s.flight_off;
+                    // SAFETY: `off` < flight.len(); the buffer stays put while in flight.
+                    Some(
+                        opcode::Send::new(
+                            types::Fd(s.fd),
+                            unsafe { s.flight.as_ptr().add(off) },
+                            (s.flight.len() - off) as u32,
+                        )
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(user_data(key, OP_SEND)),
+                    )
+                } else {
+                    None
+                }
+            };
+            match e {
+                Some(e) => self.push(e),
+                None => self.send_next(key.idx),
+            }
+        }
+    }
+
+    /// Reset the eventfd's count: after this, any completion makes it readable again.
+    fn quiet_eventfd(&self) {
+        let mut b = [0u8; 8];
+        // SAFETY: a non-blocking read of our own eventfd into an 8-byte buffer.
+        unsafe {
+            libc::read(
+                self.eventfd.as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                8,
+            )
+        };
+    }
+}
+
+/// The shard's loop for this engine; the same shape as `poller::run`.
+pub async fn run(ring: Rc<Uring>, poll_before_park: Duration) {
+    let mut quiet = false;
+    loop {
+        if ring.collect(Duration::ZERO) > 0 {
+            quiet = false;
+            futures_lite::future::yield_now().await;
+            continue;
+        }
+        if !quiet {
+            let _ = glommio::executor().executor_stats();
+            futures_lite::future::yield_now().await;
+            quiet = glommio::executor().executor_stats().tasks_executed() <= 1;
+            if quiet && !poll_before_park.is_zero() && ring.collect(poll_before_park) > 0 {
+                quiet = false;
+                futures_lite::future::yield_now().await;
+            }
+            continue;
+        }
+        quiet = false;
+        ring.quiet_eventfd();
+        if ring.collect(Duration::ZERO) > 0 {
+            futures_lite::future::yield_now().await;
+            continue;
+        }
+        ring.parked.set(true);
+        let kicked = std::future::poll_fn(|cx| {
+            if !ring.dirty.borrow().is_empty() || !ring.ring.borrow_mut().submission().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            *ring.kick.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        let r = futures_lite::future::or(
+            super::poller::wait_readable(ring.eventfd.as_raw_fd()),
+            kicked,
+        )
+        .await;
+        ring.parked.set(false);
+        ring.kick.borrow_mut().take();
+        if let Err(e) = r {
+            tracing::error!("shard ring wait failed: {e}");
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
