@@ -583,8 +583,15 @@ fn a_reader_that_never_opens_its_window_pins_no_memory() {
     }
     let grown = peak.saturating_sub(before);
     eprintln!("RSS before {before} KiB, with 200 stalled streams {peak} KiB (+{grown})");
+    // on io_uring, the shards' receive-buffer pools (2 x 4 MiB by default) fill too: a fixed
+    // cost, not one per stream
+    let pools = if with_test_engine("").contains("io_uring") {
+        8 * 1024
+    } else {
+        0
+    };
     assert!(
-        grown < 64 * 1024,
+        grown < 64 * 1024 + pools,
         "200 stalled 4 MiB responses grew RSS by {grown} KiB"
     );
 }

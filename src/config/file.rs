@@ -75,6 +75,8 @@ pub struct FileRuntime {
     pub poll_before_park: Option<Spanned<String>>,
     /// "epoll" or "io_uring": how the shards drive their sockets.
     pub io_engine: Option<Spanned<String>>,
+    /// io_uring only: provided 16 KiB receive buffers per shard (a power of two).
+    pub io_uring_buffers: Option<Spanned<u32>>,
     /// Listener backlog per shard and virtual service.
     pub backlog: Option<Spanned<u32>>,
     /// Client connections the appliance holds at once (0: no limit; each shard takes its share).

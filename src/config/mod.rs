@@ -264,7 +264,8 @@ impl Validator<'_> {
         let mut servers = Vec::new();
         for (i, vs) in file.virtual_service.iter().enumerate() {
             let p = format!("virtual_service[{i}]");
-            if vs.splice_response == Some(true) && runtime.io_engine == crate::net::Engine::IoUring
+            if vs.splice_response == Some(true)
+                && matches!(runtime.io_engine, crate::net::Engine::IoUring { .. })
             {
                 // bytes arrive in the ring's buffers, not the socket: nothing left to splice
                 return Err(self.err(

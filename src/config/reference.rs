@@ -48,6 +48,7 @@ pub const SECTIONS: &[Section] = &[
             k("spin_before_park", "duration", "0s", "Busy-poll this long before an idle shard sleeps (0: never)."),
             k("poll_before_park", "duration", "200us", "An idle shard waits this long in epoll_wait before it parks (0..10ms)."),
             k("io_engine", "string", "epoll", "How shards drive their sockets: `epoll` (readiness, then recv/send) or `io_uring` (a ring per shard: multishot receive into provided buffers, the sends of a loop turn in one system call; no `splice_response`). See docs/bench.md for which is faster where."),
+            k("io_uring_buffers", "integer", "256", "With `io_engine = \"io_uring\"`: 16 KiB receive buffers per shard (a power of two, 16..32768; 256 is 4 MiB a shard, resident once traffic has used them all). Only data received and not yet read holds one; a socket holds at most 64 KiB, and when all are taken sockets are read directly until a quarter are free again."),
             k("backlog", "integer", "1024", "Listen backlog per shard and virtual service."),
             k("max_connections", "integer", "0", "Client connections the appliance holds at once; each shard takes its share (0: no limit)."),
             k("persistence_key", "string (64 hex)", "random at each start", "Signs persistence cookies; the same on every appliance that must honour the others' cookies."),
@@ -557,6 +558,7 @@ mod tests {
         assert_eq!(rt.backlog.to_string(), r("backlog"));
         assert_eq!(rt.io_engine, crate::net::Engine::Epoll);
         assert_eq!(r("io_engine"), "epoll");
+        assert_eq!(r("io_uring_buffers"), "256");
     }
 
     #[test]

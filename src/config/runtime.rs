@@ -229,11 +229,25 @@ impl Validator<'_> {
         let poll_before_park = self
             .poll_before_park(&rt.poll_before_park, "runtime.poll_before_park")?
             .unwrap_or(Duration::from_micros(200));
+        let buffers = match &rt.io_uring_buffers {
+            None => 256,
+            Some(b) => {
+                let n = *b.get_ref();
+                if !(16..=32768).contains(&n) || !n.is_power_of_two() {
+                    return Err(self.err(
+                        Some(b.span()),
+                        "runtime.io_uring_buffers",
+                        format!("{n}: a power of two from 16 to 32768"),
+                    ));
+                }
+                n as u16
+            }
+        };
         let io_engine = match &rt.io_engine {
             None => crate::net::Engine::Epoll,
             Some(e) => match e.get_ref().as_str() {
                 "epoll" => crate::net::Engine::Epoll,
-                "io_uring" => crate::net::Engine::IoUring,
+                "io_uring" => crate::net::Engine::IoUring { buffers },
                 other => {
                     return Err(self.err(
                         Some(e.span()),

@@ -129,6 +129,21 @@ pub fn in_use(addr: SocketAddr) -> bool {
     })
 }
 
+/// `in_use`, giving a process that has just died a moment to let go of its sockets: an
+/// io_uring request keeps a listening socket open until the kernel tears the ring down, a
+/// few milliseconds after the exit (a restart right after a kill would otherwise be refused).
+/// Sleeps: for the main thread, never a shard.
+pub fn in_use_settled(addr: SocketAddr) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while in_use(addr) {
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// An address as /proc/net/tcp prints it: 32-bit words in host byte order, in hex.
 fn proc_ip(hex: &str) -> Option<IpAddr> {
     let word = |i: usize| {
@@ -175,9 +190,9 @@ pub fn bind(addr: SocketAddr, backlog: u32, steer_shards: Option<u32>) -> io::Re
 pub enum Engine {
     /// Readiness from an edge-triggered epoll set, then plain `recv`/`send` (see `poller`).
     Epoll,
-    /// A ring of the shard's own: multishot receive into provided buffers, batched sends
-    /// (see `uring`).
-    IoUring,
+    /// A ring of the shard's own: multishot receive into this many provided 16 KiB buffers
+    /// (a power of two), batched sends (see `uring`).
+    IoUring { buffers: u16 },
 }
 
 /// Start this shard's I/O loop; every data-path socket of the shard depends on it.
@@ -187,8 +202,8 @@ pub fn start_engine(shard: usize, engine: Engine, poll_before_park: Duration) ->
             let poller = poller::current()?;
             crate::runtime::supervise(shard, "poller", poller::run(poller, poll_before_park));
         }
-        Engine::IoUring => {
-            let ring = uring::start()?;
+        Engine::IoUring { buffers } => {
+            let ring = uring::start(buffers)?;
             crate::runtime::supervise(shard, "ring", uring::run(ring, poll_before_park));
         }
     }
@@ -278,45 +293,36 @@ impl Listener {
     /// The next connection and its peer's address. The accepted socket is non-blocking,
     /// close-on-exec, with TCP_NODELAY (responses are written whole; nothing to coalesce).
     pub async fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
-        let (fd, peer) = match &self.0 {
+        let mut peer: Option<SocketAddr> = None;
+        let accept = |fd: RawFd, peer: &mut Option<SocketAddr>| {
+            // SAFETY: sockaddr_storage fits any address; the kernel writes at most `len`.
+            let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: valid listening fd and out-pointers to our stack.
+            let rc = unsafe {
+                libc::accept4(
+                    fd,
+                    &mut ss as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            let fd = cvt(rc as isize)?;
+            *peer = sockaddr(&ss);
+            Ok(fd)
+        };
+        let n = std::future::poll_fn(|cx| match &self.0 {
+            // want 0: an accept never counts as a short read; accept until none is left
             Registered::Epoll { fd, key, poller } => {
-                let mut peer: Option<SocketAddr> = None;
-                let n = std::future::poll_fn(|cx| {
-                    // want 0: an accept never counts as a short read; accept until none is left
-                    poller.poll_read_with(*key, cx, 0, || {
-                        // SAFETY: sockaddr_storage fits any address; the kernel writes at
-                        // most `len`.
-                        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                        let mut len =
-                            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                        // SAFETY: valid listening fd and out-pointers to our stack.
-                        let rc = unsafe {
-                            libc::accept4(
-                                fd.as_raw_fd(),
-                                &mut ss as *mut _ as *mut libc::sockaddr,
-                                &mut len,
-                                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                            )
-                        };
-                        let fd = cvt(rc as isize)?;
-                        peer = sockaddr(&ss);
-                        Ok(fd)
-                    })
-                })
-                .await?;
-                // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                (unsafe { OwnedFd::from_raw_fd(n as RawFd) }, peer)
+                poller.poll_read_with(*key, cx, 0, || accept(fd.as_raw_fd(), &mut peer))
             }
             Registered::Uring { key, ring } => {
-                let fd = std::future::poll_fn(|cx| ring.poll_accept(*key, cx)).await?;
-                // a multishot accept gives no address: ask for it
-                // SAFETY: borrowed view of the new fd, only to read its peer; not closed here.
-                let view =
-                    std::mem::ManuallyDrop::new(unsafe { RawSocket::from_raw_fd(fd.as_raw_fd()) });
-                let peer = view.peer_addr().ok().and_then(|a| a.as_socket());
-                (fd, peer)
+                ring.poll_accept_with(*key, cx, |fd| accept(fd, &mut peer))
             }
-        };
+        })
+        .await?;
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(n as RawFd) };
         let peer = peer.ok_or_else(|| io::Error::other("accepted a socket of no IP family"))?;
         // SAFETY: borrowed view of our own fd, to set an option; not closed here.
         let view = std::mem::ManuallyDrop::new(unsafe { RawSocket::from_raw_fd(fd.as_raw_fd()) });

@@ -9,10 +9,14 @@
 //!   A socket whose unread data reaches `RX_LIMIT` has its receive cancelled until it is read.
 //! - Writes are copied into the socket's send buffer and all sends of a loop turn go to the
 //!   kernel in one `io_uring_enter`; one send is in flight per socket, so bytes stay in order.
-//! - Listeners have one multishot accept.
+//! - Listeners have one multishot POLLIN and accept with accept4 (see `arm_accept` for why
+//!   not a multishot accept).
+//! - Writes of 16 KiB or more with nothing buffered go out directly, as on epoll: copying a
+//!   bulk body into the send buffer cost more than the system call it saves (docs/bench.md).
 //!
-//! Nothing reaches a socket behind the ring's back, with one exception kept deliberate: a
-//! dropped socket's unsent bytes get one direct `send` before waiting for the ring.
+//! Direct system calls on a ring socket are kept to where they cannot reorder bytes: bulk
+//! sends with nothing buffered, a dropped socket's unsent bytes (one try before the ring),
+//! and reads of a socket whose receive is not armed (the pool ran dry).
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
@@ -24,15 +28,16 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Provided receive buffers per shard, and their size: 16 MiB of address space, touched only
-/// as traffic needs it.
-const BUF_COUNT: u16 = 1024;
+/// The size of each provided receive buffer (`runtime.io_uring_buffers` of them per shard:
+/// address space, touched only as traffic needs it).
 const BUF_SIZE: usize = 16 * 1024;
 const BGID: u16 = 7;
 /// Unread bytes a socket may hold before its receive pauses (back-pressure on a fast sender).
 const RX_LIMIT: usize = 64 * 1024;
 /// Unsent bytes a socket may buffer before a write waits.
 const TX_LIMIT: usize = 64 * 1024;
+/// Writes at least this large skip the buffer (see `send_direct`).
+const DIRECT_SEND: usize = 16 * 1024;
 const RING_ENTRIES: u32 = 1024;
 /// How long a dropped socket's unsent bytes may take to leave before it is closed anyway.
 const LINGER: Duration = Duration::from_secs(10);
@@ -41,6 +46,8 @@ const OP_RECV: u64 = 1;
 const OP_SEND: u64 = 2;
 const OP_POLLOUT: u64 = 3;
 const OP_ACCEPT: u64 = 4;
+/// A starved socket's wait for data to read directly.
+const OP_POLLIN: u64 = 6;
 /// Cancellations: their completions carry nothing we need.
 const OP_IGNORE: u64 = 5;
 
@@ -73,13 +80,17 @@ struct Slot {
     rx: VecDeque<Chunk>,
     rx_bytes: usize,
     recv_armed: bool,
-    /// Waiting for a receive buffer (the pool ran dry): re-armed when buffers come back.
+    /// The pool ran dry under this socket's receive: it is read directly (after a POLLIN)
+    /// until enough buffers are back to re-arm the receive.
     starved: bool,
+    pollin_armed: bool,
     eof: bool,
     rx_err: Option<i32>,
     read_waker: Option<Waker>,
+    /// A listener's multishot POLLIN is armed, and it has fired since accept4 last found
+    /// the queue empty.
     accept_armed: bool,
-    accepted: VecDeque<RawFd>,
+    acceptable: bool,
     /// Bytes written and not yet handed to the kernel, and the send in flight.
     tx: Vec<u8>,
     flight: Vec<u8>,
@@ -106,12 +117,16 @@ struct Buffers {
     mem: *mut u8,
     mem_len: usize,
     tail: Cell<u16>,
+    /// Entries and buffers (a power of two).
+    count: u16,
+    /// Buffers the kernel may take (put back and not yet used by a receive).
+    free: Cell<u32>,
 }
 
 impl Buffers {
-    fn new() -> io::Result<Buffers> {
-        let ring_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
-        let mem_len = BUF_COUNT as usize * BUF_SIZE;
+    fn new(count: u16) -> io::Result<Buffers> {
+        let ring_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
+        let mem_len = count as usize * BUF_SIZE;
         let ring = mmap(ring_len)? as *mut types::BufRingEntry;
         let mem = match mmap(mem_len) {
             Ok(m) => m,
@@ -127,8 +142,10 @@ impl Buffers {
             mem,
             mem_len,
             tail: Cell::new(0),
+            count,
+            free: Cell::new(0),
         };
-        for bid in 0..BUF_COUNT {
+        for bid in 0..count {
             b.put(bid);
         }
         b.publish();
@@ -138,13 +155,14 @@ impl Buffers {
     /// Queue buffer `bid` for the kernel (visible after `publish`).
     fn put(&self, bid: u16) {
         let t = self.tail.get();
-        // SAFETY: the index is masked into the ring, which has BUF_COUNT entries.
-        let e = unsafe { &mut *self.ring.add((t & (BUF_COUNT - 1)) as usize) };
-        // SAFETY: bid < BUF_COUNT, so the buffer lies inside `mem`.
+        // SAFETY: the index is masked into the ring, which has `count` entries.
+        let e = unsafe { &mut *self.ring.add((t & (self.count - 1)) as usize) };
+        // SAFETY: bid < count, so the buffer lies inside `mem`.
         e.set_addr(unsafe { self.mem.add(bid as usize * BUF_SIZE) } as u64);
         e.set_len(BUF_SIZE as u32);
         e.set_bid(bid);
         self.tail.set(t.wrapping_add(1));
+        self.free.set(self.free.get() + 1);
     }
 
     fn publish(&self) {
@@ -221,8 +239,9 @@ pub fn current() -> Option<Rc<Uring>> {
     URING.with(|u| u.borrow().clone())
 }
 
-/// Set up this thread's ring (the shard's thread: the ring has a single issuer).
-pub fn start() -> io::Result<Rc<Uring>> {
+/// Set up this thread's ring (the shard's thread: the ring has a single issuer), with
+/// `buffers` provided receive buffers (a power of two).
+pub fn start(buffers: u16) -> io::Result<Rc<Uring>> {
     if let Some(u) = current() {
         return Ok(u);
     }
@@ -233,12 +252,12 @@ pub fn start() -> io::Result<Rc<Uring>> {
         .setup_defer_taskrun()
         .setup_cqsize(RING_ENTRIES * 4)
         .build(RING_ENTRIES)?;
-    let bufs = Buffers::new()?;
+    let bufs = Buffers::new(buffers)?;
     // SAFETY: the entries live as long as `bufs`, which the ring's owner outlives... the ring
     // is dropped before `bufs` (field order), so the kernel never sees them freed.
     unsafe {
         ring.submitter()
-            .register_buf_ring_with_flags(bufs.ring as u64, BUF_COUNT, BGID, 0)?;
+            .register_buf_ring_with_flags(bufs.ring as u64, bufs.count, BGID, 0)?;
     }
     // SAFETY: plain syscall; the descriptor is checked and then owned.
     let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -351,19 +370,24 @@ impl Uring {
         }
     }
 
+    /// A listener's readiness: a multishot POLLIN, after which `poll_accept` calls accept4
+    /// until the backlog is empty. (A multishot accept would take the whole backlog into the
+    /// process at once, hundreds of descriptors in a flood, where accept4 takes one per call
+    /// and leaves the rest queued in the kernel.)
     fn arm_accept(&self, key: Key) {
         let fd = self.with(key, |s| {
             let go = s.live && !s.accept_armed;
             if go {
                 s.accept_armed = true;
+                s.acceptable = true;
                 s.ops += 1;
             }
             go.then_some(s.fd)
         });
         if let Some(Some(fd)) = fd {
             self.push(
-                opcode::AcceptMulti::new(types::Fd(fd))
-                    .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                    .multi(true)
                     .build()
                     .user_data(user_data(key, OP_ACCEPT)),
             );
@@ -444,6 +468,11 @@ impl Uring {
         buf: &mut [u8],
         peek: Option<usize>,
     ) -> Poll<io::Result<usize>> {
+        enum Next {
+            Done(io::Result<usize>, bool),
+            Wait(bool),
+            Direct(RawFd),
+        }
         let r = self.with(key, |s| {
             let have = match peek {
                 Some(seen) => s.rx_bytes > seen,
@@ -451,30 +480,82 @@ impl Uring {
             };
             if have {
                 let n = self.take(s, buf, peek.is_some());
-                return (Some(Ok(n)), s.rx_bytes < RX_LIMIT);
+                return Next::Done(Ok(n), s.rx_bytes < RX_LIMIT && !s.starved);
             }
             if let Some(e) = s.rx_err {
-                return (Some(Err(io::Error::from_raw_os_error(e))), false);
+                return Next::Done(Err(io::Error::from_raw_os_error(e)), false);
             }
             if s.eof {
-                return (
-                    Some(Ok(peek.map_or(0, |_| s.rx_bytes.min(buf.len())))),
-                    false,
-                );
+                // at EOF a peek that sees nothing new reports the end, as a read does
+                return Next::Done(Ok(0), false);
             }
             store(&mut s.read_waker, cx.waker());
-            (None, !s.starved)
+            if s.starved && s.rx.is_empty() && peek.is_none() {
+                return Next::Direct(s.fd);
+            }
+            Next::Wait(!s.starved)
         });
-        let Some((r, rearm)) = r else {
+        let Some(next) = r else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
         };
-        if rearm {
-            self.start_receive(key);
+        match next {
+            Next::Done(r, rearm) => {
+                if rearm {
+                    self.start_receive(key);
+                }
+                Poll::Ready(r)
+            }
+            Next::Wait(rearm) => {
+                if rearm {
+                    self.start_receive(key);
+                }
+                Poll::Pending
+            }
+            Next::Direct(fd) => self.read_direct(key, fd, buf),
         }
-        match r {
-            Some(r) => Poll::Ready(r),
-            None => Poll::Pending,
+    }
+
+    /// A starved socket: no receive buffer is free for it, so its bytes are still in the
+    /// kernel. Read them into the caller's buffer, or wait for POLLIN.
+    fn read_direct(&self, key: Key, fd: RawFd, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        // SAFETY: recv into the caller's buffer, of its length; never blocks.
+        let rc = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if rc > 0 {
+            return Poll::Ready(Ok(rc as usize));
         }
+        if rc == 0 {
+            self.with(key, |s| s.eof = true);
+            return Poll::Ready(Ok(0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            return Poll::Ready(Err(e));
+        }
+        let arm = self
+            .with(key, |s| {
+                let arm = !s.pollin_armed;
+                if arm {
+                    s.pollin_armed = true;
+                    s.ops += 1;
+                }
+                arm
+            })
+            .unwrap_or(false);
+        if arm {
+            self.push(
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                    .build()
+                    .user_data(user_data(key, OP_POLLIN)),
+            );
+        }
+        Poll::Pending
     }
 
     /// Drop `n` queued bytes (a peek saw them).
@@ -497,8 +578,11 @@ impl Uring {
 
     /// Anything (data, EOF, an error) arrived and not yet read?
     pub fn may_be_readable(&self, key: Key) -> bool {
-        self.with(key, |s| s.rx_bytes > 0 || s.eof || s.rx_err.is_some())
-            .unwrap_or(true)
+        // a starved socket's bytes may be waiting in the kernel, unseen
+        self.with(key, |s| {
+            s.rx_bytes > 0 || s.eof || s.rx_err.is_some() || s.starved
+        })
+        .unwrap_or(true)
     }
 
     /// Buffer `bufs` for this turn's send; waits while `TX_LIMIT` bytes are unsent.
@@ -508,6 +592,12 @@ impl Uring {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total >= DIRECT_SEND {
+            if let Some(r) = self.send_direct(key, cx, bufs) {
+                return r;
+            }
+        }
         let r = self.with(key, |s| {
             if let Some(e) = s.tx_err {
                 return Some(Err(io::Error::from_raw_os_error(e)));
@@ -544,6 +634,68 @@ impl Uring {
                 Poll::Ready(Ok(n))
             }
         }
+    }
+
+    /// A bulk write with nothing buffered before it: sent at once from the caller's buffer, as
+    /// epoll does (copying it would cost more than the system call saves); when the socket is
+    /// full, wait for POLLOUT. None: bytes are buffered, so this one queues behind them.
+    fn send_direct(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        enum D {
+            Send(RawFd),
+            Wait,
+        }
+        let d = self.with(key, |s| {
+            if s.tx_err.is_some() || !s.tx.is_empty() || s.sending {
+                return None;
+            }
+            if s.pollout_armed {
+                store(&mut s.write_waker, cx.waker());
+                return Some(D::Wait);
+            }
+            Some(D::Send(s.fd))
+        })??;
+        let fd = match d {
+            D::Wait => return Some(Poll::Pending),
+            D::Send(fd) => fd,
+        };
+        // SAFETY: msghdr over the caller's slices (IoSlice is iovec-compatible), alive for the
+        // call; never blocks, no SIGPIPE.
+        let rc = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len().min(1024) as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if rc >= 0 {
+            return Some(Poll::Ready(Ok(rc as usize)));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Some(Poll::Ready(Err(e)));
+        }
+        let arm = self.with(key, |s| {
+            store(&mut s.write_waker, cx.waker());
+            s.writable = false;
+            let arm = !s.pollout_armed;
+            if arm {
+                s.pollout_armed = true;
+                s.ops += 1;
+            }
+            arm
+        });
+        if arm == Some(true) {
+            self.push(
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(user_data(key, OP_POLLOUT)),
+            );
+        }
+        Some(Poll::Pending)
     }
 
     /// A send that failed since the last write, if any.
@@ -607,30 +759,36 @@ impl Uring {
         }
     }
 
-    /// The next accepted descriptor, or wait for one.
-    pub fn poll_accept(&self, key: Key, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
-        let r = self.with(key, |s| {
-            if let Some(fd) = s.accepted.pop_front() {
-                return (Some(Ok(fd)), false);
-            }
-            if let Some(e) = s.rx_err.take() {
-                return (Some(Err(io::Error::from_raw_os_error(e))), !s.accept_armed);
-            }
-            store(&mut s.read_waker, cx.waker());
-            (None, !s.accept_armed)
-        });
-        let Some((r, rearm)) = r else {
+    /// Run `op` (accept4 on the listener) while the listener may have connections queued;
+    /// `WouldBlock` waits for the next POLLIN.
+    pub fn poll_accept_with(
+        &self,
+        key: Key,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let Some((fd, acceptable, armed)) =
+            self.with(key, |s| (s.fd, s.acceptable, s.accept_armed))
+        else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
         };
-        if rearm {
+        if !armed {
             self.arm_accept(key);
         }
-        match r {
-            // SAFETY: the kernel gave us this new descriptor; nothing else owns it.
-            Some(Ok(fd)) => Poll::Ready(Ok(unsafe { OwnedFd::from_raw_fd(fd) })),
-            Some(Err(e)) => Poll::Ready(Err(e)),
-            None => Poll::Pending,
+        if acceptable || !armed {
+            loop {
+                match op(fd) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    r => return Poll::Ready(r),
+                }
+            }
         }
+        self.with(key, |s| {
+            s.acceptable = false;
+            store(&mut s.read_waker, cx.waker());
+        });
+        Poll::Pending
     }
 
     /// The socket is dropped: stop receiving, let unsent bytes leave, close when the kernel
@@ -647,10 +805,6 @@ impl Uring {
             }
             s.rx_bytes = 0;
             self.bufs.publish();
-            for fd in s.accepted.drain(..) {
-                // SAFETY: accepted descriptors nobody took are ours to close.
-                unsafe { libc::close(fd) };
-            }
             if s.recv_armed {
                 cancels.push(OP_RECV);
             }
@@ -659,6 +813,9 @@ impl Uring {
             }
             if s.pollout_armed {
                 cancels.push(OP_POLLOUT);
+            }
+            if s.pollin_armed {
+                cancels.push(OP_POLLIN);
             }
             if !s.tx.is_empty() && !s.sending && s.tx_err.is_none() {
                 // One direct try: usually the whole answer fits in the socket at once.
@@ -805,8 +962,10 @@ impl Uring {
         n
     }
 
+    /// Give starved sockets their receive back once a quarter of the pool is free again.
     fn rearm_starved(&self) {
-        if self.starved.borrow().is_empty() {
+        if self.starved.borrow().is_empty() || self.bufs.free.get() < u32::from(self.bufs.count) / 4
+        {
             return;
         }
         let starved = std::mem::take(&mut *self.starved.borrow_mut());
@@ -863,7 +1022,6 @@ impl Uring {
             gen: ((ud >> 8) & 0xff_ffff) as u32,
         };
         let mut resend = false;
-        let mut rearm_accept = false;
         let mut cancel_recv = false;
         let known = self.with(key, |s| {
             match op {
@@ -873,6 +1031,7 @@ impl Uring {
                         s.ops -= 1;
                     }
                     if let Some(bid) = cqueue::buffer_select(flags) {
+                        self.bufs.free.set(self.bufs.free.get() - 1);
                         if res > 0 && s.live {
                             s.rx.push_back(Chunk {
                                 bid,
@@ -925,6 +1084,11 @@ impl Uring {
                     }
                     wake.extend(s.write_waker.take());
                 }
+                OP_POLLIN => {
+                    s.pollin_armed = false;
+                    s.ops -= 1;
+                    wake.extend(s.read_waker.take());
+                }
                 OP_POLLOUT => {
                     s.pollout_armed = false;
                     s.ops -= 1;
@@ -936,17 +1100,7 @@ impl Uring {
                         s.accept_armed = false;
                         s.ops -= 1;
                     }
-                    if res >= 0 {
-                        if s.live {
-                            s.accepted.push_back(res);
-                        } else {
-                            // SAFETY: a descriptor accepted for a listener that is gone.
-                            unsafe { libc::close(res) };
-                        }
-                    } else if res != -libc::ECANCELED && s.live {
-                        s.rx_err = Some(-res);
-                        rearm_accept = false;
-                    }
+                    s.acceptable = true;
                     wake.extend(s.read_waker.take());
                 }
                 _ => {}
@@ -957,9 +1111,6 @@ impl Uring {
         }
         if cancel_recv {
             self.cancel(key, OP_RECV);
-        }
-        if rearm_accept {
-            self.arm_accept(key);
         }
         if resend {
             let e = {

@@ -124,7 +124,7 @@ impl Sockets {
                 net::set_steering(e.fd.as_raw_fd(), vs.listen.is_ipv6(), steer).map_err(|err| {
                     format!("cannot set the shard steering of {}: {err}", vs.listen)
                 })?;
-            } else if !fresh.iter().any(|e| e.addr == vs.listen) && net::in_use(vs.listen) {
+            } else if !fresh.iter().any(|e| e.addr == vs.listen) && net::in_use_settled(vs.listen) {
                 return Err(format!(
                     "cannot listen on {} for virtual service {:?}: address already in use (another edgeshard on the same configuration?)",
                     vs.listen, vs.name
@@ -155,7 +155,7 @@ impl Sockets {
         }
         if let Some(a) = &config.admin {
             if !self.has(a.listen, ADMIN) {
-                if net::in_use(a.listen) {
+                if net::in_use_settled(a.listen) {
                     return Err(format!(
                         "cannot listen on {} for the admin endpoint: address already in use",
                         a.listen

@@ -109,7 +109,7 @@ impl Proxy {
     pub fn start_with_env(toml: &str, ready_addr: SocketAddr, env: &[(&str, &str)]) -> Proxy {
         let dir = tmpdir("proxy");
         let config = dir.join("edgeshard.toml");
-        std::fs::write(&config, toml).unwrap();
+        std::fs::write(&config, with_test_engine(toml)).unwrap();
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
         let child = Command::new(bin())
             .args(["run", "--config"])
@@ -180,6 +180,26 @@ impl Drop for Proxy {
 
 /// A config with one virtual service in front of `servers`; `extra_vs` goes into the service
 /// table, `extra_top` before it. Two shards (the CI machine has two cores).
+/// `tests/run` runs the data-path tests a second time with `EDGESHARD_TEST_IO_ENGINE` set:
+/// each configuration a `Proxy` starts then asks for that `runtime.io_engine` (unless it sets
+/// one itself, or splices, which only epoll does).
+pub fn with_test_engine(toml: &str) -> String {
+    let Ok(engine) = std::env::var("EDGESHARD_TEST_IO_ENGINE") else {
+        return toml.to_string();
+    };
+    if toml.contains("io_engine") || toml.contains("splice_response = true") {
+        return toml.to_string();
+    }
+    let line = format!("io_engine = \"{engine}\"\n");
+    match toml.find("[runtime]\n") {
+        Some(i) if i == 0 || toml.as_bytes()[i - 1] == b'\n' => {
+            let at = i + "[runtime]\n".len();
+            format!("{}{line}{}", &toml[..at], &toml[at..])
+        }
+        _ => format!("[runtime]\n{line}{toml}"),
+    }
+}
+
 pub fn simple_config(
     listen: SocketAddr,
     servers: &[SocketAddr],
