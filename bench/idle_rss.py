@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--binary", default=os.path.join(td, "release", "edgeshard"))
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--tls", action="store_true", help="TLS to the proxy (a certificate made with openssl)")
+    ap.add_argument("--engine", default=None, choices=["epoll", "io_uring"], help="runtime.io_engine (default: the proxy's)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.connections + 1000), hard))
@@ -57,7 +58,8 @@ def main():
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    cfg.write(f'[runtime]\ncores = [0]\n[[virtual_service]]\nlisten = "127.0.0.1:{listen}"\n{tls_cfg}'
+    engine = f'io_engine = "{args.engine}"\n' if args.engine else ""
+    cfg.write(f'[runtime]\ncores = [0]\n{engine}[[virtual_service]]\nlisten = "127.0.0.1:{listen}"\n{tls_cfg}'
               f'[[virtual_service.real_server]]\naddress = "127.0.0.1:{origin.server_address[1]}"\n')
     cfg.close()
     proxy = subprocess.Popen([args.binary, "run", "--config", cfg.name], stderr=subprocess.DEVNULL)

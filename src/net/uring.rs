@@ -224,6 +224,9 @@ pub struct Uring {
     /// Signalled by the kernel when completions are pending: what a parked shard waits on.
     eventfd: OwnedFd,
     woken: RefCell<Vec<Waker>>,
+    /// Send buffers between uses: a socket holds one only while it has bytes to send, so an
+    /// idle connection holds none, and steady traffic allocates none.
+    spare: RefCell<Vec<Vec<u8>>>,
     /// The loop is parked in glommio: work queued meanwhile (an accept to arm, a send) must
     /// wake it, since nothing reaches the kernel until it runs.
     parked: Cell<bool>,
@@ -277,6 +280,7 @@ pub fn start(buffers: u16) -> io::Result<Rc<Uring>> {
         closing: RefCell::new(Vec::new()),
         eventfd,
         woken: RefCell::new(Vec::new()),
+        spare: RefCell::new(Vec::new()),
         parked: Cell::new(false),
         kick: RefCell::new(None),
     });
@@ -607,6 +611,9 @@ impl Uring {
                 store(&mut s.write_waker, cx.waker());
                 return None;
             }
+            if s.tx.capacity() == 0 {
+                s.tx = self.spare.borrow_mut().pop().unwrap_or_default();
+            }
             let mut n = 0;
             for b in bufs {
                 let k = b.len().min(room - n);
@@ -855,24 +862,32 @@ impl Uring {
         // SAFETY: the slot owns the descriptor and nothing in the kernel refers to it.
         unsafe { libc::close(s.fd) };
         let gen = s.gen.wrapping_add(1) & 0xff_ffff;
-        let (mut tx, mut flight, mut rx) = (
+        let (tx, flight, mut rx) = (
             std::mem::take(&mut s.tx),
             std::mem::take(&mut s.flight),
             std::mem::take(&mut s.rx),
         );
-        tx.clear();
-        flight.clear();
         rx.clear();
         *s = Slot {
             gen,
             fd: -1,
-            tx,
-            flight,
             rx,
             ..Slot::default()
         };
+        drop(slots);
+        self.give(tx);
+        self.give(flight);
         self.free.borrow_mut().push(idx);
         true
+    }
+
+    /// Keep a send buffer for the next socket that writes (a few, of a usual size).
+    fn give(&self, mut b: Vec<u8>) {
+        let mut spare = self.spare.borrow_mut();
+        if b.capacity() > 0 && b.capacity() <= 2 * TX_LIMIT && spare.len() < 256 {
+            b.clear();
+            spare.push(b);
+        }
     }
 
     /// Hand the turn's sends to the kernel.
@@ -1069,6 +1084,7 @@ impl Uring {
                         });
                         s.tx.clear();
                         s.flight.clear();
+                        self.give(std::mem::take(&mut s.flight));
                     } else {
                         s.flight_off += res as usize;
                         if s.flight_off < s.flight.len() {
@@ -1076,7 +1092,7 @@ impl Uring {
                         } else {
                             s.sending = false;
                             s.ops -= 1;
-                            s.flight.clear();
+                            self.give(std::mem::take(&mut s.flight));
                             if !s.tx.is_empty() {
                                 resend = true;
                             }
