@@ -124,13 +124,17 @@ pub fn opened(shard: &Shard, facts: &ConnFacts) {
 }
 
 /// Close a client connection for good: a TLS close_notify and a FIN (bounded), the
-/// connection record and the active-connection gauge.
+/// connection record and the active-connection gauge. After the client's own close
+/// ("client": its EOF) nobody reads a close_notify: the descriptor just closes (a send, an
+/// encryption and a shutdown less per connection that a client ends).
 pub async fn close(shard: &Shard, mut client: Client, reason: &'static str) {
-    let _ = crate::io::timeout(
-        Duration::from_secs(1),
-        futures_lite::AsyncWriteExt::close(&mut client.stream),
-    )
-    .await;
+    if reason != "client" {
+        let _ = crate::io::timeout(
+            Duration::from_secs(1),
+            futures_lite::AsyncWriteExt::close(&mut client.stream),
+        )
+        .await;
+    }
     if client.facts.bridged {
         return;
     }

@@ -457,9 +457,8 @@ impl Socket {
     /// the kernel unless `ask` (it idled long enough for a peer's own idle close to be likely).
     pub fn is_clean(&self, ask: bool) -> bool {
         let (fd, key, poller) = match &self.0 {
-            // the ring's receive is always armed on an idle socket: what it has not
-            // delivered has not arrived
-            Registered::Uring { key, ring } => return !ring.may_be_readable(*key),
+            // where the ring's receive is armed, what it has not delivered has not arrived
+            Registered::Uring { key, ring } => return ring.is_clean(*key),
             Registered::Epoll { fd, key, poller } => (fd, key, poller),
         };
         if !ask && !poller.may_be_readable(*key) {
