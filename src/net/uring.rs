@@ -85,8 +85,8 @@ struct Slot {
     starved: bool,
     pollin_armed: bool,
     /// A bulk sender filled `RX_LIMIT`: its receive is cancelled and it is read directly into
-    /// the reader's (large) buffer, as on epoll, until a read finds it empty. Sixteen
-    /// 16 KiB completions and a cancel per MiB cost more than one recv per buffer.
+    /// the reader's (large) buffer after a POLLIN, as on epoll, until it idles (`is_clean`).
+    /// Sixteen 16 KiB completions and a cancel per MiB cost more than one recv per buffer.
     bulk: bool,
     eof: bool,
     rx_err: Option<i32>,
@@ -550,18 +550,6 @@ impl Uring {
         if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
             return Poll::Ready(Err(e));
         }
-        // a bulk sender caught up with: back to the ring's receive
-        let caught_up = self
-            .with(key, |s| {
-                let b = s.bulk && !s.starved;
-                s.bulk = false;
-                b
-            })
-            .unwrap_or(false);
-        if caught_up {
-            self.start_receive(key);
-            return Poll::Pending;
-        }
         let arm = self
             .with(key, |s| {
                 let arm = !s.pollin_armed;
@@ -634,7 +622,6 @@ impl Uring {
         clean
     }
 
-
     /// Buffer `bufs` for this turn's send; waits while `TX_LIMIT` bytes are unsent.
     pub fn poll_write(
         &self,
@@ -698,39 +685,60 @@ impl Uring {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Option<Poll<io::Result<usize>>> {
-        enum D {
-            Send(RawFd),
-            Wait,
-        }
-        let d = self.with(key, |s| {
-            if s.tx_err.is_some() || !s.tx.is_empty() || s.sending {
+        let mut iov = [io::IoSlice::new(&[]); 9];
+        // the socket's buffered bytes (not yet handed to the ring) go first, in the same call
+        let (fd, queued) = self.with(key, |s| {
+            if s.tx_err.is_some() {
                 return None;
             }
-            if s.pollout_armed {
+            if s.sending || s.pollout_armed {
+                // a bulk write waits for the ring's send (or room) rather than being copied
                 store(&mut s.write_waker, cx.waker());
-                return Some(D::Wait);
+                return Some((-1, 0));
             }
-            Some(D::Send(s.fd))
+            Some((s.fd, s.tx.len()))
         })??;
-        let fd = match d {
-            D::Wait => return Some(Poll::Pending),
-            D::Send(fd) => fd,
-        };
-        // SAFETY: msghdr over the caller's slices (IoSlice is iovec-compatible), alive for the
-        // call; never blocks, no SIGPIPE.
+        if fd < 0 {
+            return Some(Poll::Pending);
+        }
+        let tx_ptr = self
+            .with(key, |s| (s.tx.as_ptr(), s.tx.len()))
+            .unwrap_or((std::ptr::null(), 0));
+        let mut n = 0;
+        if queued > 0 {
+            // SAFETY: the slot's buffer, alive and unchanged until the call returns.
+            iov[0] = io::IoSlice::new(unsafe { std::slice::from_raw_parts(tx_ptr.0, tx_ptr.1) });
+            n = 1;
+        }
+        for b in bufs.iter().take(iov.len() - n) {
+            iov[n] = io::IoSlice::new(b);
+            n += 1;
+        }
+        // SAFETY: msghdr over live slices (IoSlice is iovec-compatible); never blocks, no
+        // SIGPIPE.
         let rc = unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = bufs.len().min(1024) as _;
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = n as _;
             libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
-        if rc >= 0 {
-            return Some(Poll::Ready(Ok(rc as usize)));
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let sent = rc.max(0) as usize;
+        if queued > 0 && sent > 0 {
+            self.with(key, |s| {
+                s.tx.drain(..sent.min(queued));
+            });
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Some(Poll::Ready(Err(e)));
+        if sent > queued {
+            return Some(Poll::Ready(Ok(sent - queued)));
         }
+        if let Some(e) = err {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Some(Poll::Ready(Err(e)));
+            }
+        }
+        // full (or only the queued bytes went): wait for room; what is still queued goes by
+        // the ring at the end of the turn
         let arm = self.with(key, |s| {
             store(&mut s.write_waker, cx.waker());
             s.writable = false;
