@@ -383,9 +383,6 @@ pub async fn connect(addr: SocketAddr, dur: Duration) -> io::Result<Socket> {
     if let Some(e) = view.take_error()? {
         return Err(e);
     }
-    if let Registered::Uring { key, ring } = &s.0 {
-        ring.start_receive(*key);
-    }
     Ok(s)
 }
 

@@ -300,9 +300,9 @@ fn store(slot: &mut Option<Waker>, w: &Waker) {
 }
 
 impl Uring {
-    /// Take ownership of `fd`. A connected socket starts receiving at once; a connecting one
-    /// (`receive` false) when `start_receive` says so; a listener (`listener`) accepts.
-    pub fn register(&self, fd: OwnedFd, receive: bool, listener: bool) -> Key {
+    /// Take ownership of `fd`: a connected socket (`connected`: writable at once), a
+    /// connecting one (writable once `poll_writable` says so) or a listener (accepting).
+    pub fn register(&self, fd: OwnedFd, connected: bool, listener: bool) -> Key {
         let key = {
             let mut slots = self.slots.borrow_mut();
             let idx = match self.free.borrow_mut().pop() {
@@ -315,13 +315,13 @@ impl Uring {
             let s = &mut slots[idx as usize];
             s.fd = std::os::unix::io::IntoRawFd::into_raw_fd(fd);
             s.live = true;
-            s.writable = receive;
+            s.writable = connected;
             s.key(idx)
         };
+        // A socket's receive is armed by its first read, not here: a connection closed unread
+        // (refused by a limit) then holds nothing in the ring and closes at once.
         if listener {
             self.arm_accept(key);
-        } else if receive {
-            self.start_receive(key);
         }
         key
     }
@@ -360,7 +360,7 @@ impl Uring {
         }
     }
 
-    pub fn start_receive(&self, key: Key) {
+    fn start_receive(&self, key: Key) {
         let fd = self.with(key, |s| {
             let go = s.live && !s.recv_armed && !s.eof && s.rx_err.is_none();
             if go {
@@ -589,14 +589,14 @@ impl Uring {
     }
 
     /// An idle socket with nothing arrived (no data, EOF or error)? Where the ring's receive
-    /// is not armed (bulk, starved), the kernel is asked, and a clean socket gets its
-    /// receive back.
+    /// is not armed (bulk, starved, never read), the kernel is asked, and a clean socket gets
+    /// its receive (back).
     pub fn is_clean(&self, key: Key) -> bool {
         let ask = self.with(key, |s| {
             if s.rx_bytes > 0 || s.eof || s.rx_err.is_some() {
                 return None;
             }
-            Some(((s.bulk || s.starved) && !s.recv_armed, s.fd))
+            Some((!s.recv_armed, s.fd))
         });
         let Some(Some((ask, fd))) = ask else {
             return false;
