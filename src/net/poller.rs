@@ -94,13 +94,7 @@ impl Poller {
     pub fn register(&self, fd: RawFd, readable: bool, writable: bool) -> io::Result<Key> {
         let key = {
             let mut slots = self.slots.borrow_mut();
-            let idx = match self.free.borrow_mut().pop() {
-                Some(i) => i,
-                None => {
-                    slots.push(Slot::default());
-                    (slots.len() - 1) as u32
-                }
-            };
+            let idx = take_slot(&mut slots, &mut self.free.borrow_mut());
             let s = &mut slots[idx as usize];
             s.readable = readable;
             s.writable = writable;
@@ -286,6 +280,14 @@ impl Poller {
     }
 }
 
+/// A free slot's index (reused, or a new one at the end): both engines' socket tables.
+pub(super) fn take_slot<T: Default>(slots: &mut Vec<T>, free: &mut Vec<u32>) -> u32 {
+    free.pop().unwrap_or_else(|| {
+        slots.push(T::default());
+        (slots.len() - 1) as u32
+    })
+}
+
 /// Run a non-blocking syscall, again if a signal interrupted it.
 fn retry(op: &mut impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     loop {
@@ -296,7 +298,8 @@ fn retry(op: &mut impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     }
 }
 
-fn store(slot: &mut Option<Waker>, w: &Waker) {
+/// Keep `w` as the waker to wake, unless the one kept already wakes the same task.
+pub(super) fn store(slot: &mut Option<Waker>, w: &Waker) {
     match slot {
         Some(old) if old.will_wake(w) => {}
         _ => *slot = Some(w.clone()),

@@ -18,6 +18,7 @@
 //! sends with nothing buffered, a dropped socket's unsent bytes (one try before the ring),
 //! and reads of a socket whose receive is not armed (the pool ran dry).
 
+use super::poller::store;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -292,26 +293,13 @@ pub fn start(buffers: u16) -> io::Result<Rc<Uring>> {
     Ok(u)
 }
 
-fn store(slot: &mut Option<Waker>, w: &Waker) {
-    match slot {
-        Some(old) if old.will_wake(w) => {}
-        _ => *slot = Some(w.clone()),
-    }
-}
-
 impl Uring {
     /// Take ownership of `fd`: a connected socket (`connected`: writable at once), a
     /// connecting one (writable once `poll_writable` says so) or a listener (accepting).
     pub fn register(&self, fd: OwnedFd, connected: bool, listener: bool) -> Key {
         let key = {
             let mut slots = self.slots.borrow_mut();
-            let idx = match self.free.borrow_mut().pop() {
-                Some(i) => i,
-                None => {
-                    slots.push(Slot::default());
-                    (slots.len() - 1) as u32
-                }
-            };
+            let idx = super::poller::take_slot(&mut slots, &mut self.free.borrow_mut());
             let s = &mut slots[idx as usize];
             s.fd = std::os::unix::io::IntoRawFd::into_raw_fd(fd);
             s.live = true;
