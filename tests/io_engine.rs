@@ -116,20 +116,44 @@ fn response_body(s: &mut TcpStream) -> (u16, Vec<u8>) {
 
 #[test]
 fn a_dry_buffer_pool_costs_no_request() {
+    dry_pool(false);
+}
+
+/// The same with PROXY headers, which are peeked at: the other clients' headers arrive one
+/// byte per segment while no buffer is free (and each segment would take a whole buffer).
+#[test]
+fn a_dry_buffer_pool_still_reads_proxy_headers() {
+    dry_pool(true);
+}
+
+fn dry_pool(proxy_protocol: bool) {
     const UPLOADS: usize = 8;
     const SIZE: usize = 3 << 20;
     let gate = Arc::new(AtomicBool::new(false));
     let (origin, heads) = gated_upload_origin(gate.clone());
     let listen = local(free_port());
-    let _p = Proxy::start(&uring_config(listen, origin, ""), listen);
+    let extra = if proxy_protocol {
+        "accept_proxy = true\ntrusted_proxies = [\"127.0.0.1/32\"]"
+    } else {
+        ""
+    };
+    let _p = Proxy::start(&uring_config(listen, origin, extra), listen);
+    let header = move |i: usize| -> Vec<u8> {
+        if proxy_protocol {
+            format!("PROXY TCP4 192.0.2.{i} 198.51.100.1 4000 443\r\n").into_bytes()
+        } else {
+            Vec::new()
+        }
+    };
 
     // Eight uploads the real server does not read yet: each socket fills its 64 KiB of the
     // shard's 256 KiB pool, so the pool runs dry.
     let senders: Vec<_> = (0..UPLOADS)
-        .map(|_| {
+        .map(|i| {
             thread::spawn(move || {
                 let mut s = TcpStream::connect(listen).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                s.write_all(&header(i + 1)).unwrap();
                 write!(
                     s,
                     "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n"
@@ -152,9 +176,14 @@ fn a_dry_buffer_pool_costs_no_request() {
 
     // Meanwhile another client is served, on the same shard, with no buffer free.
     let t = Instant::now();
-    for _ in 0..5 {
+    for i in 0..5 {
         let mut c = TcpStream::connect(listen).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.set_nodelay(true).unwrap();
+        for b in header(100 + i) {
+            c.write_all(&[b]).unwrap();
+            thread::sleep(Duration::from_micros(300));
+        }
         c.write_all(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         let (status, body) = response_body(&mut c);

@@ -35,6 +35,8 @@ const BUF_SIZE: usize = 16 * 1024;
 const BGID: u16 = 7;
 /// Unread bytes a socket may hold before its receive pauses (back-pressure on a fast sender).
 const RX_LIMIT: usize = 64 * 1024;
+/// Buffers a socket may hold, however few bytes they carry (one per received segment).
+const RX_BUFS: usize = RX_LIMIT / BUF_SIZE;
 /// Unsent bytes a socket may buffer before a write waits.
 const TX_LIMIT: usize = 64 * 1024;
 /// Writes at least this large skip the buffer (see `send_direct`).
@@ -79,6 +81,9 @@ struct Slot {
     /// Operations the kernel holds for this slot.
     ops: u32,
     rx: VecDeque<Chunk>,
+    /// Bytes read directly for a peek while no buffer could be had (they follow `rx`).
+    spill: Vec<u8>,
+    /// Unread bytes: `rx` and `spill`.
     rx_bytes: usize,
     recv_armed: bool,
     /// The pool ran dry under this socket's receive: it is read directly (after a POLLIN)
@@ -235,7 +240,6 @@ pub struct Uring {
     /// The loop is parked in glommio: work queued meanwhile (an accept to arm, a send) must
     /// wake it, since nothing reaches the kernel until it runs.
     parked: Cell<bool>,
-    kick: RefCell<Option<Waker>>,
 }
 
 thread_local! {
@@ -287,7 +291,6 @@ pub fn start(buffers: u16) -> io::Result<Rc<Uring>> {
         woken: RefCell::new(Vec::new()),
         spare: RefCell::new(Vec::new()),
         parked: Cell::new(false),
-        kick: RefCell::new(None),
     });
     URING.with(|x| *x.borrow_mut() = Some(u.clone()));
     Ok(u)
@@ -326,12 +329,20 @@ impl Uring {
         }
     }
 
-    /// Wake a parked loop: there is work for the kernel.
+    /// Wake a parked loop: there is work for the kernel. Through the eventfd it waits on, so
+    /// the park ends the one way it always does: dropping glommio's poll of it mid-flight
+    /// instead (a second future raced against it) made idle shards spin.
     fn kick(&self) {
-        if self.parked.get() {
-            if let Some(w) = self.kick.borrow_mut().take() {
-                w.wake();
-            }
+        if self.parked.replace(false) {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write to our own non-blocking eventfd.
+            unsafe {
+                libc::write(
+                    self.eventfd.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
         }
     }
 
@@ -409,10 +420,12 @@ impl Uring {
                 buf[n..n + k].copy_from_slice(&b[..k]);
                 n += k;
                 if n == buf.len() {
-                    break;
+                    return n;
                 }
             }
-            return n;
+            let k = s.spill.len().min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&s.spill[..k]);
+            return n + k;
         }
         while n < buf.len() {
             let Some(c) = s.rx.front_mut() else { break };
@@ -428,6 +441,12 @@ impl Uring {
                 self.bufs.put(bid);
                 returned = true;
             }
+        }
+        if n < buf.len() && s.rx.is_empty() && !s.spill.is_empty() {
+            let k = s.spill.len().min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&s.spill[..k]);
+            s.spill.drain(..k);
+            n += k;
         }
         s.rx_bytes -= n;
         if returned {
@@ -468,6 +487,7 @@ impl Uring {
             Done(io::Result<usize>, bool),
             Wait(bool),
             Direct(RawFd),
+            Spill(RawFd),
         }
         let r = self.with(key, |s| {
             let have = match peek {
@@ -476,7 +496,7 @@ impl Uring {
             };
             if have {
                 let n = self.take(s, buf, peek.is_some());
-                return Next::Done(Ok(n), s.rx_bytes < RX_LIMIT && !s.starved && !s.bulk);
+                return Next::Done(Ok(n), !s.starved && !s.bulk);
             }
             if let Some(e) = s.rx_err {
                 return Next::Done(Err(io::Error::from_raw_os_error(e)), false);
@@ -490,8 +510,9 @@ impl Uring {
             if (s.starved || s.bulk) && !s.recv_armed && peek.is_none() {
                 return Next::Direct(s.fd);
             }
-            if peek.is_some() {
-                s.bulk = false; // a peek reads the ring's buffers only
+            if peek.is_some() && (s.starved || s.bulk) && !s.recv_armed {
+                // a peek (a PROXY header) cannot wait for buffers to come back
+                return Next::Spill(s.fd);
             }
             Next::Wait(!s.starved && !s.bulk)
         });
@@ -512,6 +533,20 @@ impl Uring {
                 Poll::Pending
             }
             Next::Direct(fd) => self.read_direct(key, fd, buf),
+            Next::Spill(fd) => {
+                let mut more = [0u8; 2048];
+                match self.read_direct(key, fd, &mut more) {
+                    Poll::Ready(Ok(0)) => Poll::Ready(Ok(0)),
+                    Poll::Ready(Ok(n)) => {
+                        self.with(key, |s| {
+                            s.spill.extend_from_slice(&more[..n]);
+                            s.rx_bytes += n;
+                        });
+                        self.poll_read_inner(key, cx, buf, peek)
+                    }
+                    other => other,
+                }
+            }
         }
     }
 
@@ -1096,7 +1131,9 @@ impl Uring {
                                 len: res as u32,
                             });
                             s.rx_bytes += res as usize;
-                            if s.rx_bytes >= RX_LIMIT && s.recv_armed && !s.bulk {
+                            // in buffers too: tiny segments take a whole buffer each
+                            let full = s.rx_bytes >= RX_LIMIT || s.rx.len() >= RX_BUFS;
+                            if full && s.recv_armed && !s.bulk {
                                 s.bulk = true;
                                 cancel_recv = true;
                             }
@@ -1239,20 +1276,8 @@ pub async fn run(ring: Rc<Uring>, poll_before_park: Duration) {
             continue;
         }
         ring.parked.set(true);
-        let kicked = std::future::poll_fn(|cx| {
-            if !ring.dirty.borrow().is_empty() || !ring.ring.borrow_mut().submission().is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            *ring.kick.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        let r = futures_lite::future::or(
-            super::poller::wait_readable(ring.eventfd.as_raw_fd()),
-            kicked,
-        )
-        .await;
+        let r = super::poller::wait_readable(ring.eventfd.as_raw_fd()).await;
         ring.parked.set(false);
-        ring.kick.borrow_mut().take();
         if let Err(e) = r {
             tracing::error!("shard ring wait failed: {e}");
             glommio::timer::sleep(Duration::from_millis(1)).await;
