@@ -6,7 +6,9 @@
 //!   a turn with nothing to submit and no completion pending makes no system call at all.
 //! - Every connection has one multishot receive into a ring of provided buffers: an idle
 //!   connection holds no receive buffer, and data is already in user space when a reader asks.
-//!   A socket whose unread data reaches `RX_LIMIT` has its receive cancelled until it is read.
+//!   A socket whose unread data reaches `RX_LIMIT` (or `RX_BUFS` buffers) has its receive
+//!   cancelled and is read directly from then on (`bulk`); when the pool runs dry, the
+//!   sockets that found it empty are too (`starved`).
 //! - Writes are copied into the socket's send buffer and all sends of a loop turn go to the
 //!   kernel in one `io_uring_enter`; one send is in flight per socket, so bytes stay in order.
 //! - Listeners have one multishot POLLIN and accept with accept4 (see `arm_accept` for why
