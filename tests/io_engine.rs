@@ -302,3 +302,40 @@ fn splice_is_refused_under_io_uring() {
     let (ok, out, _) = check_config(bad);
     assert!(!ok && out.contains("io_engine"), "{out}");
 }
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// An idle io_uring shard sleeps: before, a timer-driven answer (a 408) on an idle shard left
+/// it spinning between its ring and glommio's (a quarter of a core, for good).
+#[test]
+fn an_idle_shard_sleeps() {
+    let listen = local(free_port());
+    let p = Proxy::start(
+        &uring_config(listen, local(9), "request_timeout = \"1s\""),
+        listen,
+    );
+    let pid = p.child.id();
+    let idle = |what: &str| {
+        let before = cpu_ticks(pid);
+        thread::sleep(Duration::from_secs(3));
+        let used = cpu_ticks(pid) - before;
+        // 3 s is 300 ticks of a core; an idle process uses a handful
+        assert!(used < 15, "{what}: {used} ticks of CPU in 3 s while idle");
+    };
+    idle("after start");
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let mut got = [0u8; 12];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HTTP/1.1 408");
+    drop(c);
+    idle("after a 408");
+}
