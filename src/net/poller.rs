@@ -58,6 +58,8 @@ pub struct Poller {
     free: RefCell<Vec<u32>>,
     /// Wakers collected by one `collect`, kept to reuse the allocation.
     woken: RefCell<Vec<Waker>>,
+    /// What one `epoll_wait` fills, kept to reuse the allocation.
+    events: RefCell<Vec<libc::epoll_event>>,
 }
 
 thread_local! {
@@ -82,6 +84,7 @@ pub fn current() -> io::Result<std::rc::Rc<Poller>> {
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             woken: RefCell::new(Vec::new()),
+            events: RefCell::new(vec![libc::epoll_event { events: 0, u64: 0 }; BATCH]),
         });
         *p = Some(poller.clone());
         Ok(poller)
@@ -214,7 +217,8 @@ impl Poller {
     }
 
     /// Collect what is ready, waiting at most `wait`; returns the number of events.
-    fn collect(&self, events: &mut [libc::epoll_event], wait: Duration) -> usize {
+    fn collect(&self, wait: Duration) -> usize {
+        let mut events = self.events.borrow_mut();
         let n = if wait.is_zero() {
             // SAFETY: `events` is a valid, writable array of its length.
             unsafe {
@@ -316,10 +320,33 @@ pub(super) fn store(slot: &mut Option<Waker>, w: &Waker) {
 /// request arriving within the window costs one system call, as in HAProxy's event loop.
 /// Timers and cross-shard messages wait at most that long.
 pub async fn run(poller: std::rc::Rc<Poller>, poll_before_park: Duration) {
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
+    drive(&*poller, poll_before_park).await
+}
+
+/// What a shard's I/O loop needs of its engine (epoll here, `uring`'s ring).
+pub(super) trait Engine {
+    /// Dispatch what is ready, waiting at most `wait`; the number of events.
+    fn collect(&self, wait: Duration) -> usize;
+    /// About to sleep: the fd whose readability ends the sleep, or None if work turned up
+    /// (then the loop goes on instead).
+    fn before_park(&self) -> Option<RawFd>;
+    fn after_park(&self) {}
+}
+
+impl Engine for Poller {
+    fn collect(&self, wait: Duration) -> usize {
+        Poller::collect(self, wait)
+    }
+    fn before_park(&self) -> Option<RawFd> {
+        Some(self.epfd.as_raw_fd())
+    }
+}
+
+/// The loop both engines run (see `run`).
+pub(super) async fn drive(engine: &impl Engine, poll_before_park: Duration) {
     let mut quiet = false;
     loop {
-        if poller.collect(&mut events, Duration::ZERO) > 0 {
+        if engine.collect(Duration::ZERO) > 0 {
             quiet = false;
             futures_lite::future::yield_now().await;
             continue;
@@ -329,17 +356,20 @@ pub async fn run(poller: std::rc::Rc<Poller>, poll_before_park: Duration) {
             let _ = glommio::executor().executor_stats();
             futures_lite::future::yield_now().await;
             quiet = glommio::executor().executor_stats().tasks_executed() <= 1;
-            if quiet
-                && !poll_before_park.is_zero()
-                && poller.collect(&mut events, poll_before_park) > 0
-            {
+            if quiet && !poll_before_park.is_zero() && engine.collect(poll_before_park) > 0 {
                 quiet = false;
                 futures_lite::future::yield_now().await;
             }
             continue;
         }
         quiet = false;
-        if let Err(e) = wait_readable(poller.epfd.as_raw_fd()).await {
+        let Some(fd) = engine.before_park() else {
+            futures_lite::future::yield_now().await;
+            continue;
+        };
+        let r = wait_readable(fd).await;
+        engine.after_park();
+        if let Err(e) = r {
             tracing::error!("shard readiness wait failed: {e}");
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }

@@ -20,14 +20,16 @@
 //! sends with nothing buffered, a dropped socket's unsent bytes (one try before the ring),
 //! and reads of a socket whose receive is not armed (the pool ran dry).
 
+mod buffers;
+
 use super::poller::store;
+use buffers::{Buffers, Chunk};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -65,12 +67,6 @@ pub struct Key {
 
 fn user_data(key: Key, op: u64) -> u64 {
     (u64::from(key.idx) << 32) | (u64::from(key.gen & 0xff_ffff) << 8) | op
-}
-
-struct Chunk {
-    bid: u16,
-    off: u32,
-    len: u32,
 }
 
 #[derive(Default)]
@@ -120,107 +116,6 @@ impl Slot {
     fn key(&self, idx: u32) -> Key {
         Key { idx, gen: self.gen }
     }
-}
-
-/// The provided-buffer ring: the entries the kernel takes buffers from, and the buffers.
-struct Buffers {
-    ring: *mut types::BufRingEntry,
-    ring_len: usize,
-    mem: *mut u8,
-    mem_len: usize,
-    tail: Cell<u16>,
-    /// Entries and buffers (a power of two).
-    count: u16,
-    /// Buffers the kernel may take (put back and not yet used by a receive).
-    free: Cell<u32>,
-}
-
-impl Buffers {
-    fn new(count: u16) -> io::Result<Buffers> {
-        let ring_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
-        let mem_len = count as usize * BUF_SIZE;
-        let ring = mmap(ring_len)? as *mut types::BufRingEntry;
-        let mem = match mmap(mem_len) {
-            Ok(m) => m,
-            Err(e) => {
-                // SAFETY: unmapping what was just mapped, of its length.
-                unsafe { libc::munmap(ring as *mut libc::c_void, ring_len) };
-                return Err(e);
-            }
-        };
-        let b = Buffers {
-            ring,
-            ring_len,
-            mem,
-            mem_len,
-            tail: Cell::new(0),
-            count,
-            free: Cell::new(0),
-        };
-        for bid in 0..count {
-            b.put(bid);
-        }
-        b.publish();
-        Ok(b)
-    }
-
-    /// Queue buffer `bid` for the kernel (visible after `publish`).
-    fn put(&self, bid: u16) {
-        let t = self.tail.get();
-        // SAFETY: the index is masked into the ring, which has `count` entries.
-        let e = unsafe { &mut *self.ring.add((t & (self.count - 1)) as usize) };
-        // SAFETY: bid < count, so the buffer lies inside `mem`.
-        e.set_addr(unsafe { self.mem.add(bid as usize * BUF_SIZE) } as u64);
-        e.set_len(BUF_SIZE as u32);
-        e.set_bid(bid);
-        self.tail.set(t.wrapping_add(1));
-        self.free.set(self.free.get() + 1);
-    }
-
-    fn publish(&self) {
-        // SAFETY: the ring's first entry overlays the shared tail (io_uring_buf_ring).
-        let tail = unsafe { &*(types::BufRingEntry::tail(self.ring) as *const AtomicU16) };
-        tail.store(self.tail.get(), Ordering::Release);
-    }
-
-    fn bytes(&self, c: &Chunk) -> &[u8] {
-        // SAFETY: the kernel wrote `len` bytes at `off` of buffer `bid`, which is ours until
-        // it is put back.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.mem.add(c.bid as usize * BUF_SIZE + c.off as usize),
-                c.len as usize,
-            )
-        }
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mappings, of their lengths (the ring is gone by now).
-        unsafe {
-            libc::munmap(self.ring as *mut libc::c_void, self.ring_len);
-            libc::munmap(self.mem as *mut libc::c_void, self.mem_len);
-        }
-    }
-}
-
-fn mmap(len: usize) -> io::Result<*mut u8> {
-    // SAFETY: an anonymous private mapping; checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(p as *mut u8)
 }
 
 pub struct Uring {
@@ -1252,37 +1147,24 @@ impl Uring {
     }
 }
 
-/// The shard's loop for this engine; the same shape as `poller::run`.
+/// The shard's loop for this engine: `poller::drive`, parked on the ring's eventfd.
 pub async fn run(ring: Rc<Uring>, poll_before_park: Duration) {
-    let mut quiet = false;
-    loop {
-        if ring.collect(Duration::ZERO) > 0 {
-            quiet = false;
-            futures_lite::future::yield_now().await;
-            continue;
+    super::poller::drive(&*ring, poll_before_park).await
+}
+
+impl super::poller::Engine for Uring {
+    fn collect(&self, wait: Duration) -> usize {
+        Uring::collect(self, wait)
+    }
+    fn before_park(&self) -> Option<RawFd> {
+        self.quiet_eventfd();
+        if Uring::collect(self, Duration::ZERO) > 0 {
+            return None;
         }
-        if !quiet {
-            let _ = glommio::executor().executor_stats();
-            futures_lite::future::yield_now().await;
-            quiet = glommio::executor().executor_stats().tasks_executed() <= 1;
-            if quiet && !poll_before_park.is_zero() && ring.collect(poll_before_park) > 0 {
-                quiet = false;
-                futures_lite::future::yield_now().await;
-            }
-            continue;
-        }
-        quiet = false;
-        ring.quiet_eventfd();
-        if ring.collect(Duration::ZERO) > 0 {
-            futures_lite::future::yield_now().await;
-            continue;
-        }
-        ring.parked.set(true);
-        let r = super::poller::wait_readable(ring.eventfd.as_raw_fd()).await;
-        ring.parked.set(false);
-        if let Err(e) = r {
-            tracing::error!("shard ring wait failed: {e}");
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
+        self.parked.set(true);
+        Some(self.eventfd.as_raw_fd())
+    }
+    fn after_park(&self) {
+        self.parked.set(false);
     }
 }
